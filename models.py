@@ -1,0 +1,234 @@
+"""The model: backbone -> global pool -> Linear(C, 512) -> Swish -> sub-center ArcFace head.
+
+One class, `Net`, for every backbone. Its parameter names equal the original
+repo's (`enet.*`, `feat.*`, `metric_classify.weight`, and inside `enet` the
+backbone's own names as the original built it), so checkpoints written by the
+original code load with strict=True.
+"""
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EMBED_DIM = 512
+REXNET_ORIGINAL_FILE = "rexnetv1_2.0x.pth"  # where the original read ReXNet's ImageNet weights
+
+
+# ---------------------------------------------------------------- ReXNet-V1
+
+class _SE(nn.Module):
+    def __init__(self, channels, se_ratio=12):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(
+            nn.Conv2d(channels, channels // se_ratio, 1),
+            nn.BatchNorm2d(channels // se_ratio),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels // se_ratio, channels, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x):
+        return x * self.fc(self.avg_pool(x))
+
+
+def _conv_bn(in_c, out_c, kernel=1, stride=1, groups=1, act=None):
+    layers = [nn.Conv2d(in_c, out_c, kernel, stride, kernel // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(out_c)]
+    return layers + ([act] if act is not None else [])
+
+
+class _LinearBottleneck(nn.Module):
+    def __init__(self, in_c, out_c, t, stride, use_se, se_ratio=12):
+        super().__init__()
+        self.use_shortcut = stride == 1 and in_c <= out_c
+        self.in_channels = in_c
+        dw = in_c * t
+        layers = _conv_bn(in_c, dw, act=nn.SiLU(inplace=True)) if t != 1 else []
+        layers += _conv_bn(dw, dw, 3, stride, groups=dw)
+        if use_se:
+            layers.append(_SE(dw, se_ratio))
+        layers.append(nn.ReLU6())
+        layers += _conv_bn(dw, out_c)
+        self.out = nn.Sequential(*layers)
+
+    def forward(self, x):
+        out = self.out(x)
+        if self.use_shortcut:
+            # ReXNet's partial residual: only the first in_c channels get the input
+            out = torch.cat([out[:, :self.in_channels] + x, out[:, self.in_channels:]], 1)
+        return out
+
+
+class ReXNetV1(nn.Module):
+    """ReXNet-V1 (Han et al., 2020, arXiv 2007.00992) laid out as clovaai's
+    reference `ReXNetV1`, whose module names the original checkpoints use
+    (`features.N...`, `output.1`). forward returns the pooled (B, C) features:
+    the original replaced `output` by Identity and squeezed."""
+
+    def __init__(self, width_mult=2.0, depth_mult=1.0, input_ch=16, final_ch=180, se_ratio=12,
+                 num_classes=1000, dropout=0.2):
+        super().__init__()
+        layers = [math.ceil(n * depth_mult) for n in (1, 2, 2, 3, 3, 5)]
+        strides = sum(([s] + [1] * (n - 1) for s, n in zip((1, 2, 2, 2, 1, 2), layers)), [])
+        use_ses = sum(([se] * n for se, n in zip((False, False, True, True, True, True), layers)), [])
+        ts = [1] * layers[0] + [6] * sum(layers[1:])
+        n_blocks = sum(layers)
+        stem = 32 / width_mult if width_mult < 1.0 else 32
+        inplanes = input_ch / width_mult if width_mult < 1.0 else input_ch
+        # every block widens the channels linearly: final_ch spread over the blocks
+        in_cs, out_cs = [], []
+        for i in range(n_blocks):
+            if i == 0:
+                in_cs.append(int(round(stem * width_mult)))
+            else:
+                in_cs.append(int(round(inplanes * width_mult)))
+                inplanes += final_ch / n_blocks
+            out_cs.append(int(round(inplanes * width_mult)))
+        features = _conv_bn(3, int(round(stem * width_mult)), 3, 2, act=nn.SiLU(inplace=True))
+        for in_c, out_c, t, s, se in zip(in_cs, out_cs, ts, strides, use_ses):
+            features.append(_LinearBottleneck(in_c, out_c, t, s, se, se_ratio))
+        self.num_features = int(1280 * width_mult)
+        features += _conv_bn(out_cs[-1], self.num_features, act=nn.SiLU(inplace=True))
+        features.append(nn.AdaptiveAvgPool2d(1))
+        self.features = nn.Sequential(*features)
+        self.output = nn.Sequential(nn.Dropout(dropout), nn.Conv2d(self.num_features, num_classes, 1))
+
+    def forward(self, x):
+        return self.output(self.features(x)).flatten(1)
+
+
+def rexnet_from_timm_state_dict(timm_sd, model):
+    """Map timm's `rexnet_200` weights onto ReXNetV1's names.
+
+    Both hold the same tensors in the same order (stem, 16 blocks, head conv),
+    under different names; the classifier is left as it is.
+    """
+    target = [k for k in model.state_dict() if not k.startswith("output.")]
+    source = [k for k in timm_sd if not k.startswith("head.")]
+    if len(target) != len(source):
+        raise ValueError(f"ReXNet weights: {len(source)} tensors, expected {len(target)}")
+    out = {}
+    for t, s in zip(target, source):
+        if timm_sd[s].shape != model.state_dict()[t].shape:
+            raise ValueError(f"ReXNet weights: {s} {tuple(timm_sd[s].shape)} does not fit {t}")
+        out[t] = timm_sd[s]
+    return out
+
+
+# ---------------------------------------------------------------- backbones
+
+def _timm_name(enet_type):
+    return {"nest101": "resnest101e", "rex20": "rexnet_200"}.get(enet_type, enet_type.replace("-", "_"))
+
+
+def _pretrained_error(enet_type, err):
+    return RuntimeError(
+        f"could not get ImageNet weights for '{enet_type}' ({err}). Without network access, "
+        f"put the file in the torch/Hugging Face cache, pass --pretrained-path FILE, or "
+        f"train from scratch with --no-pretrained.")
+
+
+def build_backbone(enet_type, pretrained=False, pretrained_path=None):
+    """A backbone whose forward returns pooled (B, C) features, and C.
+
+    - tf_efficientnet_b0_ns..b7_ns (timm; state dicts identical to geffnet's,
+      which the original used), and any other timm model name;
+    - nest101: ResNeSt-101 (timm's resnest101e: same keys as the `resnest`
+      package's resnest101, which the original used);
+    - rex20: ReXNet-V1 2.0x in clovaai's layout (the original's key names).
+    """
+    import timm
+
+    if enet_type == "rex20":
+        net = ReXNetV1(width_mult=2.0)
+        if pretrained_path is None and pretrained and os.path.exists(REXNET_ORIGINAL_FILE):
+            pretrained_path = REXNET_ORIGINAL_FILE  # the original's location
+        if pretrained_path is not None:
+            sd = torch.load(pretrained_path, map_location="cpu", weights_only=True)
+            sd = sd.get("state_dict", sd)
+            if not any(k.startswith("features.0.") and k.endswith("weight") and v.dim() == 4
+                       for k, v in sd.items()):
+                sd = rexnet_from_timm_state_dict(sd, net) | {k: v for k, v in net.state_dict().items()
+                                                           if k.startswith("output.")}
+            net.load_state_dict(sd, strict=True)
+        elif pretrained:
+            try:
+                t = timm.create_model("rexnet_200", pretrained=True)
+            except Exception as e:
+                raise _pretrained_error(enet_type, e) from e
+            net.load_state_dict(rexnet_from_timm_state_dict(t.state_dict(), net), strict=False)
+        dim = net.num_features
+        net.output = nn.Identity()
+        return net, dim
+
+    name = _timm_name(enet_type)
+    kw = {}
+    if pretrained_path is not None:
+        kw = {"pretrained": True, "pretrained_cfg_overlay": {"file": pretrained_path}}
+    elif pretrained:
+        kw = {"pretrained": True}
+    try:
+        net = timm.create_model(name, num_classes=0, **kw)
+    except Exception as e:
+        if kw:
+            raise _pretrained_error(enet_type, e) from e
+        raise
+    return net, net.num_features
+
+
+# ---------------------------------------------------------------- head
+
+class ArcMarginProductSubcenter(nn.Module):
+    """Sub-center ArcFace head (Deng et al., ECCV 2020): k centres per class,
+    cosine to a class = max over its centres. Weight (out_dim * k, in)."""
+
+    def __init__(self, in_features, out_features, k=3):
+        super().__init__()
+        self.out_features, self.k = out_features, k
+        self.weight = nn.Parameter(torch.empty(out_features * k, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = 1.0 / math.sqrt(self.weight.size(1))
+        nn.init.uniform_(self.weight, -std, std)
+
+    def forward(self, x):
+        cos = F.linear(F.normalize(x.float()), F.normalize(self.weight.float()))
+        return cos.view(-1, self.out_features, self.k).amax(dim=2)
+
+
+class Net(nn.Module):
+    def __init__(self, enet_type, out_dim, pretrained=False, pretrained_path=None, k=3):
+        super().__init__()
+        self.enet_type = enet_type
+        self.enet, dim = build_backbone(enet_type, pretrained, pretrained_path)
+        self.feat = nn.Linear(dim, EMBED_DIM)
+        self.swish = nn.SiLU()  # Swish (x * sigmoid x); the original's custom autograd version
+        self.metric_classify = ArcMarginProductSubcenter(EMBED_DIM, out_dim, k)
+
+    def extract(self, x):
+        """Pooled backbone features, as the original's `extract`."""
+        return self.enet(x)
+
+    def neck(self, x):
+        return self.swish(self.feat(self.extract(x)))
+
+    def embed(self, x):
+        """L2-normalised 512-d embedding, the one the original notebook retrieves with."""
+        return F.normalize(self.neck(x).float())
+
+    def forward(self, x):
+        """(B, out_dim) cosines to the nearest sub-centre of each class."""
+        return self.metric_classify(self.neck(x))
+
+    def embed_and_classify(self, x):
+        """Both outputs of one backbone pass (inference)."""
+        z = self.neck(x)
+        return F.normalize(z.float()), self.metric_classify(z)
+
+
+def build_model(enet_type, out_dim, pretrained=False, pretrained_path=None):
+    return Net(enet_type, out_dim, pretrained=pretrained, pretrained_path=pretrained_path)

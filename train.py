@@ -1,0 +1,278 @@
+"""Train one stage of the GLR 2020 3rd-place pipeline (sub-center ArcFace, dynamic margins).
+
+Launch as one process (`python train.py ...`), or data-parallel with
+`torchrun --nproc_per_node=N train.py ...` / `python -m torch.distributed.launch
+--nproc_per_node=N train.py ...` (NCCL on GPUs, gloo on CPU). The flags and
+defaults are the original repo's, so its README commands run as written.
+"""
+import argparse
+import json
+import os
+import time
+import warnings
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from dataset import LandmarkDataset, get_df, get_transforms
+from losses import ArcFaceLossAdaptiveMargin, dynamic_margins
+from models import build_model
+from util import (cleanup_distributed, get_lr, global_average_precision_score, is_main, load_state_dict_file,
+                  print0, save_checkpoint, setup_distributed, unwrap_model)
+
+VALID_STRIDE = 15  # the original validates on every 15th row of the held-out fold
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # --- the original's flags, same names and defaults
+    p.add_argument("--kernel-type", type=str, required=True)
+    p.add_argument("--data-dir", type=str, default="/raid/GLD2")
+    p.add_argument("--train-step", type=int, required=True)
+    p.add_argument("--image-size", type=int, required=True)
+    p.add_argument("--enet-type", type=str, required=True)
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--num-workers", type=int, default=32, help="data loader workers per process")
+    p.add_argument("--init-lr", type=float, default=1e-4)
+    p.add_argument("--n-epochs", type=int, default=15)
+    p.add_argument("--start-from-epoch", type=int, default=1)
+    p.add_argument("--stop-at-epoch", type=int, default=999)
+    p.add_argument("--DEBUG", action="store_true", help="a few batches per epoch")
+    p.add_argument("--model-dir", type=str, default="./weights")
+    p.add_argument("--log-dir", type=str, default="./logs")
+    p.add_argument("--CUDA_VISIBLE_DEVICES", type=str, default=None,
+                   help="GPUs to use, e.g. 0,1 (the original defaulted to 0,...,7; unset keeps the environment's)")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--load-from", type=str, default="", help="weights to start from (optimizer not restored)")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help="set by torch.distributed.launch; LOCAL_RANK from the environment wins")
+    p.add_argument("--use-amp", action="store_true",
+                   help="deprecated: in the original this flag turned mixed precision OFF; use --amp off")
+    # --- additions
+    p.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], default="auto",
+                   help="auto: bf16 where the GPU supports it, else fp16 with a grad scaler; off on CPU")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="start from ImageNet weights (the original always did at step 0)")
+    p.add_argument("--pretrained-path", type=str, default=None, help="ImageNet weights file for the backbone")
+    p.add_argument("--folds-csv", type=str, default="train_0.csv", help="clean list with folds (preprocess.py)")
+    p.add_argument("--save-epochs", type=str, default="", help="e.g. 28,36: also keep _ep28.pth, _ep36.pth")
+    p.add_argument("--resume", type=str, default="", help="checkpoint of ours: weights, optimizer, scaler, epoch")
+    p.add_argument("--seed", type=int, default=0, help="sampler order and augmentations")
+    p.add_argument("--log-interval", type=int, default=50, help="steps between progress-bar loss updates")
+    args = p.parse_args(argv)
+    if args.use_amp:
+        warnings.warn("--use-amp is the original's flag and turned mixed precision OFF there; it does so "
+                      "here too. Use --amp off to say so explicitly.")
+        args.amp = "off"
+    args.save_epochs = sorted({int(e) for e in args.save_epochs.split(",") if e.strip()})
+    return args
+
+
+def resolve_amp(amp, device):
+    """(enabled, dtype, use_grad_scaler) for the --amp choice on this device."""
+    if device.type != "cuda":
+        if amp == "fp16":
+            warnings.warn("fp16 autocast needs a GPU; running in float32")
+        return (amp == "bf16", torch.bfloat16, False)
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return (amp != "off", torch.float16 if amp == "fp16" else torch.bfloat16, amp == "fp16")
+
+
+def convert_sync_batchnorm(model):
+    """BatchNorm -> SyncBatchNorm, keeping timm's fused BatchNormAct2d (norm +
+    activation) intact: torch's own converter rebuilds those as a plain
+    SyncBatchNorm and drops their activation."""
+    from timm.layers import convert_sync_batchnorm as timm_convert
+    return timm_convert(model)
+
+
+def load_weights(model, path, train_step):
+    """--load-from: weights only, as the original. At step 1 the class set
+    changes (full -> clean classes), so the ArcFace head is re-initialised."""
+    sd = load_state_dict_file(path)
+    if train_step == 1:
+        sd.pop("metric_classify.weight", None)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if unexpected or set(missing) != {"metric_classify.weight"}:
+            raise RuntimeError(f"{path}: does not fit {model.enet_type}: missing {missing}, unexpected {unexpected}")
+    else:
+        model.load_state_dict(sd, strict=True)
+
+
+def train_one_epoch(args, model, loader, optimizer, criterion, scaler, autocast, device):
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    n_ok = torch.zeros((), device=device)
+    n_bad = torch.zeros((), device=device)
+    bar = tqdm(loader, disable=not is_main(), mininterval=1.0)
+    for step, (x, y) in enumerate(bar):
+        x = x.to(device, non_blocking=True, memory_format=args.memory_format)
+        y = y.to(device, non_blocking=True)
+        with autocast():
+            logits = model(x)
+        loss = criterion(logits, y)  # float32, outside autocast
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # skips the update when fp16 grads overflowed
+        scaler.update()
+        ok = torch.isfinite(loss.detach())  # recorded on the device: no host sync here
+        loss_sum += torch.where(ok, loss.detach(), 0.0)
+        n_ok += ok
+        n_bad += ~ok
+        if is_main() and (step + 1) % args.log_interval == 0:
+            # sync point: one .item() per log interval for the progress bar
+            bar.set_postfix(loss=f"{(loss_sum / n_ok.clamp_min(1)).item():.5f}")
+    totals = torch.stack([loss_sum, n_ok, n_bad])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss_sum, n_ok, n_bad = totals.tolist()  # sync point: end of epoch
+    if n_bad:
+        print0(f"warning: {int(n_bad)} steps had a non-finite loss")
+    return loss_sum / max(n_ok, 1)
+
+
+@torch.no_grad()
+def validate(args, model, dataset, criterion, autocast, device, rank, world_size):
+    """Loss, accuracy (%) and GAP on the validation rows.
+
+    The rows are sharded across ranks (rank r scores rows r, r+W, ...) and the
+    results gathered on every rank: each row is scored exactly once.
+    """
+    model.eval()
+    idx = list(range(rank, len(dataset), world_size))
+    loader = DataLoader(Subset(dataset, idx), batch_size=args.batch_size, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
+    out = {k: [] for k in ("loss", "conf", "pred", "target")}
+    for x, y in tqdm(loader, disable=not is_main(), mininterval=1.0):
+        x = x.to(device, non_blocking=True, memory_format=args.memory_format)
+        y = y.to(device, non_blocking=True)
+        with autocast():
+            logits = model(x)
+        conf, pred = logits.float().max(1)
+        out["loss"].append(criterion(logits, y, reduction="none"))
+        out["conf"].append(conf)
+        out["pred"].append(pred)
+        out["target"].append(y)
+    local = {k: (torch.cat(v).cpu().numpy() if v else np.zeros(0)) for k, v in out.items()}
+    local["index"] = np.asarray(idx)
+    parts = [local]
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, local)
+    res = {k: np.concatenate([p[k] for p in parts]) for k in local}
+    order = np.argsort(res["index"], kind="stable")  # back to row order: GAP breaks ties by it
+    res = {k: v[order] for k, v in res.items()}
+    if len(res["index"]) == 0:
+        return float("nan"), float("nan"), float("nan")
+    acc = float((res["pred"] == res["target"]).mean() * 100)
+    gap = global_average_precision_score(list(res["target"]), list(zip(res["pred"], res["conf"])))
+    return float(res["loss"].mean()), acc, gap
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.CUDA_VISIBLE_DEVICES:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.CUDA_VISIBLE_DEVICES  # before CUDA initialises
+    rank, local_rank, world_size, device = setup_distributed(args.local_rank)
+    args.local_rank = local_rank
+    torch.manual_seed(args.seed)  # same head initialisation on every rank
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    args.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+    df, out_dim = get_df(args.kernel_type, args.data_dir, args.train_step, args.folds_csv)
+    print0(f"out_dim = {out_dim}, {len(df)} images, world size {world_size}, device {device}")
+    # margins from the whole frame of the stage, validation rows included (as the original)
+    margins = dynamic_margins(np.bincount(df["landmark_id"].to_numpy(), minlength=out_dim))
+
+    transforms_train, transforms_val = get_transforms(args.image_size)
+    df_train = df[df["fold"] != args.fold]  # NaN fold (not in the clean list): always training
+    df_valid = df[df["fold"] == args.fold].reset_index(drop=True).iloc[::VALID_STRIDE]
+    if args.DEBUG:
+        df_train = df_train.sample(min(len(df_train), args.batch_size * world_size * 5), random_state=args.seed)
+        df_valid = df_valid.iloc[:args.batch_size * 5]
+    dataset_train = LandmarkDataset(df_train, "train", "train", transforms_train, seed=args.seed, rank=rank)
+    dataset_valid = LandmarkDataset(df_valid, "train", "val", transforms_val)
+    sampler = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    train_loader = DataLoader(dataset_train, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                              num_workers=args.num_workers, pin_memory=device.type == "cuda")
+
+    pretrained = args.pretrained and not args.load_from and not args.resume
+    model = build_model(args.enet_type, out_dim, pretrained=pretrained, pretrained_path=args.pretrained_path)
+    if args.load_from:
+        load_weights(model, args.load_from, args.train_step)
+    if device.type == "cuda" and world_size > 1:
+        model = convert_sync_batchnorm(model)  # SyncBatchNorm has no CPU kernel: CPU keeps BatchNorm
+    model = model.to(device, memory_format=args.memory_format)
+    criterion = ArcFaceLossAdaptiveMargin(margins, s=80.0).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.init_lr)
+    amp_on, amp_dtype, use_scaler = resolve_amp(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_on else nullcontext()
+
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model_state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+        if ckpt.get("scaler_state_dict"):
+            scaler.load_state_dict(ckpt["scaler_state_dict"])
+        args.start_from_epoch = ckpt["epoch"] + 1
+        print0(f"resumed from {args.resume} at epoch {args.start_from_epoch}")
+
+    ddp_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else model
+
+    os.makedirs(args.model_dir, exist_ok=True)
+    os.makedirs(args.log_dir, exist_ok=True)
+    log_file = os.path.join(args.log_dir, f"{args.kernel_type}.txt")
+    args_dict = {k: v for k, v in vars(args).items() if k != "memory_format"}
+    if is_main():
+        with open(os.path.join(args.log_dir, f"{args.kernel_type}_args.json"), "w") as f:
+            json.dump({**args_dict, "world_size": world_size, "out_dim": out_dim}, f, indent=1)
+
+    def checkpoint(epoch):
+        return {"epoch": epoch, "model_state_dict": model.state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(), "scaler_state_dict": scaler.state_dict(),
+                "args": args_dict, "out_dim": out_dim}
+
+    stem = os.path.join(args.model_dir, f"{args.kernel_type}_fold{args.fold}")
+    epoch = args.start_from_epoch - 1
+    for epoch in range(args.start_from_epoch, args.n_epochs + 1):
+        print0(time.ctime(), "Epoch:", epoch)
+        lr = get_lr(epoch, args.init_lr, args.n_epochs)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        sampler.set_epoch(epoch)
+        dataset_train.set_epoch(epoch)
+        train_loss = train_one_epoch(args, ddp_model, train_loader, optimizer, criterion, scaler, autocast, device)
+        val_loss, acc_m, gap_m = validate(args, model, dataset_valid, criterion, autocast, device, rank, world_size)
+        if is_main():
+            content = (time.ctime() + " " + f"Fold {args.fold}, Epoch {epoch}, lr: {lr:.7f}, "
+                       f"train loss: {train_loss:.5f}, valid loss: {val_loss:.5f}, "
+                       f"acc_m: {acc_m:.6f}, gap_m: {gap_m:.6f}.")
+            print(content, flush=True)
+            with open(log_file, "a") as f:
+                f.write(content + "\n")
+            ckpt = checkpoint(epoch)
+            save_checkpoint(ckpt, f"{stem}.pth")
+            if epoch in args.save_epochs:
+                save_checkpoint(ckpt, f"{stem}_ep{epoch}.pth")
+        if epoch == args.stop_at_epoch:
+            print0(time.ctime(), "Training Finished!")
+            break
+    if is_main():
+        save_checkpoint(checkpoint(epoch), f"{stem}_final.pth")
+    if dist.is_initialized():
+        dist.barrier()  # the final checkpoint exists before any rank exits
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
