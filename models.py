@@ -176,7 +176,8 @@ def build_backbone(enet_type, pretrained=False, pretrained_path=None):
         if kw:
             raise _pretrained_error(enet_type, e) from e
         raise
-    return net, net.num_features
+    # the width of forward()'s output: after timm's head conv where a model has one (MobileNetV3)
+    return net, getattr(net, "head_hidden_size", None) or net.num_features
 
 
 # ---------------------------------------------------------------- head

@@ -29,7 +29,8 @@ VALID_STRIDE = 15  # the original validates on every 15th row of the held-out fo
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # allow_abbrev=False: a prefix such as --n-epoch must not silently mean --n-epochs
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     # --- the original's flags, same names and defaults
     p.add_argument("--kernel-type", type=str, required=True)
     p.add_argument("--data-dir", type=str, default="/raid/GLD2")
@@ -145,6 +146,12 @@ def validate(args, model, dataset, criterion, autocast, device, rank, world_size
     results gathered on every rank: each row is scored exactly once.
     """
     model.eval()
+    if world_size > 1:
+        # Batch-norm running stats differ per rank after training (DDP broadcasts
+        # rank 0's only at the next forward; CPU has no SyncBatchNorm): score every
+        # shard with rank 0's, the weights that the checkpoint holds.
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
     idx = list(range(rank, len(dataset), world_size))
     loader = DataLoader(Subset(dataset, idx), batch_size=args.batch_size, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")

@@ -1,0 +1,47 @@
+"""Shared fixtures: one synthetic data set and one trained DDP run per session."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TINY_BACKBONE = "mobilenetv3_small_050"  # timm, has fused BatchNormAct2d layers, fast on CPU
+
+
+def run(cmd, cwd, env=None, timeout=600):
+    e = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env or {}))
+    p = subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """A small synthetic GLDv2 (train/, test/, csvs) with train_0.csv and idx2landmark_id.pkl."""
+    import preprocess
+    import synthetic
+    d = str(tmp_path_factory.mktemp("gld"))
+    synthetic.generate(d, classes=30, clean_classes=20, test=40, min_size=48, max_size=96, seed=1)
+    preprocess.main(["--train-csv", os.path.join(d, "train_competition.csv"), "--out-dir", d])
+    return d
+
+
+def train_cmd(data_dir, kernel, step, *extra, size=32, epochs=1):
+    return ["train.py", "--kernel-type", kernel, "--train-step", str(step), "--data-dir", data_dir,
+            "--image-size", str(size), "--enet-type", TINY_BACKBONE, "--batch-size", "8",
+            "--num-workers", "0", "--n-epochs", str(epochs), "--no-pretrained",
+            "--folds-csv", os.path.join(data_dir, "train_0.csv"),
+            "--model-dir", os.path.join(data_dir, "weights"), "--log-dir", os.path.join(data_dir, "logs"), *extra]
+
+
+@pytest.fixture(scope="session")
+def ddp_run(synth):
+    """Step 0 trained for one epoch by 2 gloo processes through torch.distributed.launch."""
+    cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", "--master_port=29611",
+           *train_cmd(synth, "ddp0", 0, "--fold", "0")]
+    p = run(cmd, cwd=ROOT)
+    return {"data": synth, "kernel": "ddp0", "stdout": p.stdout, "stderr": p.stderr}

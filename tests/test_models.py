@@ -1,0 +1,138 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_BACKBONE
+from models import ReXNetV1, build_model, rexnet_from_timm_state_dict
+from util import load_state_dict_file, save_checkpoint
+
+
+def _randomise_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def test_names_head_shape_and_outputs_against_direct_computation():
+    torch.manual_seed(0)
+    m = build_model(TINY_BACKBONE, out_dim=10).eval()
+    keys = list(m.state_dict())
+    assert all(k.startswith("enet.") for k in keys if k not in ("feat.weight", "feat.bias", "metric_classify.weight"))
+    assert m.metric_classify.weight.shape == (30, 512) and m.feat.out_features == 512
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        f = m.extract(x)
+        z = f @ m.feat.weight.T + m.feat.bias
+        z = z * torch.sigmoid(z)  # Swish
+        cos = F.normalize(z) @ F.normalize(m.metric_classify.weight).T
+        want = cos.view(3, 10, 3).max(dim=2).values
+        torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
+        emb = m.embed(x)
+        torch.testing.assert_close(emb, F.normalize(z))
+        torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+        e2, c2 = m.embed_and_classify(x)
+        torch.testing.assert_close(c2, want, rtol=1e-5, atol=1e-5)
+    assert f.shape == (3, m.feat.in_features)
+
+
+def test_efficientnet_keys_and_outputs_equal_geffnet():
+    geffnet = pytest.importorskip("geffnet")
+    torch.manual_seed(0)
+    g = _randomise_bn(geffnet.create_model("tf_efficientnet_b0_ns", pretrained=False)).eval()
+    sd = {k: v for k, v in g.state_dict().items() if not k.startswith("classifier.")}
+    m = build_model("tf_efficientnet_b0_ns", out_dim=5).eval()
+    assert list(m.enet.state_dict()) == list(sd)
+    m.enet.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        g.classifier = torch.nn.Identity()
+        torch.testing.assert_close(m.extract(x), g(x), rtol=1e-4, atol=1e-5)
+
+
+def test_resnest101_keys_and_outputs_equal_resnest_package():
+    resnest = pytest.importorskip("resnest.torch")
+    torch.manual_seed(0)
+    r = _randomise_bn(resnest.resnest101(pretrained=False)).eval()
+    r.fc = torch.nn.Identity()
+    m = build_model("nest101", out_dim=5).eval()
+    assert list(m.enet.state_dict()) == list(r.state_dict())
+    m.enet.load_state_dict(r.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m.extract(x), r(x), rtol=1e-4, atol=1e-5)
+
+
+def test_rexnet_matches_timm_rexnet_200_and_loads_original_file(tmp_path, monkeypatch):
+    import timm
+    torch.manual_seed(0)
+    t = _randomise_bn(timm.create_model("rexnet_200", pretrained=False, num_classes=0)).eval()
+    ref = ReXNetV1(width_mult=2.0)
+    ref.load_state_dict(rexnet_from_timm_state_dict(t.state_dict(), ref) |
+                        {k: v for k, v in ref.state_dict().items() if k.startswith("output.")})
+    # the original's weights file: ReXNetV1's state dict, classifier included
+    torch.save(ref.state_dict(), tmp_path / "rexnetv1_2.0x.pth")
+    m = build_model("rex20", out_dim=4, pretrained_path=str(tmp_path / "rexnetv1_2.0x.pth")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m.extract(x), t(x), rtol=1e-4, atol=1e-5)
+    # the original's names: features.N / out.N / fc.N inside enet, no classifier
+    assert "enet.features.8.out.5.fc.0.weight" in m.state_dict()
+    assert not any(k.startswith("enet.output") for k in m.state_dict())
+    # as the original: ./rexnetv1_2.0x.pth is picked up when pretrained
+    monkeypatch.chdir(tmp_path)
+    m2 = build_model("rex20", out_dim=4, pretrained=True).eval()
+    torch.testing.assert_close(m2.enet.features[0].weight, ref.features[0].weight)
+
+
+def test_original_checkpoint_format_loads_strict(tmp_path):
+    torch.manual_seed(0)
+    m = _randomise_bn(build_model(TINY_BACKBONE, out_dim=6)).eval()
+    original = {"epoch": 3, "model_state_dict": {"module." + k: v for k, v in m.state_dict().items()},
+                "optimizer_state_dict": {}}
+    torch.save(original, tmp_path / "orig.pth")
+    torch.save(m.state_dict(), tmp_path / "bare.pth")
+    x = torch.randn(2, 3, 32, 32)
+    for f in ("orig.pth", "bare.pth"):
+        m2 = build_model(TINY_BACKBONE, out_dim=6).eval()
+        m2.load_state_dict(load_state_dict_file(str(tmp_path / f)), strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(m2(x), m(x))
+
+
+def test_checkpoint_round_trip_atomic(tmp_path):
+    m = build_model(TINY_BACKBONE, out_dim=3)
+    obj = {"epoch": 2, "model_state_dict": m.state_dict(), "args": {"a": 1, "b": "x", "c": [1, 2]}, "out_dim": 3}
+    save_checkpoint(obj, str(tmp_path / "sub" / "c.pth"))
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["c.pth"]  # no temp file left behind
+    back = torch.load(tmp_path / "sub" / "c.pth", weights_only=True)
+    assert back["epoch"] == 2 and back["args"] == obj["args"]
+    for k, v in m.state_dict().items():
+        assert torch.equal(back["model_state_dict"][k], v)
+
+
+def test_missing_pretrained_weights_error_names_the_flags(tmp_path):
+    with pytest.raises(RuntimeError, match="--no-pretrained") as e:
+        build_model(TINY_BACKBONE, out_dim=3, pretrained_path=str(tmp_path / "nope.pth"))
+    assert "--pretrained-path" in str(e.value)
+
+
+def test_sync_batchnorm_conversion_keeps_fused_activations():
+    from train import convert_sync_batchnorm
+    torch.manual_seed(0)
+    m = _randomise_bn(build_model(TINY_BACKBONE, out_dim=4)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = m(x)
+        conv = convert_sync_batchnorm(copy.deepcopy(m)).eval()
+        assert any(isinstance(mod, torch.nn.SyncBatchNorm) for mod in conv.modules())
+        assert not any(type(mod) is torch.nn.BatchNorm2d for mod in conv.modules())
+        torch.testing.assert_close(conv(x), want)
+        # torch's own converter drops the activation inside timm's BatchNormAct2d
+        plain = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(m)).eval()
+        assert not torch.allclose(plain(x), want, atol=1e-3)
+    assert list(conv.state_dict()) == list(m.state_dict())

@@ -1,0 +1,115 @@
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY_BACKBONE, run, train_cmd
+
+LOG_RE = re.compile(r"Fold 0, Epoch (\d+), lr: ([\d.]+), train loss: ([\d.]+), valid loss: ([\d.]+), "
+                    r"acc_m: ([\d.]+), gap_m: ([\d.]+)\.$")
+
+
+def test_ddp_two_process_run_writes_log_and_checkpoints(ddp_run):
+    d, k = ddp_run["data"], ddp_run["kernel"]
+    lines = open(os.path.join(d, "logs", f"{k}.txt")).read().strip().splitlines()
+    assert len(lines) == 1 and LOG_RE.search(lines[0]), lines
+    assert float(LOG_RE.search(lines[0]).group(2)) == pytest.approx(1e-4)
+    assert "world size 2" in ddp_run["stdout"]
+    assert os.path.exists(os.path.join(d, "logs", f"{k}_args.json"))
+    for name in (f"{k}_fold0.pth", f"{k}_fold0_final.pth"):
+        ckpt = torch.load(os.path.join(d, "weights", name), weights_only=True)
+        assert ckpt["epoch"] == 1 and ckpt["out_dim"] == 30 and ckpt["args"]["enet_type"] == TINY_BACKBONE
+        assert {"model_state_dict", "optimizer_state_dict", "scaler_state_dict"} <= set(ckpt)
+        assert not any(key.startswith("module.") for key in ckpt["model_state_dict"])
+    assert not [f for f in os.listdir(os.path.join(d, "weights")) if f.startswith(".tmp")]
+
+
+def test_ddp_validation_scores_each_row_once(ddp_run):
+    """The gathered metrics of the 2-rank run equal a single-process evaluation
+    of the same weights on the original's rows (every 15th of the fold)."""
+    from dataset import LandmarkDataset, get_df, get_transforms
+    from losses import ArcFaceLossAdaptiveMargin, dynamic_margins
+    from models import build_model
+    from util import global_average_precision_score
+    d, k = ddp_run["data"], ddp_run["kernel"]
+    df, out_dim = get_df(k, d, 0, os.path.join(d, "train_0.csv"))
+    rows = df[df.fold == 0].reset_index(drop=True)
+    rows = rows[rows.index % 15 == 0]
+    ds = LandmarkDataset(rows, "train", "val", get_transforms(32)[1])
+    m = build_model(TINY_BACKBONE, out_dim)
+    m.load_state_dict(torch.load(os.path.join(d, "weights", f"{k}_fold0_final.pth"), weights_only=True)
+                      ["model_state_dict"])
+    m.eval()
+    crit = ArcFaceLossAdaptiveMargin(dynamic_margins(np.bincount(df.landmark_id, minlength=out_dim)), 80.0)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor(rows.landmark_id.to_numpy())
+    with torch.no_grad():
+        logits = m(x)
+    conf, pred = logits.max(1)
+    loss = crit(logits, y).item()
+    acc = (pred == y).float().mean().item() * 100
+    gap = global_average_precision_score(y.tolist(), list(zip(pred.tolist(), conf.tolist())))
+    got = [float(v) for v in LOG_RE.search(open(os.path.join(d, "logs", f"{k}.txt")).read()).groups()[3:]]
+    assert len(rows) >= 2
+    assert got == pytest.approx([round(loss, 5), round(acc, 6), round(gap, 6)], abs=2e-5)
+
+
+def test_stage_chain_step1_new_head_then_step2_strict(ddp_run):
+    d = ddp_run["data"]
+    w = os.path.join(d, "weights")
+    run([sys.executable, *train_cmd(d, "s1", 1, "--load-from", os.path.join(w, "ddp0_fold0.pth"),
+                                    "--save-epochs", "1", size=40)], cwd=ROOT)
+    src = torch.load(os.path.join(w, "ddp0_fold0.pth"), weights_only=True)["model_state_dict"]
+    s1 = torch.load(os.path.join(w, "s1_fold0_ep1.pth"), weights_only=True)
+    assert s1["out_dim"] == 20 and s1["model_state_dict"]["metric_classify.weight"].shape == (60, 512)
+    assert src["metric_classify.weight"].shape == (90, 512)
+    run([sys.executable, *train_cmd(d, "s2", 2, "--load-from", os.path.join(w, "s1_fold0_final.pth"),
+                                    "--init-lr", "5e-5", size=40)], cwd=ROOT)
+    assert os.path.exists(os.path.join(w, "s2_fold0_final.pth"))
+    # step 2 from a checkpoint of another class count must fail: the load is strict
+    with pytest.raises(AssertionError, match="size mismatch"):
+        run([sys.executable, *train_cmd(d, "bad", 2, "--load-from", os.path.join(w, "ddp0_fold0.pth"))], cwd=ROOT)
+
+
+def test_resume_repeats_uninterrupted_run(synth):
+    """2 epochs in one go == 1 epoch, stop, --resume: same weights bit for bit
+    (sampler order and augmentations are functions of seed and epoch)."""
+    d = synth
+    w = os.path.join(d, "weights")
+    run([sys.executable, *train_cmd(d, "full", 1, "--DEBUG", epochs=2)], cwd=ROOT)
+    run([sys.executable, *train_cmd(d, "half", 1, "--DEBUG", "--stop-at-epoch", "1", epochs=2)], cwd=ROOT)
+    run([sys.executable, *train_cmd(d, "half", 1, "--DEBUG", "--resume", os.path.join(w, "half_fold0.pth"),
+                                    epochs=2)], cwd=ROOT)
+    a = torch.load(os.path.join(w, "full_fold0_final.pth"), weights_only=True)
+    b = torch.load(os.path.join(w, "half_fold0_final.pth"), weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, v in a["model_state_dict"].items():
+        assert torch.equal(v, b["model_state_dict"][key]), key
+    log = open(os.path.join(d, "logs", "half.txt")).read().splitlines()
+    assert [LOG_RE.search(line).group(1) for line in log] == ["1", "2"]
+
+
+def test_cli_flags():
+    from train import parse_args
+    base = ["--kernel-type", "k", "--train-step", "0", "--image-size", "256", "--enet-type", "tf_efficientnet_b7_ns"]
+    a = parse_args(base)
+    assert (a.data_dir, a.batch_size, a.num_workers, a.init_lr, a.n_epochs, a.start_from_epoch, a.stop_at_epoch,
+            a.model_dir, a.log_dir, a.fold, a.load_from, a.amp, a.pretrained) == \
+        ("/raid/GLD2", 64, 32, 1e-4, 15, 1, 999, "./weights", "./logs", 0, "", "auto", True)
+    assert parse_args(base + ["--local-rank=3"]).local_rank == 3
+    assert parse_args(base + ["--local_rank", "2"]).local_rank == 2
+    with pytest.warns(UserWarning, match="OFF"):
+        assert parse_args(base + ["--use-amp"]).amp == "off"
+    assert parse_args(base + ["--save-epochs", "36,28"]).save_epochs == [28, 36]
+    assert parse_args(base + ["--no-pretrained"]).pretrained is False
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--n-epoch", "3"])  # a typo is an error, not silently dropped
+    # a command of the original README, as written
+    a = parse_args("--kernel-type b7ns_DDP_final_512_300w_f0_40ep --train-step 1 --data-dir ./data --image-size 512 "
+                   "--batch-size 16 --enet-type tf_efficientnet_b7_ns --n-epochs 40 --stop-at-epoch 13 --fold 0 "
+                   "--load-from ./weights/b7ns_DDP_final_256_300w_f0_10ep_fold0.pth "
+                   "--CUDA_VISIBLE_DEVICES 0,1,2,3,4,5".split())
+    assert (a.train_step, a.stop_at_epoch, a.CUDA_VISIBLE_DEVICES) == (1, 13, "0,1,2,3,4,5")
