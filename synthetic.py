@@ -83,11 +83,11 @@ def make_view(scene, rng, min_size, max_size):
     s = scene.shape[0]
     # perspective: jitter the four corners
     src = np.float32([[0, 0], [s, 0], [s, s], [0, s]])
-    dst = (src + rng.uniform(-0.12, 0.12, (4, 2)) * s).astype(np.float32)
+    dst = (src + rng.uniform(-0.16, 0.16, (4, 2)) * s).astype(np.float32)
     H = cv2.getPerspectiveTransform(src, dst)
     img = cv2.warpPerspective(scene, H, (s, s), borderMode=cv2.BORDER_REFLECT)
     # crop a random part and resize to a random size / aspect ratio
-    area, aspect = rng.uniform(0.55, 1.0), np.exp(rng.uniform(-0.35, 0.35))
+    area, aspect = rng.uniform(0.4, 1.0), np.exp(rng.uniform(-0.35, 0.35))
     cw = int(np.clip(s * np.sqrt(area * aspect), 16, s))
     ch = int(np.clip(s * np.sqrt(area / aspect), 16, s))
     x0, y0 = int(rng.integers(0, s - cw + 1)), int(rng.integers(0, s - ch + 1))
@@ -97,14 +97,14 @@ def make_view(scene, rng, min_size, max_size):
     img = cv2.resize(img, (max(8, round(cw * scale)), max(8, round(ch * scale))), interpolation=cv2.INTER_LINEAR)
     f = img.astype(np.float32)
     # light: contrast, brightness, colour cast
-    f = (f - 128) * rng.uniform(0.7, 1.3) + 128 + rng.uniform(-35, 35) + rng.uniform(-12, 12, 3)
+    f = (f - 128) * rng.uniform(0.6, 1.4) + 128 + rng.uniform(-45, 45) + rng.uniform(-20, 20, 3)
     if rng.random() < 0.3:
         f = cv2.GaussianBlur(f, (0, 0), rng.uniform(0.5, 1.8))
     f += rng.normal(0, rng.uniform(0, 8), f.shape)
     img = f.clip(0, 255).astype(np.uint8)
-    if rng.random() < 0.35:  # something in front of the landmark
+    if rng.random() < 0.5:  # something in front of the landmark
         h, w = img.shape[:2]
-        oh, ow = int(h * rng.uniform(0.15, 0.4)), int(w * rng.uniform(0.15, 0.4))
+        oh, ow = int(h * rng.uniform(0.2, 0.5)), int(w * rng.uniform(0.2, 0.5))
         oy, ox = int(rng.integers(0, h - oh + 1)), int(rng.integers(0, w - ow + 1))
         img[oy:oy + oh, ox:ox + ow] = _color(rng)
     return img
@@ -152,8 +152,8 @@ def generate(out, classes=60, clean_classes=40, test=120, non_landmark_frac=0.5,
         for i in ids:
             _write(out, "train", i, make_view(scenes[lid], r, min_size, max_size), r)
             rows.append((i, f"https://synthetic.invalid/{i}.jpg", lid))
-        if lid in clean:  # the clean list keeps most, not all, of a clean class's images
-            keep = max(2, int(round(n * r.uniform(0.6, 1.0))))
+        if lid in clean:  # the clean list keeps part of a clean class's images (GLDv2's clean set is ~40% of the full one)
+            keep = max(2, int(round(n * r.uniform(0.35, 0.75))))
             clean_rows += [(i, lid) for i in sorted(r.choice(ids, keep, replace=False).tolist())]
     order = rng.permutation(len(rows))
     df = pd.DataFrame([rows[i] for i in order], columns=["id", "url", "landmark_id"])

@@ -214,7 +214,7 @@ def main(argv=None):
     model = build_model(args.enet_type, out_dim, pretrained=pretrained, pretrained_path=args.pretrained_path)
     if args.load_from:
         load_weights(model, args.load_from, args.train_step)
-    if device.type == "cuda" and world_size > 1:
+    if device.type == "cuda" and dist.is_initialized():
         model = convert_sync_batchnorm(model)  # SyncBatchNorm has no CPU kernel: CPU keeps BatchNorm
     model = model.to(device, memory_format=args.memory_format)
     criterion = ArcFaceLossAdaptiveMargin(margins, s=80.0).to(device)
@@ -234,7 +234,7 @@ def main(argv=None):
         args.start_from_epoch = ckpt["epoch"] + 1
         print0(f"resumed from {args.resume} at epoch {args.start_from_epoch}")
 
-    ddp_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else model
+    ddp_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if dist.is_initialized() else model
 
     os.makedirs(args.model_dir, exist_ok=True)
     os.makedirs(args.log_dir, exist_ok=True)

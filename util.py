@@ -125,6 +125,7 @@ def setup_distributed(local_rank_arg=None):
     LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain `python train.py` has none
     of them and runs single-process. Returns (rank, local_rank, world_size, device).
     """
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # a launcher started us, even with 1 process
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
@@ -133,7 +134,7 @@ def setup_distributed(local_rank_arg=None):
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    if launched and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kw = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, init_method="env://", **kw)

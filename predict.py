@@ -1,0 +1,293 @@
+"""Ensemble inference with retrieval re-ranking, the original's Kaggle notebook as a module and CLI.
+
+For every model of the spec: the L2-normalised 512-d embeddings of the gallery
+(the clean train list) and of the queries (sample_submission's ids), and the
+queries' sub-center cosines. Embeddings of the models are concatenated and
+normalised, cosines averaged. Each query's 5 nearest gallery images are
+re-ranked with the classifier: score(l) = sum sim^9 * cls(l)^10.
+
+    python predict.py --data-dir D --train-csv CLEAN_LIST --idx2landmark idx2landmark_id.pkl \
+        --spec specs/default.json --out submission.csv [--device cpu|cuda] [--batch-size N]
+"""
+import argparse
+import hashlib
+import json
+import os
+import pickle
+from contextlib import nullcontext
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from dataset import LandmarkDataset, get_transforms, image_path
+from models import build_model
+from util import load_state_dict_file
+
+TOP_K = 5        # gallery neighbours per query
+CLS_TOP_K = 5    # classifier candidates per query
+CLS_MISSING = 1e-8  # cls(l) of a neighbour's landmark outside the classifier's top CLS_TOP_K
+
+
+# ---------------------------------------------------------------- models
+
+def load_spec(path):
+    with open(path) as f:
+        spec = json.load(f)
+    models = spec["models"] if isinstance(spec, dict) else spec
+    base = os.path.dirname(os.path.abspath(path))
+    for m in models:
+        missing = {"enet_type", "checkpoint", "image_size"} - set(m)
+        if missing:
+            raise ValueError(f"{path}: model entry {m} lacks {sorted(missing)}")
+    return models, base
+
+
+def load_model(enet_type, checkpoint, device="cpu"):
+    """A model from a checkpoint of ours or of the original code (strict)."""
+    sd = load_state_dict_file(checkpoint)
+    if "metric_classify.weight" not in sd:
+        raise ValueError(f"{checkpoint}: no 'metric_classify.weight': not a checkpoint of this model")
+    model = build_model(enet_type, sd["metric_classify.weight"].shape[0] // 3, pretrained=False)
+    model.load_state_dict(sd, strict=True)
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------- features
+
+def _cache_key(checkpoint, image_size, ids):
+    st = os.stat(checkpoint)
+    h = hashlib.sha1()
+    h.update(f"{os.path.abspath(checkpoint)}|{st.st_size}|{st.st_mtime_ns}|{image_size}|".encode())
+    h.update("\n".join(ids).encode())
+    return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def extract_features(model, paths, image_size, device, batch_size=64, num_workers=2, cache_dir=None,
+                     key=None, dtype=np.float32, normalize=False, desc="extract"):
+    """The neck output z (N, 512) of every image, or with normalize=True the
+    embedding normalize(z) (`model.embed`). Cosines are the head applied to z,
+    so a query's embedding and cosines come from this one pass.
+
+    With cache_dir, rows are written to a memory-mapped .npy as they come and
+    the count done is recorded after each batch: a second run reads the file,
+    an interrupted one resumes where it stopped.
+    """
+    n = len(paths)
+    df = pd.DataFrame({"filepath": paths, "landmark_id": 0})
+    ds = LandmarkDataset(df, "", "test", transform=get_transforms(image_size)[1])
+    done, out = 0, None
+    if cache_dir is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        f_arr, f_done = os.path.join(cache_dir, f"{key}.npy"), os.path.join(cache_dir, f"{key}.done")
+        if os.path.exists(f_arr) and os.path.exists(f_done):
+            done = int(open(f_done).read() or 0)
+            out = np.load(f_arr, mmap_mode="r+")
+            if out.shape != (n, model.feat.out_features) or out.dtype != dtype:
+                done, out = 0, None
+        if out is None:
+            out = np.lib.format.open_memmap(f_arr, mode="w+", dtype=dtype, shape=(n, model.feat.out_features))
+    else:
+        out = np.empty((n, model.feat.out_features), dtype)
+    if done >= n:
+        return out
+    amp = device.type == "cuda"
+    loader = DataLoader(Subset(ds, range(done, n)), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=amp)
+    mf = torch.channels_last if amp else torch.contiguous_format
+    for x in tqdm(loader, desc=desc, initial=done // batch_size, total=(n + batch_size - 1) // batch_size,
+                  mininterval=2.0):
+        with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
+            z = model.neck(x.to(device, non_blocking=True, memory_format=mf)).float()
+        if normalize:
+            z = F.normalize(z, dim=1)
+        out[done:done + len(z)] = z.cpu().numpy().astype(dtype)
+        done += len(z)
+        if cache_dir is not None:
+            out.flush()
+            with open(f_done, "w") as f:
+                f.write(str(done))
+    return out
+
+
+@torch.no_grad()
+def head_cosines(model, z, device, chunk=4096):
+    """Sub-center cosines (N, out_dim) of the neck outputs z, chunk by chunk."""
+    res = []
+    for i in range(0, len(z), chunk):
+        zz = torch.as_tensor(np.asarray(z[i:i + chunk], dtype=np.float32), device=device)
+        res.append(model.metric_classify(zz).cpu())
+    return torch.cat(res).numpy() if res else np.zeros((0, model.metric_classify.out_features), np.float32)
+
+
+# ---------------------------------------------------------------- retrieval
+
+def topk_cosine(queries, gallery, k=TOP_K, device="cpu", query_chunk=4096, gallery_chunk=65536):
+    """Top-k neighbours of each query by inner product, in bounded memory.
+
+    queries, gallery: arrays (Q, D), (N, D), or lists of such (one per model),
+    in which case the similarity is the mean of the per-model inner products:
+    with normalised per-model embeddings that is the cosine of the normalised
+    concatenation, without building it. Arrays may be float16 and memory-mapped;
+    each chunk is computed in float32 (bf16/fp16 matmuls are slow on CPU).
+    Returns (sims (Q, k) float32, indices (Q, k) int64), best first.
+    """
+    qs = queries if isinstance(queries, (list, tuple)) else [queries]
+    gs = gallery if isinstance(gallery, (list, tuple)) else [gallery]
+    device = torch.device(device)
+    nq, ng = len(qs[0]), len(gs[0])
+    k_eff = min(k, ng)
+    best_s = torch.full((nq, k_eff), -float("inf"))
+    best_i = torch.zeros((nq, k_eff), dtype=torch.int64)
+    qt = [torch.as_tensor(np.asarray(q, dtype=np.float32)) for q in qs]
+    for g0 in range(0, ng, gallery_chunk):
+        gc = [torch.as_tensor(np.asarray(g[g0:g0 + gallery_chunk], dtype=np.float32), device=device) for g in gs]
+        for q0 in range(0, nq, query_chunk):
+            sim = sum(q[q0:q0 + query_chunk].to(device) @ g.T for q, g in zip(qt, gc)) / len(gs)
+            s, i = sim.topk(min(k_eff, sim.shape[1]), dim=1)
+            s = torch.cat([best_s[q0:q0 + query_chunk], s.cpu()], 1)
+            i = torch.cat([best_i[q0:q0 + query_chunk], i.cpu() + g0], 1)
+            # merge: stable sort keeps the earlier (lower-index) neighbour first on ties
+            order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k_eff]
+            best_s[q0:q0 + query_chunk] = s.gather(1, order)
+            best_i[q0:q0 + query_chunk] = i.gather(1, order)
+    return best_s.numpy(), best_i.numpy()
+
+
+# ---------------------------------------------------------------- classifier and re-ranking
+
+def pred_mask_topk(cos, present, k=CLS_TOP_K):
+    """The original's pred_mask: +1 on classes present in the gallery list, top-k,
+    then -1, so absent classes only fill the list after every present one
+    scoring above them. cos (Q, C), present (C,) bool. Returns (scores, class idx)."""
+    t = torch.as_tensor(cos, dtype=torch.float32) + torch.as_tensor(present, dtype=torch.float32)
+    s, i = t.topk(min(k, t.shape[1]), dim=1)
+    return (s - 1).numpy(), i.numpy()
+
+
+def rerank(sims, nn_landmarks, cls_scores, cls_landmarks, sim_power=9, cls_power=10):
+    """The original's re-ranking of retrieval neighbours by classifier scores.
+
+    score(l) = sum over the neighbours j with landmark l of sims[j]**sim_power *
+    cls(l)**cls_power, cls(l) = l's classifier score if l is among the query's
+    cls_landmarks, else 1e-8. Predict the best l with its score. Computed in
+    float64: scores reach ~1e-84, which float32 flushes to 0.
+    Inputs (Q, TOP_K) and (Q, CLS_TOP_K); returns (landmarks, confidences).
+    """
+    sims = np.asarray(sims, np.float64)
+    nn_l = np.asarray(nn_landmarks)
+    cls_s = np.asarray(cls_scores, np.float64)
+    cls_l = np.asarray(cls_landmarks)
+    match = nn_l[:, :, None] == cls_l[:, None, :]                        # (Q, K, C)
+    # the first classifier slot naming the landmark gives its score
+    first = np.argmax(match, axis=2)
+    c = np.where(match.any(axis=2), np.take_along_axis(cls_s, first, axis=1), CLS_MISSING)
+    per_nb = sims ** sim_power * c ** cls_power                          # (Q, K)
+    same = nn_l[:, :, None] == nn_l[:, None, :]                          # (Q, K, K)
+    total = (same * per_nb[:, None, :]).sum(axis=2)                      # score of each neighbour's landmark
+    j = np.argmax(total, axis=1)  # ties: the landmark met first among the neighbours
+    q = np.arange(len(sims))
+    return nn_l[q, j], total[q, j]
+
+
+def format_submission(ids, landmarks, confidences):
+    """id,landmarks with "<landmark_id> <confidence>", confidence at full precision (repr)."""
+    rows = [f"{int(l)} {float(c)!r}" if l is not None and l == l else "" for l, c in zip(landmarks, confidences)]
+    return pd.DataFrame({"id": list(ids), "landmarks": rows})
+
+
+# ---------------------------------------------------------------- pipeline
+
+def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num_workers=2,
+        cache_dir=None, sample_submission=None, fp16_cache=False):
+    """The whole inference. Returns {'ids', 'classifier', 'retrieval', 'ensemble'}
+    where each part is (landmarks, confidences)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models, base = load_spec(spec) if isinstance(spec, str) else (spec, os.getcwd())
+    with open(idx2landmark, "rb") as f:
+        idx2lid = pickle.load(f)
+    gallery = pd.read_csv(train_csv)
+    if "images" in gallery.columns and "id" not in gallery.columns:
+        from preprocess import read_clean_list
+        gallery = read_clean_list(train_csv)
+    sub = pd.read_csv(sample_submission or os.path.join(data_dir, "sample_submission.csv"))
+    g_paths = [image_path(data_dir, "train", i) for i in gallery["id"]]
+    q_paths = [image_path(data_dir, "test", i) for i in sub["id"]]
+    dtype = np.float16 if fp16_cache else np.float32
+
+    g_emb, q_emb, cos_sum, out_dim = [], [], None, None
+    for m in models:
+        ckpt = m["checkpoint"] if os.path.isabs(m["checkpoint"]) else os.path.join(base, m["checkpoint"])
+        if not os.path.exists(ckpt) and os.path.exists(m["checkpoint"]):
+            ckpt = m["checkpoint"]
+        model = load_model(m["enet_type"], ckpt, device)
+        if out_dim is not None and model.metric_classify.out_features != out_dim:
+            raise ValueError(f"{ckpt}: {model.metric_classify.out_features} classes, the others {out_dim}")
+        out_dim = model.metric_classify.out_features
+        size = int(m["image_size"])
+        kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, dtype=dtype)
+        g_emb.append(extract_features(model, g_paths, size, cache_dir=cache_dir, normalize=True,
+                                      key=_cache_key(ckpt, size, list(gallery["id"])),
+                                      desc=f"gallery {os.path.basename(ckpt)}@{size}", **kw))
+        zq = extract_features(model, q_paths, size, desc=f"queries {os.path.basename(ckpt)}@{size}",
+                              **(kw | {"dtype": np.float32}))
+        c = head_cosines(model, zq, device)
+        cos_sum = c if cos_sum is None else cos_sum + c
+        q_emb.append(F.normalize(torch.as_tensor(zq), dim=1).numpy())
+        del model
+    if out_dim != len(idx2lid):
+        raise ValueError(f"the models have {out_dim} classes but {idx2landmark} maps {len(idx2lid)}")
+    cls_cos = cos_sum / len(models)
+    lid_of = np.array([idx2lid[i] for i in range(out_dim)])
+    present = np.isin(lid_of, gallery["landmark_id"].unique())
+    cls_s, cls_i = pred_mask_topk(cls_cos, present)
+    cls_l = lid_of[cls_i]
+    # The original normalised only its last query batch, so its gallery rows had
+    # norm 3 and its similarities were 3x the cosine; rankings and GAP are the
+    # same. Here both sides are unit vectors: sims are cosines.
+    sims, nn = topk_cosine(q_emb, g_emb, TOP_K, device=device)
+    nn_l = gallery["landmark_id"].to_numpy()[nn]
+    return {"ids": list(sub["id"]),
+            "classifier": (cls_l[:, 0], cls_s[:, 0]),
+            "retrieval": (nn_l[:, 0], sims[:, 0]),
+            "ensemble": rerank(sims, nn_l, cls_s, cls_l),
+            "neighbours": (sims, nn_l), "cls_top": (cls_s, cls_l)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--data-dir", required=True, help="holds train/, test/ and sample_submission.csv")
+    p.add_argument("--train-csv", required=True, help="the gallery: clean train list (id,landmark_id)")
+    p.add_argument("--idx2landmark", required=True, help="idx2landmark_id.pkl from preprocess.py")
+    p.add_argument("--spec", required=True, help='JSON: {"models": [{"enet_type", "checkpoint", "image_size"}]}')
+    p.add_argument("--out", default="submission.csv")
+    p.add_argument("--sample-submission", default=None, help="query ids (default DATA_DIR/sample_submission.csv)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--cache-dir", default="./cache", help="gallery features; '' disables the cache")
+    p.add_argument("--fp16-cache", action="store_true", help="store gallery features in float16 (half the memory)")
+    p.add_argument("--write-parts", action="store_true",
+                   help="also write OUT's classifier-only and retrieval-only submissions (*_classifier.csv, *_retrieval.csv)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    res = run(a.data_dir, a.train_csv, a.idx2landmark, a.spec, a.device, a.batch_size, a.num_workers,
+              a.cache_dir or None, a.sample_submission, a.fp16_cache)
+    format_submission(res["ids"], *res["ensemble"]).to_csv(a.out, index=False)
+    if a.write_parts:
+        stem = os.path.splitext(a.out)[0]
+        for part in ("classifier", "retrieval"):
+            format_submission(res["ids"], *res[part]).to_csv(f"{stem}_{part}.csv", index=False)
+    print(f"wrote {a.out} ({len(res['ids'])} rows)")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole pipeline on a synthetic GLDv2, on CPU: data -> folds -> two backbones
+# x two stages (torchrun, 2 gloo processes) -> ensemble + re-ranking -> GAP.
+# Usage: scripts/demo.sh [OUT_DIR]   (make demo runs it with .venv's python)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-demo_out}
+PY=${PYTHON:-.venv/bin/python}
+NPROC=${NPROC:-2}
+D=$OUT/data
+rm -rf "$OUT"
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
+
+$PY synthetic.py --out "$D"
+$PY preprocess.py --train-csv "$D/train_competition.csv" --out-dir "$D"
+
+common=(--data-dir "$D" --folds-csv "$D/train_0.csv" --model-dir "$OUT/weights" --log-dir "$OUT/logs"
+        --no-pretrained --num-workers 0 --batch-size 16 --fold 0)
+port=29650
+for B in resnet10t regnetx_002; do
+  # step 0: small images, the full set, every class
+  $PY -m torch.distributed.run --nproc_per_node="$NPROC" --master_port=$((port++)) train.py \
+      --kernel-type "demo_${B}_s0" --train-step 0 --image-size 64 --enet-type "$B" --n-epochs 20 "${common[@]}" \
+      2>>"$OUT/train.err" | grep "Fold 0, Epoch 20,"
+  # step 1: larger images, the clean classes, a new ArcFace head
+  $PY -m torch.distributed.run --nproc_per_node="$NPROC" --master_port=$((port++)) train.py \
+      --kernel-type "demo_${B}_s1" --train-step 1 --image-size 96 --enet-type "$B" --n-epochs 30 "${common[@]}" \
+      --load-from "$OUT/weights/demo_${B}_s0_fold0_final.pth" 2>>"$OUT/train.err" | grep "Fold 0, Epoch 30,"
+done
+
+cat > "$OUT/spec.json" <<JSON
+{"models": [
+  {"enet_type": "resnet10t", "checkpoint": "weights/demo_resnet10t_s1_fold0_final.pth", "image_size": 96},
+  {"enet_type": "regnetx_002", "checkpoint": "weights/demo_regnetx_002_s1_fold0_final.pth", "image_size": 96}
+]}
+JSON
+$PY predict.py --data-dir "$D" --train-csv "$D/train_competition.csv" --idx2landmark "$D/idx2landmark_id.pkl" \
+    --spec "$OUT/spec.json" --out "$OUT/submission.csv" --cache-dir "$OUT/cache" --num-workers 0 --write-parts \
+    2>/dev/null
+for part in classifier retrieval ensemble; do
+  f=$OUT/submission_$part.csv
+  [ $part = ensemble ] && f=$OUT/submission.csv
+  $PY evaluate.py --submission "$f" --solution "$D/solution.csv" --label $part
+done
