@@ -16,5 +16,9 @@ venv: $(VENV)/.installed
 test: venv
 	$(BIN)/python -m pytest -q tests
 
+# The whole pipeline on a synthetic GLDv2, CPU only: prints GAP classifier / retrieval / ensemble.
+demo: venv
+	PYTHON=$(BIN)/python bash scripts/demo.sh demo_out
+
 clean:
 	rm -rf demo_out .pytest_cache

@@ -46,6 +46,15 @@ def load_spec(path):
     return models, base
 
 
+def resolve_checkpoint(path, base):
+    """A relative checkpoint path is looked up next to the spec file, then in the
+    working directory (where Kaggle's ../input/... paths live)."""
+    for p in ([path] if os.path.isabs(path) else [os.path.join(base, path), path]):
+        if os.path.exists(p):
+            return p
+    raise FileNotFoundError(f"checkpoint {path} not found (looked in {base} and {os.getcwd()})")
+
+
 def load_model(enet_type, checkpoint, device="cpu"):
     """A model from a checkpoint of ours or of the original code (strict)."""
     sd = load_state_dict_file(checkpoint)
@@ -161,12 +170,13 @@ def topk_cosine(queries, gallery, k=TOP_K, device="cpu", query_chunk=4096, galle
 # ---------------------------------------------------------------- classifier and re-ranking
 
 def pred_mask_topk(cos, present, k=CLS_TOP_K):
-    """The original's pred_mask: +1 on classes present in the gallery list, top-k,
-    then -1, so absent classes only fill the list after every present one
-    scoring above them. cos (Q, C), present (C,) bool. Returns (scores, class idx)."""
-    t = torch.as_tensor(cos, dtype=torch.float32) + torch.as_tensor(present, dtype=torch.float32)
+    """Classifier top-k after the original's pred_mask: +1 on the classes present
+    in the gallery list, then -1 on all, so an absent class scores cos - 1 and
+    only enters the top-k below every present class that scores above it.
+    cos (Q, C), present (C,) bool. Returns (scores, class indices), best first."""
+    t = torch.as_tensor(cos, dtype=torch.float32) + torch.as_tensor(present, dtype=torch.float32) - 1.0
     s, i = t.topk(min(k, t.shape[1]), dim=1)
-    return (s - 1).numpy(), i.numpy()
+    return s.numpy(), i.numpy()
 
 
 def rerank(sims, nn_landmarks, cls_scores, cls_landmarks, sim_power=9, cls_power=10):
@@ -221,9 +231,7 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
 
     g_emb, q_emb, cos_sum, out_dim = [], [], None, None
     for m in models:
-        ckpt = m["checkpoint"] if os.path.isabs(m["checkpoint"]) else os.path.join(base, m["checkpoint"])
-        if not os.path.exists(ckpt) and os.path.exists(m["checkpoint"]):
-            ckpt = m["checkpoint"]
+        ckpt = resolve_checkpoint(m["checkpoint"], base)
         model = load_model(m["enet_type"], ckpt, device)
         if out_dim is not None and model.metric_classify.out_features != out_dim:
             raise ValueError(f"{ckpt}: {model.metric_classify.out_features} classes, the others {out_dim}")

@@ -45,3 +45,13 @@ def ddp_run(synth):
            *train_cmd(synth, "ddp0", 0, "--fold", "0")]
     p = run(cmd, cwd=ROOT)
     return {"data": synth, "kernel": "ddp0", "stdout": p.stdout, "stderr": p.stderr}
+
+
+@pytest.fixture(scope="session")
+def stage1(ddp_run):
+    """Step 1 (clean classes, new head) from the DDP step-0 checkpoint, one process."""
+    d = ddp_run["data"]
+    w = os.path.join(d, "weights")
+    run([sys.executable, *train_cmd(d, "s1", 1, "--load-from", os.path.join(w, "ddp0_fold0.pth"),
+                                    "--save-epochs", "1", size=40)], cwd=ROOT)
+    return {"data": d, "checkpoint": os.path.join(w, "s1_fold0_final.pth"), "image_size": 40}

@@ -57,11 +57,9 @@ def test_ddp_validation_scores_each_row_once(ddp_run):
     assert got == pytest.approx([round(loss, 5), round(acc, 6), round(gap, 6)], abs=2e-5)
 
 
-def test_stage_chain_step1_new_head_then_step2_strict(ddp_run):
-    d = ddp_run["data"]
+def test_stage_chain_step1_new_head_then_step2_strict(stage1):
+    d = stage1["data"]
     w = os.path.join(d, "weights")
-    run([sys.executable, *train_cmd(d, "s1", 1, "--load-from", os.path.join(w, "ddp0_fold0.pth"),
-                                    "--save-epochs", "1", size=40)], cwd=ROOT)
     src = torch.load(os.path.join(w, "ddp0_fold0.pth"), weights_only=True)["model_state_dict"]
     s1 = torch.load(os.path.join(w, "s1_fold0_ep1.pth"), weights_only=True)
     assert s1["out_dim"] == 20 and s1["model_state_dict"]["metric_classify.weight"].shape == (60, 512)

@@ -1,0 +1,181 @@
+import json
+import os
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import evaluate
+import predict
+from conftest import ROOT, TINY_BACKBONE
+from models import build_model
+
+
+def rerank_reference(sims, nn_l, cls_s, cls_l, sim_power=9, cls_power=10):
+    """The original notebook's loop, written out."""
+    preds, confs = [], []
+    for i in range(len(sims)):
+        cls = {cls_l[i, j]: cls_s[i, j] for j in range(cls_l.shape[1])}
+        tmp = {}
+        for k in range(sims.shape[1]):
+            lid = nn_l[i, k]
+            tmp[lid] = tmp.get(lid, 0.0) + float(sims[i, k]) ** sim_power * float(cls.get(lid, 1e-8)) ** cls_power
+        p, c = max(tmp.items(), key=lambda x: x[1])
+        preds.append(p)
+        confs.append(c)
+    return np.array(preds), np.array(confs)
+
+
+def test_rerank_equals_direct_computation():
+    rng = np.random.default_rng(0)
+    q = 500
+    sims = np.sort(rng.uniform(0.2, 1.0, (q, 5)), axis=1)[:, ::-1].astype(np.float32)
+    nn_l = rng.integers(0, 8, (q, 5))          # few landmarks: repeats within a row
+    cls_l = np.stack([rng.choice(12, 5, replace=False) for _ in range(q)])
+    cls_s = np.sort(rng.uniform(0.0, 0.9, (q, 5)), axis=1)[:, ::-1].astype(np.float32)
+    got_l, got_c = predict.rerank(sims, nn_l, cls_s, cls_l)
+    want_l, want_c = rerank_reference(sims, nn_l, cls_s, cls_l)
+    np.testing.assert_array_equal(got_l, want_l)
+    np.testing.assert_allclose(got_c, want_c, rtol=1e-12, atol=0)
+    # rows whose neighbours all miss the classifier's list score ~1e-80 x sim^9: float64 keeps them apart
+    tiny = got_c[got_c < 1e-70]
+    assert len(tiny) > 0 and len(np.unique(tiny)) == len(tiny) and np.all(tiny > 0)
+
+
+def test_rerank_hand_example():
+    sims = np.array([[0.9, 0.8, 0.7, 0.6, 0.5]])
+    nn_l = np.array([[1, 2, 2, 3, 2]])
+    cls_l = np.array([[2, 1, 7, 8, 9]])
+    cls_s = np.array([[0.6, 0.5, 0.1, 0.1, 0.1]])
+    l, c = predict.rerank(sims, nn_l, cls_s, cls_l)
+    s2 = (0.8 ** 9 + 0.7 ** 9 + 0.5 ** 9) * 0.6 ** 10
+    s1 = 0.9 ** 9 * 0.5 ** 10
+    assert s2 > s1 and l[0] == 2 and c[0] == pytest.approx(s2, rel=1e-12)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_topk_equals_bruteforce_across_chunks(fp16):
+    rng = np.random.default_rng(1)
+    dt = np.float16 if fp16 else np.float32
+    qa, qb = rng.normal(size=(37, 16)), rng.normal(size=(37, 8))
+    ga, gb = rng.normal(size=(1000, 16)), rng.normal(size=(1000, 8))
+    sims, idx = predict.topk_cosine([qa.astype(np.float32), qb.astype(np.float32)], [ga.astype(dt), gb.astype(dt)],
+                                    k=5, query_chunk=10, gallery_chunk=64)
+    full = (qa @ ga.astype(dt).astype(np.float64).T + qb @ gb.astype(dt).astype(np.float64).T) / 2
+    want = np.argsort(-full, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(idx, want)
+    np.testing.assert_allclose(sims, np.take_along_axis(full, want, 1), rtol=1e-4, atol=1e-4)
+    # a gallery smaller than k
+    s, i = predict.topk_cosine(qa[:3].astype(np.float32), ga[:2].astype(np.float32), k=5)
+    assert i.shape == (3, 2)
+
+
+def test_pred_mask_pushes_absent_classes_down():
+    cos = np.array([[0.9, 0.1, 0.5, 0.3], [0.2, 0.95, 0.1, 0.0]], np.float32)
+    present = np.array([False, True, True, True])
+    s, i = predict.pred_mask_topk(cos, present, k=4)
+    np.testing.assert_array_equal(i, [[2, 3, 1, 0], [1, 2, 3, 0]])
+    np.testing.assert_allclose(s[0], [0.5, 0.3, 0.1, 0.9 - 1], rtol=1e-6)
+
+
+def _write(path, rows):
+    pd.DataFrame(rows, columns=["id", "landmarks"]).to_csv(path, index=False)
+
+
+def test_evaluate_hand_made_files(tmp_path, capsys):
+    _write(tmp_path / "sol.csv", [("a", "1"), ("b", "2"), ("c", ""), ("d", "4")])
+    # ranks: b (right), c (non-landmark, wrong), a (wrong), d: no prediction
+    _write(tmp_path / "sub.csv", [("a", "9 0.5"), ("b", "2 0.9"), ("c", "3 0.7"), ("d", "")])
+    gap, acc = evaluate.main(["--submission", str(tmp_path / "sub.csv"), "--solution", str(tmp_path / "sol.csv")])
+    assert gap == pytest.approx(1 / 3) and acc == pytest.approx(1 / 3)
+    assert "GAP: 0.3333" in capsys.readouterr().out
+    _write(tmp_path / "bad.csv", [("a", "9 0.5"), ("b", "2")])
+    with pytest.raises(evaluate.SubmissionError, match="line 3 .id b."):
+        evaluate.evaluate(str(tmp_path / "bad.csv"), str(tmp_path / "sol.csv"))
+    _write(tmp_path / "bad2.csv", [("a", "x 0.5")])
+    with pytest.raises(evaluate.SubmissionError, match="line 2"):
+        evaluate.evaluate(str(tmp_path / "bad2.csv"), str(tmp_path / "sol.csv"))
+
+
+def test_original_format_checkpoint_loads_in_predict(tmp_path):
+    torch.manual_seed(0)
+    m = build_model(TINY_BACKBONE, out_dim=7).eval()
+    torch.save({"epoch": 1, "model_state_dict": {f"module.{k}": v for k, v in m.state_dict().items()},
+                "optimizer_state_dict": {}}, tmp_path / "o.pth")
+    m2 = predict.load_model(TINY_BACKBONE, str(tmp_path / "o.pth"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x), m(x))
+        torch.testing.assert_close(m2.embed(x), m.embed(x))
+
+
+def test_feature_cache_reuses_and_resumes(stage1, tmp_path):
+    d = stage1["data"]
+    model = predict.load_model(TINY_BACKBONE, stage1["checkpoint"])
+    ids = pd.read_csv(os.path.join(d, "train_competition.csv"))["id"].tolist()[:20]
+    paths = [os.path.join(d, "train", i[0], i[1], i[2], f"{i}.jpg") for i in ids]
+    kw = dict(device=torch.device("cpu"), batch_size=6, num_workers=0, cache_dir=str(tmp_path), key="k",
+              normalize=True)
+    full = np.array(predict.extract_features(model, paths, 40, **kw))
+    np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1, rtol=1e-5)
+    with torch.no_grad():
+        x = torch.stack([predict.LandmarkDataset(pd.DataFrame({"filepath": paths[:2]}), "", "test",
+                                                 predict.get_transforms(40)[1])[i] for i in range(2)])
+        np.testing.assert_allclose(full[:2], model.embed(x).numpy(), rtol=1e-4, atol=1e-5)
+    # an interrupted run: 12 rows done, the rest garbage -> resumed from row 12
+    arr = np.load(tmp_path / "k.npy", mmap_mode="r+")
+    arr[12:] = 0
+    arr.flush()
+    (tmp_path / "k.done").write_text("12")
+    np.testing.assert_allclose(np.array(predict.extract_features(model, paths, 40, **kw)), full, rtol=1e-5, atol=1e-6)
+    # complete: a second call reads the file and runs no model
+    model.neck = None
+    np.testing.assert_array_equal(np.array(predict.extract_features(model, paths, 40, **kw)), full)
+
+
+def test_predict_cli_writes_submission_in_sample_order(stage1, tmp_path):
+    d = stage1["data"]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"models": [{"enet_type": TINY_BACKBONE, "checkpoint": stage1["checkpoint"],
+                                            "image_size": 40}] * 2}))
+    out = tmp_path / "sub.csv"
+    res = predict.main(["--data-dir", d, "--train-csv", os.path.join(d, "train_competition.csv"),
+                        "--idx2landmark", os.path.join(d, "idx2landmark_id.pkl"), "--spec", str(spec),
+                        "--out", str(out), "--device", "cpu", "--batch-size", "16", "--num-workers", "0",
+                        "--cache-dir", str(tmp_path / "cache"), "--write-parts"])
+    sub = pd.read_csv(out, dtype=str, keep_default_na=False)
+    sample = pd.read_csv(os.path.join(d, "sample_submission.csv"))
+    assert list(sub["id"]) == list(sample["id"])
+    with open(os.path.join(d, "idx2landmark_id.pkl"), "rb") as f:
+        classes = set(pickle.load(f).values())
+    for v in sub["landmarks"]:
+        lid, conf = v.split()
+        assert int(lid) in classes and float(conf) == float(conf)
+    assert os.path.exists(tmp_path / "sub_classifier.csv") and os.path.exists(tmp_path / "sub_retrieval.csv")
+    # the same model twice: the ensemble's cosines equal the single model's
+    sims, nn_l = res["neighbours"]
+    assert np.all(sims[:, :-1] >= sims[:, 1:] - 1e-6) and np.all(sims <= 1 + 1e-5)
+    gap, _ = evaluate.evaluate(str(out), os.path.join(d, "solution.csv"))
+    assert 0 <= gap <= 1
+
+
+def test_notebook_runs_end_to_end(stage1, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+    d = stage1["data"]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"models": [{"enet_type": TINY_BACKBONE, "checkpoint": stage1["checkpoint"],
+                                            "image_size": 40}]}))
+    nb = nbformat.read(os.path.join(ROOT, "submission.ipynb"), as_version=4)
+    i = next(n for n, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    out = tmp_path / "submission.csv"
+    nb.cells.insert(i + 1, nbformat.v4.new_code_cell(
+        f"REPO_DIR = {ROOT!r}\nDATA_DIR = {d!r}\nTRAIN_CSV = {os.path.join(d, 'train_competition.csv')!r}\n"
+        f"IDX2LANDMARK = {os.path.join(d, 'idx2landmark_id.pkl')!r}\nSPEC = {str(spec)!r}\nOUT = {str(out)!r}\n"
+        f"DEVICE = 'cpu'\nNUM_WORKERS = 0\n"))
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    sub = pd.read_csv(out)
+    assert list(sub["id"]) == list(pd.read_csv(os.path.join(d, "sample_submission.csv"))["id"])
+    evaluate.evaluate(str(out), os.path.join(d, "solution.csv"))  # parses: every row well formed
