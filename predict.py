@@ -135,14 +135,16 @@ def head_cosines(model, z, device, chunk=4096):
 
 # ---------------------------------------------------------------- retrieval
 
-def topk_cosine(queries, gallery, k=TOP_K, device="cpu", query_chunk=4096, gallery_chunk=65536):
+def topk_cosine(queries, gallery, k=TOP_K, device="cpu", query_chunk=4096, gallery_chunk=32768):
     """Top-k neighbours of each query by inner product, in bounded memory.
 
     queries, gallery: arrays (Q, D), (N, D), or lists of such (one per model),
     in which case the similarity is the mean of the per-model inner products:
     with normalised per-model embeddings that is the cosine of the normalised
-    concatenation, without building it. Arrays may be float16 and memory-mapped;
-    each chunk is computed in float32 (bf16/fp16 matmuls are slow on CPU).
+    concatenation, without building it. Arrays may be float16 and memory-mapped:
+    a gallery chunk travels in its stored dtype and is computed in float32 on
+    the device (bf16/fp16 matmuls are slow on CPU). Peak memory is the queries
+    plus one (query_chunk x gallery_chunk) block.
     Returns (sims (Q, k) float32, indices (Q, k) int64), best first.
     """
     qs = queries if isinstance(queries, (list, tuple)) else [queries]
@@ -150,21 +152,22 @@ def topk_cosine(queries, gallery, k=TOP_K, device="cpu", query_chunk=4096, galle
     device = torch.device(device)
     nq, ng = len(qs[0]), len(gs[0])
     k_eff = min(k, ng)
-    best_s = torch.full((nq, k_eff), -float("inf"))
-    best_i = torch.zeros((nq, k_eff), dtype=torch.int64)
-    qt = [torch.as_tensor(np.asarray(q, dtype=np.float32)) for q in qs]
+    qt = [torch.as_tensor(np.asarray(q)).to(device).float() for q in qs]
+    best_s = torch.full((nq, k_eff), -float("inf"), device=device)
+    best_i = torch.zeros((nq, k_eff), dtype=torch.int64, device=device)
     for g0 in range(0, ng, gallery_chunk):
-        gc = [torch.as_tensor(np.asarray(g[g0:g0 + gallery_chunk], dtype=np.float32), device=device) for g in gs]
+        gc = [torch.as_tensor(np.ascontiguousarray(g[g0:g0 + gallery_chunk])).to(device).float() for g in gs]
         for q0 in range(0, nq, query_chunk):
-            sim = sum(q[q0:q0 + query_chunk].to(device) @ g.T for q, g in zip(qt, gc)) / len(gs)
+            sl = slice(q0, q0 + query_chunk)
+            sim = sum(q[sl] @ g.T for q, g in zip(qt, gc)) / len(gs)
             s, i = sim.topk(min(k_eff, sim.shape[1]), dim=1)
-            s = torch.cat([best_s[q0:q0 + query_chunk], s.cpu()], 1)
-            i = torch.cat([best_i[q0:q0 + query_chunk], i.cpu() + g0], 1)
-            # merge: stable sort keeps the earlier (lower-index) neighbour first on ties
+            s = torch.cat([best_s[sl], s], 1)
+            i = torch.cat([best_i[sl], i + g0], 1)
+            # merge with the best so far; a stable sort keeps the lower gallery index first on ties
             order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k_eff]
-            best_s[q0:q0 + query_chunk] = s.gather(1, order)
-            best_i[q0:q0 + query_chunk] = i.gather(1, order)
-    return best_s.numpy(), best_i.numpy()
+            best_s[sl] = s.gather(1, order)
+            best_i[sl] = i.gather(1, order)
+    return best_s.cpu().numpy(), best_i.cpu().numpy()
 
 
 # ---------------------------------------------------------------- classifier and re-ranking
