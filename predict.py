@@ -30,6 +30,8 @@ from util import load_state_dict_file
 TOP_K = 5        # gallery neighbours per query
 CLS_TOP_K = 5    # classifier candidates per query
 CLS_MISSING = 1e-8  # cls(l) of a neighbour's landmark outside the classifier's top CLS_TOP_K
+NL_FACTOR = 1e-100  # confidence factor of a query that looks like a non-landmark: below every
+                    # unflagged confidence (those are >= ~1e-90: sim^9 * (1e-8)^10 at worst)
 
 
 # ---------------------------------------------------------------- models
@@ -207,6 +209,40 @@ def rerank(sims, nn_landmarks, cls_scores, cls_landmarks, sim_power=9, cls_power
     return nn_l[q, j], total[q, j]
 
 
+def non_landmark_flags(q_emb, s_landmark, nl_emb=None, mine_frac=0.25, k=3, margin=0.0, device="cpu"):
+    """Which queries look like non-landmarks (beyond the original; off by default).
+
+    A query is flagged when its mean cosine to its k nearest known non-landmark
+    images is above its cosine to its nearest gallery image (+ margin). Without
+    a known set (nl_emb None), the set is mined from the queries themselves:
+    the `mine_frac` of them whose nearest gallery image is the least close
+    (a query is never its own neighbour). Non-landmarks look more like each
+    other than like any landmark, so this catches those that happen to retrieve
+    something fairly close. Returns (flags (Q,) bool, s_nl (Q,)).
+    """
+    qs = q_emb if isinstance(q_emb, (list, tuple)) else [q_emb]
+    s_landmark = np.asarray(s_landmark, np.float64)
+    own = None
+    if nl_emb is None:
+        own = np.argsort(s_landmark, kind="stable")[:max(k + 1, int(round(mine_frac * len(s_landmark))))]
+        nl_emb = [q[own] for q in qs]
+    nls = nl_emb if isinstance(nl_emb, (list, tuple)) else [nl_emb]
+    s, i = topk_cosine(qs, nls, k + (own is not None), device=device)
+    s = s.astype(np.float64)
+    if own is not None:  # drop each mined query's match with itself, keep k
+        self_hit = own[i] == np.arange(len(s))[:, None]
+        s = np.where(self_hit, -np.inf, s)
+        s = -np.sort(-s, axis=1)[:, :k]
+    s_nl = s.mean(axis=1)
+    return s_nl > s_landmark + margin, s_nl
+
+
+def apply_non_landmark(confidences, flags):
+    """Sink the flagged queries: confidence x NL_FACTOR keeps their order among
+    themselves and puts them below every unflagged query."""
+    return np.where(flags, np.asarray(confidences, np.float64) * NL_FACTOR, confidences)
+
+
 def format_submission(ids, landmarks, confidences):
     """id,landmarks with "<landmark_id> <confidence>", confidence at full precision (repr)."""
     rows = [f"{int(l)} {float(c)!r}" if l is not None and l == l else "" for l, c in zip(landmarks, confidences)]
@@ -216,9 +252,12 @@ def format_submission(ids, landmarks, confidences):
 # ---------------------------------------------------------------- pipeline
 
 def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num_workers=2,
-        cache_dir=None, sample_submission=None, fp16_cache=False):
+        cache_dir=None, sample_submission=None, fp16_cache=False, non_landmark=None):
     """The whole inference. Returns {'ids', 'classifier', 'retrieval', 'ensemble'}
-    where each part is (landmarks, confidences)."""
+    where each part is (landmarks, confidences); with non_landmark ('auto': mined
+    from the queries, or a CSV of known non-landmark images, column `id` under
+    DATA_DIR/non_landmark/ or column `filepath`) also 'ensemble_nl', 'nl_flags' and
+    'nl_similarity' (each query's mean cosine to its nearest non-landmarks)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models, base = load_spec(spec) if isinstance(spec, str) else (spec, os.getcwd())
     with open(idx2landmark, "rb") as f:
@@ -230,9 +269,14 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
     sub = pd.read_csv(sample_submission or os.path.join(data_dir, "sample_submission.csv"))
     g_paths = [image_path(data_dir, "train", i) for i in gallery["id"]]
     q_paths = [image_path(data_dir, "test", i) for i in sub["id"]]
+    nl_paths = None
+    if non_landmark not in (None, "auto"):
+        nl = pd.read_csv(non_landmark)
+        nl_paths = (list(nl["filepath"]) if "filepath" in nl.columns
+                    else [image_path(data_dir, "non_landmark", i) for i in nl["id"]])
     dtype = np.float16 if fp16_cache else np.float32
 
-    g_emb, q_emb, cos_sum, out_dim = [], [], None, None
+    g_emb, q_emb, nl_emb, cos_sum, out_dim = [], [], [], None, None
     for m in models:
         ckpt = resolve_checkpoint(m["checkpoint"], base)
         model = load_model(m["enet_type"], ckpt, device)
@@ -249,6 +293,9 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
         c = head_cosines(model, zq, device)
         cos_sum = c if cos_sum is None else cos_sum + c
         q_emb.append(F.normalize(torch.as_tensor(zq), dim=1).numpy())
+        if nl_paths is not None:
+            nl_emb.append(extract_features(model, nl_paths, size, normalize=True, desc=f"non-landmarks @{size}",
+                                           **(kw | {"dtype": np.float32})))
         del model
     if out_dim != len(idx2lid):
         raise ValueError(f"the models have {out_dim} classes but {idx2landmark} maps {len(idx2lid)}")
@@ -262,11 +309,16 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
     # same. Here both sides are unit vectors: sims are cosines.
     sims, nn = topk_cosine(q_emb, g_emb, TOP_K, device=device)
     nn_l = gallery["landmark_id"].to_numpy()[nn]
-    return {"ids": list(sub["id"]),
-            "classifier": (cls_l[:, 0], cls_s[:, 0]),
-            "retrieval": (nn_l[:, 0], sims[:, 0]),
-            "ensemble": rerank(sims, nn_l, cls_s, cls_l),
-            "neighbours": (sims, nn_l), "cls_top": (cls_s, cls_l)}
+    res = {"ids": list(sub["id"]),
+           "classifier": (cls_l[:, 0], cls_s[:, 0]),
+           "retrieval": (nn_l[:, 0], sims[:, 0]),
+           "ensemble": rerank(sims, nn_l, cls_s, cls_l),
+           "neighbours": (sims, nn_l), "cls_top": (cls_s, cls_l)}
+    if non_landmark is not None:
+        flags, s_nl = non_landmark_flags(q_emb, sims[:, 0], nl_emb or None, device=device)
+        res["nl_flags"], res["nl_similarity"] = flags, s_nl
+        res["ensemble_nl"] = (res["ensemble"][0], apply_non_landmark(res["ensemble"][1], flags))
+    return res
 
 
 def parse_args(argv=None):
@@ -282,20 +334,28 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--cache-dir", default="./cache", help="gallery features; '' disables the cache")
     p.add_argument("--fp16-cache", action="store_true", help="store gallery features in float16 (half the memory)")
+    p.add_argument("--non-landmark", default=None, metavar="auto|CSV",
+                   help="sink queries that look like non-landmarks (beyond the original): 'auto' mines them from "
+                        "the queries, or a CSV of known non-landmark images (id under DATA_DIR/non_landmark/, or filepath)")
     p.add_argument("--write-parts", action="store_true",
-                   help="also write OUT's classifier-only and retrieval-only submissions (*_classifier.csv, *_retrieval.csv)")
+                   help="also write OUT's classifier-only, retrieval-only (and, with --non-landmark, plain "
+                        "re-ranked) submissions: *_classifier.csv, *_retrieval.csv, *_ensemble.csv")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     a = parse_args(argv)
     res = run(a.data_dir, a.train_csv, a.idx2landmark, a.spec, a.device, a.batch_size, a.num_workers,
-              a.cache_dir or None, a.sample_submission, a.fp16_cache)
-    format_submission(res["ids"], *res["ensemble"]).to_csv(a.out, index=False)
+              a.cache_dir or None, a.sample_submission, a.fp16_cache, a.non_landmark)
+    final = "ensemble_nl" if a.non_landmark else "ensemble"
+    format_submission(res["ids"], *res[final]).to_csv(a.out, index=False)
     if a.write_parts:
         stem = os.path.splitext(a.out)[0]
-        for part in ("classifier", "retrieval"):
+        for part in ("classifier", "retrieval") + (("ensemble",) if a.non_landmark else ()):
             format_submission(res["ids"], *res[part]).to_csv(f"{stem}_{part}.csv", index=False)
+    if a.non_landmark:
+        print(f"non-landmark handling ({a.non_landmark}): {int(res['nl_flags'].sum())} of {len(res['ids'])} "
+              f"queries sunk")
     print(f"wrote {a.out} ({len(res['ids'])} rows)")
     return res
 

@@ -11,7 +11,10 @@ ratios, saved as JPEG. Writes exactly the layout the pipeline reads:
   DIR/solution.csv            id,landmarks (empty for non-landmark test images)
 
 Class sizes are long-tailed like GLDv2's; landmark test images are new views
-of clean classes, non-landmark test images are scenes of no class.
+of clean classes, non-landmark test images are scenes of no class (cluttered
+surfaces rather than landmarks). `--non-landmark-set N` also writes N other
+non-landmark images, DIR/non_landmark/a/b/c/<id>.jpg listed in
+DIR/non_landmark.csv (id), for predict.py's optional non-landmark handling.
 Deterministic for a seed.
 """
 import argparse
@@ -78,6 +81,26 @@ def make_scene(rng):
     return img
 
 
+def make_clutter(rng):
+    """A non-landmark scene: no sky or ground, a tiled surface with many small
+    objects (what indoor shots, food and people are to GLDv2: no landmark, and
+    alike among themselves more than like any landmark)."""
+    s = SCENE
+    cell = int(rng.integers(8, 24))
+    yy, xx = np.mgrid[0:s, 0:s]
+    tiles = ((yy // cell + xx // cell) % 2).astype(np.float32)[..., None]
+    c0, c1 = rng.integers(0, 256, (2, 3)).astype(np.float32)
+    img = np.ascontiguousarray((c0 * tiles + c1 * (1 - tiles)).astype(np.uint8))
+    for _ in range(int(rng.integers(10, 20))):
+        cx, cy = (int(v) for v in rng.uniform(0, 1, 2) * s)
+        r = int(rng.uniform(0.03, 0.08) * s)
+        if rng.random() < 0.5:
+            cv2.circle(img, (cx, cy), r, _color(rng), -1, cv2.LINE_AA)
+        else:
+            cv2.rectangle(img, (cx - r, cy - r), (cx + r, cy + r), _color(rng), -1)
+    return img
+
+
 def make_view(scene, rng, min_size, max_size):
     """Another photograph of `scene`: warp, crop/scale, light, blur, noise, occlusion."""
     s = scene.shape[0]
@@ -135,7 +158,7 @@ def _write(root, split, image_id, img, rng):
 
 
 def generate(out, classes=60, clean_classes=40, test=120, non_landmark_frac=0.5,
-             min_size=96, max_size=320, seed=0):
+             min_size=96, max_size=320, seed=0, non_landmark_set=0):
     if not 0 < clean_classes <= classes:
         raise ValueError("need 0 < clean_classes <= classes")
     rng = _rng(seed, 0)
@@ -167,11 +190,20 @@ def generate(out, classes=60, clean_classes=40, test=120, non_landmark_frac=0.5,
     test_ids, sol = [], []
     for q, lid in enumerate(truth):
         r = _rng(seed, 3, q)
-        scene = scenes[lid] if lid is not None else make_scene(_rng(seed, 4, q))
+        scene = scenes[lid] if lid is not None else make_clutter(_rng(seed, 4, q))
         i = _new_id(rng, used)
         _write(out, "test", i, make_view(scene, r, min_size, max_size), r)
         test_ids.append(i)
         sol.append("" if lid is None else str(lid))
+
+    if non_landmark_set:
+        nl_ids = []
+        for j in range(non_landmark_set):
+            r = _rng(seed, 5, j)
+            i = _new_id(rng, used)
+            _write(out, "non_landmark", i, make_view(make_clutter(_rng(seed, 6, j)), r, min_size, max_size), r)
+            nl_ids.append(i)
+        pd.DataFrame({"id": nl_ids}).to_csv(os.path.join(out, "non_landmark.csv"), index=False)
 
     df.to_csv(os.path.join(out, "train.csv"), index=False)
     df_clean.to_csv(os.path.join(out, "train_competition.csv"), index=False)
@@ -190,13 +222,14 @@ def parse_args(argv=None):
     p.add_argument("--min-size", type=int, default=96)
     p.add_argument("--max-size", type=int, default=320)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--non-landmark-set", type=int, default=0, help="also write N known non-landmark images")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     a = parse_args(argv)
     df, df_clean = generate(a.out, a.classes, a.clean_classes, a.test, a.non_landmark_frac,
-                            a.min_size, a.max_size, a.seed)
+                            a.min_size, a.max_size, a.seed, a.non_landmark_set)
     print(f"{len(df)} train images over {df.landmark_id.nunique()} classes; clean list "
           f"{len(df_clean)} images over {df_clean.landmark_id.nunique()} classes; {a.test} test images -> {a.out}")
 

@@ -12,7 +12,7 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 
-$PY synthetic.py --out "$D"
+$PY synthetic.py --out "$D" --non-landmark-set 60
 $PY preprocess.py --train-csv "$D/train_competition.csv" --out-dir "$D"
 
 common=(--data-dir "$D" --folds-csv "$D/train_0.csv" --model-dir "$OUT/weights" --log-dir "$OUT/logs"
@@ -35,11 +35,14 @@ cat > "$OUT/spec.json" <<JSON
   {"enet_type": "regnetx_002", "checkpoint": "weights/demo_regnetx_002_s1_fold0_final.pth", "image_size": 96}
 ]}
 JSON
-$PY predict.py --data-dir "$D" --train-csv "$D/train_competition.csv" --idx2landmark "$D/idx2landmark_id.pkl" \
-    --spec "$OUT/spec.json" --out "$OUT/submission.csv" --cache-dir "$OUT/cache" --num-workers 0 --write-parts \
-    2>/dev/null
-for part in classifier retrieval ensemble; do
-  f=$OUT/submission_$part.csv
-  [ $part = ensemble ] && f=$OUT/submission.csv
-  $PY evaluate.py --submission "$f" --solution "$D/solution.csv" --label $part
-done
+pred=(--data-dir "$D" --train-csv "$D/train_competition.csv" --idx2landmark "$D/idx2landmark_id.pkl"
+      --spec "$OUT/spec.json" --cache-dir "$OUT/cache" --num-workers 0)
+# beyond the original: sink queries that look like non-landmarks, with a known set, then mined from the queries
+$PY predict.py "${pred[@]}" --out "$OUT/submission_nl_auto.csv" --non-landmark auto 2>/dev/null
+$PY predict.py "${pred[@]}" --out "$OUT/submission_nl.csv" --non-landmark "$D/non_landmark.csv" --write-parts 2>/dev/null
+gap() { $PY evaluate.py --submission "$OUT/$1" --solution "$D/solution.csv" --label "$2"; }
+gap submission_nl_auto.csv "ensemble + mined non-landmarks"
+gap submission_nl.csv "ensemble + known non-landmarks"
+gap submission_nl_classifier.csv classifier
+gap submission_nl_retrieval.csv retrieval
+gap submission_nl_ensemble.csv ensemble

@@ -25,7 +25,7 @@ def synth(tmp_path_factory):
     import preprocess
     import synthetic
     d = str(tmp_path_factory.mktemp("gld"))
-    synthetic.generate(d, classes=30, clean_classes=20, test=40, min_size=48, max_size=96, seed=1)
+    synthetic.generate(d, classes=30, clean_classes=20, test=40, min_size=48, max_size=96, seed=1, non_landmark_set=20)
     preprocess.main(["--train-csv", os.path.join(d, "train_competition.csv"), "--out-dir", d])
     return d
 
@@ -55,3 +55,15 @@ def stage1(ddp_run):
     run([sys.executable, *train_cmd(d, "s1", 1, "--load-from", os.path.join(w, "ddp0_fold0.pth"),
                                     "--save-epochs", "1", size=40)], cwd=ROOT)
     return {"data": d, "checkpoint": os.path.join(w, "s1_fold0_final.pth"), "image_size": 40}
+
+
+@pytest.fixture(scope="session")
+def trained(synth):
+    """A small model that has learnt something: resnet10t, step 0 then step 1, one process."""
+    w = os.path.join(synth, "weights")
+    common = ["--enet-type", "resnet10t", "--batch-size", "16", "--n-epochs", "12"]
+    run([sys.executable, *train_cmd(synth, "r0", 0, size=48), *common], cwd=ROOT)
+    run([sys.executable, *train_cmd(synth, "r1", 1, "--load-from", os.path.join(w, "r0_fold0_final.pth"), size=64),
+         *common], cwd=ROOT)
+    return {"data": synth, "checkpoint": os.path.join(w, "r1_fold0_final.pth"), "image_size": 64,
+            "enet_type": "resnet10t"}

@@ -179,3 +179,49 @@ def test_notebook_runs_end_to_end(stage1, tmp_path):
     sub = pd.read_csv(out)
     assert list(sub["id"]) == list(pd.read_csv(os.path.join(d, "sample_submission.csv"))["id"])
     evaluate.evaluate(str(out), os.path.join(d, "solution.csv"))  # parses: every row well formed
+
+
+def test_non_landmark_flags_closed_form():
+    # 2-d embeddings: landmarks near the x axis, non-landmarks near the y axis
+    def unit(a):
+        return np.stack([np.cos(a), np.sin(a)], 1).astype(np.float32)
+    q = unit(np.array([0.0, 0.1, 1.5, 1.4, 0.8]))
+    s_lm = np.array([0.99, 0.98, 0.30, 0.50, 0.90])   # cosine to each query's best gallery image
+    nl = unit(np.array([1.55, 1.45, 1.5]))
+    flags, s_nl = predict.non_landmark_flags(q, s_lm, nl, k=2)
+    want = np.sort(q @ nl.T, axis=1)[:, ::-1][:, :2].mean(1)
+    np.testing.assert_allclose(s_nl, want, rtol=1e-5)
+    np.testing.assert_array_equal(flags, want > s_lm)
+    assert flags.tolist() == [False, False, True, True, False]
+    # mined from the queries: the 2 least-close queries form the set, never matching themselves
+    flags, s_nl = predict.non_landmark_flags(q, s_lm, None, mine_frac=0.4, k=1)
+    assert s_nl[2] == pytest.approx(float(q[2] @ q[3]), rel=1e-5) and s_nl[3] == pytest.approx(float(q[3] @ q[2]))
+    conf = np.array([1e-3, 1e-80, 0.5, 1e-20, 1e-5])
+    out = predict.apply_non_landmark(conf, np.array([False, False, True, True, False]))
+    assert out.max() == 1e-3 and out[2] < 1e-80 and out[3] < out[2]  # below all others, order kept
+
+
+def test_non_landmark_handling_measured_on_synthetic(trained, tmp_path):
+    """GAP with and without, on the synthetic non-landmark queries: flagged queries
+    are mostly non-landmarks, and sinking them does not lower the GAP."""
+    d = trained["data"]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"models": [{k: trained[k] for k in ("enet_type", "checkpoint", "image_size")}]}))
+    truth = evaluate.read_solution(os.path.join(d, "solution.csv"))
+    is_nl = np.array([truth[i] is None for i in pd.read_csv(os.path.join(d, "sample_submission.csv"))["id"]])
+    report = {}
+    for mode in ("auto", os.path.join(d, "non_landmark.csv")):
+        res = predict.run(d, os.path.join(d, "train_competition.csv"), os.path.join(d, "idx2landmark_id.pkl"),
+                          str(spec), device="cpu", num_workers=0, non_landmark=mode)
+        ids = res["ids"]
+        gap = [evaluate.global_average_precision_score(truth, dict(zip(ids, zip(*res[k]))))
+               for k in ("ensemble", "ensemble_nl")]
+        flags, s_nl = res["nl_flags"], res["nl_similarity"]
+        report[os.path.basename(mode)] = {"gap": gap, "flagged": int(flags.sum()),
+                                          "flagged non-landmarks": int((flags & is_nl).sum())}
+        # non-landmark queries are closer to the non-landmark set than landmark queries are
+        assert s_nl[is_nl].mean() > s_nl[~is_nl].mean()
+        # what is sunk is mostly non-landmarks, and sinking it does not cost GAP
+        assert (flags & is_nl).sum() >= (flags & ~is_nl).sum()
+        assert gap[1] >= gap[0] - 0.01
+    print(report)
