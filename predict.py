@@ -126,13 +126,23 @@ def extract_features(model, paths, image_size, device, batch_size=64, num_worker
 
 
 @torch.no_grad()
-def head_cosines(model, z, device, chunk=4096):
-    """Sub-center cosines (N, out_dim) of the neck outputs z, chunk by chunk."""
-    res = []
-    for i in range(0, len(z), chunk):
-        zz = torch.as_tensor(np.asarray(z[i:i + chunk], dtype=np.float32), device=device)
-        res.append(model.metric_classify(zz).cpu())
-    return torch.cat(res).numpy() if res else np.zeros((0, model.metric_classify.out_features), np.float32)
+def classifier_topk(zs, heads, present, k=CLS_TOP_K, device="cpu", chunk=1024):
+    """Top-k classes of the ensemble, query chunk by query chunk.
+
+    zs: per model, the queries' neck outputs (Q, 512); heads: per model, its
+    ArcMarginProductSubcenter. The sub-center cosines are averaged over the
+    models, then ranked after the original's pred_mask (pred_mask_topk). Only
+    a (chunk x out_dim) block exists at a time: the (Q, out_dim) matrix of a
+    large test set (81,313 classes) would not fit in memory.
+    """
+    s_all, i_all = [], []
+    for q0 in range(0, len(zs[0]), chunk):
+        cos = sum(h(torch.as_tensor(np.asarray(z[q0:q0 + chunk], np.float32), device=device)).float()
+                  for z, h in zip(zs, heads)) / len(heads)
+        s, i = pred_mask_topk(cos, present, k)
+        s_all.append(s)
+        i_all.append(i)
+    return np.concatenate(s_all), np.concatenate(i_all)
 
 
 # ---------------------------------------------------------------- retrieval
@@ -178,10 +188,11 @@ def pred_mask_topk(cos, present, k=CLS_TOP_K):
     """Classifier top-k after the original's pred_mask: +1 on the classes present
     in the gallery list, then -1 on all, so an absent class scores cos - 1 and
     only enters the top-k below every present class that scores above it.
-    cos (Q, C), present (C,) bool. Returns (scores, class indices), best first."""
-    t = torch.as_tensor(cos, dtype=torch.float32) + torch.as_tensor(present, dtype=torch.float32) - 1.0
+    cos (Q, C) array or tensor, present (C,) bool. Returns (scores, class indices), best first."""
+    cos = torch.as_tensor(cos, dtype=torch.float32)
+    t = cos + torch.as_tensor(present, dtype=torch.float32, device=cos.device) - 1.0
     s, i = t.topk(min(k, t.shape[1]), dim=1)
-    return s.numpy(), i.numpy()
+    return s.cpu().numpy(), i.cpu().numpy()
 
 
 def rerank(sims, nn_landmarks, cls_scores, cls_landmarks, sim_power=9, cls_power=10):
@@ -276,7 +287,7 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
                     else [image_path(data_dir, "non_landmark", i) for i in nl["id"]])
     dtype = np.float16 if fp16_cache else np.float32
 
-    g_emb, q_emb, nl_emb, cos_sum, out_dim = [], [], [], None, None
+    g_emb, q_emb, nl_emb, zqs, heads, out_dim = [], [], [], [], [], None
     for m in models:
         ckpt = resolve_checkpoint(m["checkpoint"], base)
         model = load_model(m["enet_type"], ckpt, device)
@@ -290,8 +301,8 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
                                       desc=f"gallery {os.path.basename(ckpt)}@{size}", **kw))
         zq = extract_features(model, q_paths, size, desc=f"queries {os.path.basename(ckpt)}@{size}",
                               **(kw | {"dtype": np.float32}))
-        c = head_cosines(model, zq, device)
-        cos_sum = c if cos_sum is None else cos_sum + c
+        zqs.append(zq)
+        heads.append(model.metric_classify)  # the head alone is kept: (out_dim * 3, 512)
         q_emb.append(F.normalize(torch.as_tensor(zq), dim=1).numpy())
         if nl_paths is not None:
             nl_emb.append(extract_features(model, nl_paths, size, normalize=True, desc=f"non-landmarks @{size}",
@@ -299,10 +310,9 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
         del model
     if out_dim != len(idx2lid):
         raise ValueError(f"the models have {out_dim} classes but {idx2landmark} maps {len(idx2lid)}")
-    cls_cos = cos_sum / len(models)
     lid_of = np.array([idx2lid[i] for i in range(out_dim)])
     present = np.isin(lid_of, gallery["landmark_id"].unique())
-    cls_s, cls_i = pred_mask_topk(cls_cos, present)
+    cls_s, cls_i = classifier_topk(zqs, heads, present, device=device)
     cls_l = lid_of[cls_i]
     # The original normalised only its last query batch, so its gallery rows had
     # norm 3 and its similarities were 3x the cosine; rankings and GAP are the

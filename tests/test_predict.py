@@ -225,3 +225,17 @@ def test_non_landmark_handling_measured_on_synthetic(trained, tmp_path):
         assert (flags & is_nl).sum() >= (flags & ~is_nl).sum()
         assert gap[1] >= gap[0] - 0.01
     print(report)
+
+
+def test_classifier_topk_averages_models_across_chunks():
+    from models import ArcMarginProductSubcenter
+    torch.manual_seed(0)
+    heads = [ArcMarginProductSubcenter(512, 50), ArcMarginProductSubcenter(512, 50)]
+    zs = [np.random.default_rng(i).normal(size=(10, 512)).astype(np.float32) for i in range(2)]
+    present = np.arange(50) % 7 != 0
+    s, i = predict.classifier_topk(zs, heads, present, k=5, chunk=3)
+    with torch.no_grad():
+        cos = (heads[0](torch.tensor(zs[0])) + heads[1](torch.tensor(zs[1]))) / 2
+    want = cos.numpy() + present - 1.0
+    np.testing.assert_array_equal(i, np.argsort(-want, axis=1, kind="stable")[:, :5])
+    np.testing.assert_allclose(s, np.take_along_axis(want, i, 1), rtol=1e-5, atol=1e-6)
