@@ -106,6 +106,11 @@ def load_weights(model, path, train_step):
         model.load_state_dict(sd, strict=True)
 
 
+def memory_format(device):
+    """channels-last on GPUs (faster convolutions under AMP); CPU kernels prefer contiguous."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def train_one_epoch(args, model, loader, optimizer, criterion, scaler, autocast, device):
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -113,7 +118,7 @@ def train_one_epoch(args, model, loader, optimizer, criterion, scaler, autocast,
     n_bad = torch.zeros((), device=device)
     bar = tqdm(loader, disable=not is_main(), mininterval=1.0)
     for step, (x, y) in enumerate(bar):
-        x = x.to(device, non_blocking=True, memory_format=args.memory_format)
+        x = x.to(device, non_blocking=True, memory_format=memory_format(device))
         y = y.to(device, non_blocking=True)
         with autocast():
             logits = model(x)
@@ -157,7 +162,7 @@ def validate(args, model, dataset, criterion, autocast, device, rank, world_size
                         pin_memory=device.type == "cuda")
     out = {k: [] for k in ("loss", "conf", "pred", "target")}
     for x, y in tqdm(loader, disable=not is_main(), mininterval=1.0):
-        x = x.to(device, non_blocking=True, memory_format=args.memory_format)
+        x = x.to(device, non_blocking=True, memory_format=memory_format(device))
         y = y.to(device, non_blocking=True)
         with autocast():
             logits = model(x)
@@ -191,7 +196,6 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # same head initialisation on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    args.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
     df, out_dim = get_df(args.kernel_type, args.data_dir, args.train_step, args.folds_csv)
     print0(f"out_dim = {out_dim}, {len(df)} images, world size {world_size}, device {device}")
@@ -216,7 +220,7 @@ def main(argv=None):
         load_weights(model, args.load_from, args.train_step)
     if device.type == "cuda" and dist.is_initialized():
         model = convert_sync_batchnorm(model)  # SyncBatchNorm has no CPU kernel: CPU keeps BatchNorm
-    model = model.to(device, memory_format=args.memory_format)
+    model = model.to(device, memory_format=memory_format(device))
     criterion = ArcFaceLossAdaptiveMargin(margins, s=80.0).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.init_lr)
     amp_on, amp_dtype, use_scaler = resolve_amp(args.amp, device)
@@ -239,7 +243,7 @@ def main(argv=None):
     os.makedirs(args.model_dir, exist_ok=True)
     os.makedirs(args.log_dir, exist_ok=True)
     log_file = os.path.join(args.log_dir, f"{args.kernel_type}.txt")
-    args_dict = {k: v for k, v in vars(args).items() if k != "memory_format"}
+    args_dict = vars(args).copy()
     if is_main():
         with open(os.path.join(args.log_dir, f"{args.kernel_type}_args.json"), "w") as f:
             json.dump({**args_dict, "world_size": world_size, "out_dim": out_dim}, f, indent=1)
