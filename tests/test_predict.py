@@ -154,7 +154,7 @@ def test_predict_cli_writes_submission_in_sample_order(stage1, tmp_path):
         lid, conf = v.split()
         assert int(lid) in classes and float(conf) == float(conf)
     assert os.path.exists(tmp_path / "sub_classifier.csv") and os.path.exists(tmp_path / "sub_retrieval.csv")
-    # the same model twice: the ensemble's cosines equal the single model's
+    # neighbour similarities are cosines, best first
     sims, nn_l = res["neighbours"]
     assert np.all(sims[:, :-1] >= sims[:, 1:] - 1e-6) and np.all(sims <= 1 + 1e-5)
     gap, _ = evaluate.evaluate(str(out), os.path.join(d, "solution.csv"))
