@@ -211,6 +211,7 @@ def main(argv=None):
     dataset_train = LandmarkDataset(df_train, "train", "train", transforms_train, seed=args.seed, rank=rank)
     dataset_valid = LandmarkDataset(df_valid, "train", "val", transforms_val)
     sampler = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    # workers are not persistent: each epoch's workers must see dataset_train.set_epoch
     train_loader = DataLoader(dataset_train, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                               num_workers=args.num_workers, pin_memory=device.type == "cuda")
 

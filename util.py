@@ -1,7 +1,9 @@
 """Small helpers: GAP metric, learning-rate schedule, checkpoints, distributed set-up."""
 import math
 import os
+import pickle
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -97,8 +99,12 @@ def load_state_dict_file(path, map_location="cpu"):
     """
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickles of other objects (very old checkpoints)
-        raise RuntimeError(f"{path}: cannot be read as a weights-only checkpoint ({e})") from e
+    except pickle.UnpicklingError:
+        # holds objects beyond tensors and plain containers (e.g. numpy scalars): a full
+        # unpickle runs code from the file, so say so
+        warnings.warn(f"{path} is not a weights-only checkpoint; loading it as a full pickle "
+                      f"(do this only with files you trust)")
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
     sd = ckpt.get("model_state_dict", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else ckpt
     return strip_prefix(sd)
 
