@@ -11,8 +11,9 @@ ratios, saved as JPEG. Writes exactly the layout the pipeline reads:
   DIR/solution.csv            id,landmarks (empty for non-landmark test images)
 
 Class sizes are long-tailed like GLDv2's; landmark test images are new views
-of clean classes, non-landmark test images are scenes of no class (cluttered
-surfaces rather than landmarks). `--non-landmark-set N` also writes N other
+of clean classes, non-landmark test images are scenes of no class: half of
+them landmark-like scenes of no known landmark, half cluttered surfaces with no
+landmark at all. `--non-landmark-set N` also writes N other
 non-landmark images, DIR/non_landmark/a/b/c/<id>.jpg listed in
 DIR/non_landmark.csv (id), for predict.py's optional non-landmark handling.
 Deterministic for a seed.
@@ -195,7 +196,10 @@ def generate(out, classes=60, clean_classes=40, test=120, non_landmark_frac=0.5,
     test_ids, sol = [], []
     for q, lid in enumerate(truth):
         r = _rng(seed, 3, q)
-        scene = scenes[lid] if lid is not None else make_clutter(_rng(seed, 4, q))
+        if lid is not None:
+            scene = scenes[lid]
+        else:  # half landmarks of no known class, half no landmark at all (GLDv2's test has both)
+            scene = (make_scene if q % 2 else make_clutter)(_rng(seed, 4, q))
         i = _new_id(rng, used)
         _write(out, "test", i, make_view(scene, r, min_size, max_size), r)
         test_ids.append(i)

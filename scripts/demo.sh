@@ -7,34 +7,37 @@ cd "$(dirname "$0")/.."
 OUT=${1:-demo_out}
 PY=${PYTHON:-.venv/bin/python}
 NPROC=${NPROC:-2}
+E0=${E0:-20}   # epochs of step 0 and step 1
+E1=${E1:-30}
 D=$OUT/data
 rm -rf "$OUT"
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 
-$PY synthetic.py --out "$D" --non-landmark-set 60
+$PY synthetic.py --out "$D" --non-landmark-set 60 ${SYNTH_ARGS:-}
 $PY preprocess.py --train-csv "$D/train_competition.csv" --out-dir "$D"
 
 common=(--data-dir "$D" --folds-csv "$D/train_0.csv" --model-dir "$OUT/weights" --log-dir "$OUT/logs"
         --no-pretrained --num-workers 0 --batch-size 16 --fold 0)
 port=29650
-for B in resnet10t regnetx_002; do
+BACKBONES=(${BACKBONES:-resnet10t resnet14t})
+for B in "${BACKBONES[@]}"; do
   # step 0: small images, the full set, every class
   $PY -m torch.distributed.run --nproc_per_node="$NPROC" --master_port=$((port++)) train.py \
-      --kernel-type "demo_${B}_s0" --train-step 0 --image-size 64 --enet-type "$B" --n-epochs 20 "${common[@]}" \
-      2>>"$OUT/train.err" | grep "Fold 0, Epoch 20,"
+      --kernel-type "demo_${B}_s0" --train-step 0 --image-size 64 --enet-type "$B" --n-epochs "$E0" "${common[@]}" \
+      2>>"$OUT/train.err" | grep "Fold 0, Epoch $E0,"
   # step 1: larger images, the clean classes, a new ArcFace head
   $PY -m torch.distributed.run --nproc_per_node="$NPROC" --master_port=$((port++)) train.py \
-      --kernel-type "demo_${B}_s1" --train-step 1 --image-size 96 --enet-type "$B" --n-epochs 30 "${common[@]}" \
-      --load-from "$OUT/weights/demo_${B}_s0_fold0_final.pth" 2>>"$OUT/train.err" | grep "Fold 0, Epoch 30,"
+      --kernel-type "demo_${B}_s1" --train-step 1 --image-size 96 --enet-type "$B" --n-epochs "$E1" "${common[@]}" \
+      --load-from "$OUT/weights/demo_${B}_s0_fold0_final.pth" 2>>"$OUT/train.err" | grep "Fold 0, Epoch $E1,"
 done
 
-cat > "$OUT/spec.json" <<JSON
-{"models": [
-  {"enet_type": "resnet10t", "checkpoint": "weights/demo_resnet10t_s1_fold0_final.pth", "image_size": 96},
-  {"enet_type": "regnetx_002", "checkpoint": "weights/demo_regnetx_002_s1_fold0_final.pth", "image_size": 96}
-]}
-JSON
+# the ensemble: every backbone's step-1 checkpoint at the step-1 size
+entries=()
+for B in "${BACKBONES[@]}"; do
+  entries+=("{\"enet_type\": \"$B\", \"checkpoint\": \"weights/demo_${B}_s1_fold0_final.pth\", \"image_size\": 96}")
+done
+(IFS=,; echo "{\"models\": [${entries[*]}]}") > "$OUT/spec.json"
 pred=(--data-dir "$D" --train-csv "$D/train_competition.csv" --idx2landmark "$D/idx2landmark_id.pkl"
       --spec "$OUT/spec.json" --cache-dir "$OUT/cache" --num-workers 0)
 # beyond the original: sink queries that look like non-landmarks, with a known set, then mined from the queries
