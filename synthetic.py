@@ -139,6 +139,13 @@ def make_view(scene, rng, min_size, max_size):
     return img
 
 
+def non_landmark_kind(q):
+    """What the q-th test image (row q of sample_submission.csv) shows when it is
+    not a landmark of the train set: half are landmark-like scenes of no known
+    landmark, half no landmark at all (GLDv2's test set has both kinds)."""
+    return "scene" if q % 2 else "clutter"
+
+
 def class_sizes(n_classes, rng, head=40, alpha=1.3):
     """Long-tailed like GLDv2: a few classes with many images, most with 2-5."""
     rank = rng.permutation(n_classes) + 1
@@ -198,8 +205,8 @@ def generate(out, classes=60, clean_classes=40, test=120, non_landmark_frac=0.5,
         r = _rng(seed, 3, q)
         if lid is not None:
             scene = scenes[lid]
-        else:  # half landmarks of no known class, half no landmark at all (GLDv2's test has both)
-            scene = (make_scene if q % 2 else make_clutter)(_rng(seed, 4, q))
+        else:
+            scene = (make_clutter if non_landmark_kind(q) == "clutter" else make_scene)(_rng(seed, 4, q))
         i = _new_id(rng, used)
         _write(out, "test", i, make_view(scene, r, min_size, max_size), r)
         test_ids.append(i)

@@ -25,7 +25,7 @@ def synth(tmp_path_factory):
     import preprocess
     import synthetic
     d = str(tmp_path_factory.mktemp("gld"))
-    synthetic.generate(d, classes=30, clean_classes=20, test=40, min_size=48, max_size=96, seed=1, non_landmark_set=20)
+    synthetic.generate(d, classes=36, clean_classes=24, test=40, min_size=48, max_size=96, seed=1, non_landmark_set=20)
     preprocess.main(["--train-csv", os.path.join(d, "train_competition.csv"), "--out-dir", d])
     return d
 

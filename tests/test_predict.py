@@ -9,6 +9,7 @@ import torch
 
 import evaluate
 import predict
+import synthetic
 from conftest import ROOT, TINY_BACKBONE
 from models import build_model
 
@@ -219,11 +220,14 @@ def test_non_landmark_handling_measured_on_synthetic(trained, tmp_path):
         flags, s_nl = res["nl_flags"], res["nl_similarity"]
         report[os.path.basename(mode)] = {"gap": gap, "flagged": int(flags.sum()),
                                           "flagged non-landmarks": int((flags & is_nl).sum())}
-        # non-landmark queries are closer to the non-landmark set than landmark queries are
-        assert s_nl[is_nl].mean() > s_nl[~is_nl].mean()
         # what is sunk is mostly non-landmarks, and sinking it does not cost GAP
         assert (flags & is_nl).sum() >= (flags & ~is_nl).sum()
         assert gap[1] >= gap[0] - 0.01
+        if mode != "auto":
+            # the known set is clutter: clutter queries are closer to it than landmark queries are
+            clutter = is_nl & np.array([synthetic.non_landmark_kind(q) == "clutter" for q in range(len(ids))])
+            assert s_nl[clutter].mean() > s_nl[~is_nl].mean()
+            assert flags.sum() > 0
     print(report)
 
 

@@ -21,7 +21,7 @@ def test_ddp_two_process_run_writes_log_and_checkpoints(ddp_run):
     assert os.path.exists(os.path.join(d, "logs", f"{k}_args.json"))
     for name in (f"{k}_fold0.pth", f"{k}_fold0_final.pth"):
         ckpt = torch.load(os.path.join(d, "weights", name), weights_only=True)
-        assert ckpt["epoch"] == 1 and ckpt["out_dim"] == 30 and ckpt["args"]["enet_type"] == TINY_BACKBONE
+        assert ckpt["epoch"] == 1 and ckpt["out_dim"] == 36 and ckpt["args"]["enet_type"] == TINY_BACKBONE
         assert {"model_state_dict", "optimizer_state_dict", "scaler_state_dict"} <= set(ckpt)
         assert not any(key.startswith("module.") for key in ckpt["model_state_dict"])
     assert not [f for f in os.listdir(os.path.join(d, "weights")) if f.startswith(".tmp")]
@@ -62,8 +62,8 @@ def test_stage_chain_step1_new_head_then_step2_strict(stage1):
     w = os.path.join(d, "weights")
     src = torch.load(os.path.join(w, "ddp0_fold0.pth"), weights_only=True)["model_state_dict"]
     s1 = torch.load(os.path.join(w, "s1_fold0_ep1.pth"), weights_only=True)
-    assert s1["out_dim"] == 20 and s1["model_state_dict"]["metric_classify.weight"].shape == (60, 512)
-    assert src["metric_classify.weight"].shape == (90, 512)
+    assert s1["out_dim"] == 24 and s1["model_state_dict"]["metric_classify.weight"].shape == (72, 512)
+    assert src["metric_classify.weight"].shape == (108, 512)
     run([sys.executable, *train_cmd(d, "s2", 2, "--load-from", os.path.join(w, "s1_fold0_final.pth"),
                                     "--init-lr", "5e-5", size=40)], cwd=ROOT)
     assert os.path.exists(os.path.join(w, "s2_fold0_final.pth"))
