@@ -149,8 +149,7 @@ def build_backbone(enet_type, pretrained=False, pretrained_path=None):
         if pretrained_path is not None:
             sd = torch.load(pretrained_path, map_location="cpu", weights_only=True)
             sd = sd.get("state_dict", sd)
-            if not any(k.startswith("features.0.") and k.endswith("weight") and v.dim() == 4
-                       for k, v in sd.items()):
+            if "features.0.weight" not in sd:  # not clovaai's layout: timm's rexnet_200 names
                 sd = rexnet_from_timm_state_dict(sd, net) | {k: v for k, v in net.state_dict().items()
                                                            if k.startswith("output.")}
             net.load_state_dict(sd, strict=True)

@@ -89,8 +89,7 @@ def extract_features(model, paths, image_size, device, batch_size=64, num_worker
     an interrupted one resumes where it stopped.
     """
     n = len(paths)
-    df = pd.DataFrame({"filepath": paths, "landmark_id": 0})
-    ds = LandmarkDataset(df, "", "test", transform=get_transforms(image_size)[1])
+    ds = LandmarkDataset(pd.DataFrame({"filepath": paths}), "", "test", transform=get_transforms(image_size)[1])
     done, out = 0, None
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)

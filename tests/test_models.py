@@ -83,6 +83,11 @@ def test_rexnet_matches_timm_rexnet_200_and_loads_original_file(tmp_path, monkey
     # the original's names: features.N / out.N / fc.N inside enet, no classifier
     assert "enet.features.8.out.5.fc.0.weight" in m.state_dict()
     assert not any(k.startswith("enet.output") for k in m.state_dict())
+    # a file of timm's rexnet_200 names is mapped onto the original's
+    torch.save(t.state_dict(), tmp_path / "timm_rexnet_200.pth")
+    m3 = build_model("rex20", out_dim=4, pretrained_path=str(tmp_path / "timm_rexnet_200.pth")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m3.extract(x), t(x), rtol=1e-4, atol=1e-5)
     # as the original: ./rexnetv1_2.0x.pth is picked up when pretrained
     monkeypatch.chdir(tmp_path)
     m2 = build_model("rex20", out_dim=4, pretrained=True).eval()
