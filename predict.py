@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dataset import LandmarkDataset, get_transforms, image_path
 from models import build_model
-from util import load_state_dict_file
+from util import load_state_dict_file, memory_format
 
 TOP_K = 5        # gallery neighbours per query
 CLS_TOP_K = 5    # classifier candidates per query
@@ -64,17 +64,15 @@ def load_model(enet_type, checkpoint, device="cpu"):
         raise ValueError(f"{checkpoint}: no 'metric_classify.weight': not a checkpoint of this model")
     model = build_model(enet_type, sd["metric_classify.weight"].shape[0] // 3, pretrained=False)
     model.load_state_dict(sd, strict=True)
-    return model.to(device).eval()
+    return model.to(device, memory_format=memory_format(torch.device(device))).eval()
 
 
 # ---------------------------------------------------------------- features
 
-def _cache_key(checkpoint, image_size, ids):
+def _cache_key(checkpoint, image_size, ids_digest):
     st = os.stat(checkpoint)
-    h = hashlib.sha1()
-    h.update(f"{os.path.abspath(checkpoint)}|{st.st_size}|{st.st_mtime_ns}|{image_size}|".encode())
-    h.update("\n".join(ids).encode())
-    return h.hexdigest()[:20]
+    key = f"{os.path.abspath(checkpoint)}|{st.st_size}|{st.st_mtime_ns}|{image_size}|{ids_digest}"
+    return hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
 @torch.no_grad()
@@ -108,11 +106,10 @@ def extract_features(model, paths, image_size, device, batch_size=64, num_worker
     amp = device.type == "cuda"
     loader = DataLoader(Subset(ds, range(done, n)), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=amp)
-    mf = torch.channels_last if amp else torch.contiguous_format
     for x in tqdm(loader, desc=desc, initial=done // batch_size, total=(n + batch_size - 1) // batch_size,
                   mininterval=2.0):
         with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
-            z = model.neck(x.to(device, non_blocking=True, memory_format=mf)).float()
+            z = model.neck(x.to(device, non_blocking=True, memory_format=memory_format(device))).float()
         if normalize:
             z = F.normalize(z, dim=1)
         out[done:done + len(z)] = z.cpu().numpy().astype(dtype)
@@ -285,6 +282,7 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
         nl_paths = (list(nl["filepath"]) if "filepath" in nl.columns
                     else [image_path(data_dir, "non_landmark", i) for i in nl["id"]])
     dtype = np.float16 if fp16_cache else np.float32
+    gallery_digest = hashlib.sha1("\n".join(gallery["id"]).encode()).hexdigest()  # once, not per model
 
     g_emb, q_emb, nl_emb, zqs, heads, out_dim = [], [], [], [], [], None
     for m in models:
@@ -296,7 +294,7 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
         size = int(m["image_size"])
         kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, dtype=dtype)
         g_emb.append(extract_features(model, g_paths, size, cache_dir=cache_dir, normalize=True,
-                                      key=_cache_key(ckpt, size, list(gallery["id"])),
+                                      key=_cache_key(ckpt, size, gallery_digest),
                                       desc=f"gallery {os.path.basename(ckpt)}@{size}", **kw))
         zq = extract_features(model, q_paths, size, desc=f"queries {os.path.basename(ckpt)}@{size}",
                               **(kw | {"dtype": np.float32}))

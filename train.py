@@ -23,7 +23,7 @@ from dataset import LandmarkDataset, get_df, get_transforms
 from losses import ArcFaceLossAdaptiveMargin, dynamic_margins
 from models import build_model
 from util import (cleanup_distributed, get_lr, global_average_precision_score, is_main, load_state_dict_file,
-                  print0, save_checkpoint, setup_distributed, unwrap_model)
+                  memory_format, print0, save_checkpoint, setup_distributed)
 
 VALID_STRIDE = 15  # the original validates on every 15th row of the held-out fold
 
@@ -104,11 +104,6 @@ def load_weights(model, path, train_step):
             raise RuntimeError(f"{path}: does not fit {model.enet_type}: missing {missing}, unexpected {unexpected}")
     else:
         model.load_state_dict(sd, strict=True)
-
-
-def memory_format(device):
-    """channels-last on GPUs (faster convolutions under AMP); CPU kernels prefer contiguous."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def train_one_epoch(args, model, loader, optimizer, criterion, scaler, autocast, device):

@@ -63,17 +63,6 @@ def get_lr(epoch, init_lr, n_epochs, warmup_factor=10.0):
 
 # ---------------------------------------------------------------- checkpoints
 
-def unwrap_model(model):
-    """The bare module under DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def save_checkpoint(obj, path):
     """torch.save to a temp file in the same folder, then an atomic rename, so a
     crash mid-write never leaves a truncated checkpoint under the final name."""
@@ -120,6 +109,11 @@ def strip_prefix(state_dict, prefixes=("module.", "_orig_mod.")):
                     k, changed = k[len(p):], True
         out[k] = v
     return out
+
+
+def memory_format(device):
+    """channels-last on GPUs (faster convolutions under AMP); CPU kernels prefer contiguous."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 # ---------------------------------------------------------------- distributed
