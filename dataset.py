@@ -76,9 +76,50 @@ class LandmarkDataset(Dataset):
         return image, torch.tensor(self.labels[index])
 
 
+class Cutout(A.ImageOnlyTransform):
+    """The original's cutout: albumentations 0.4.6 `Cutout(num_holes=1,
+    max_h_size=size, max_w_size=size, fill_value=0)`, one square hole of a fixed size.
+
+    Its sampling, which albumentations 2.x's CoarseDropout does not repeat: the
+    hole's centre is drawn over the whole image, y in [0, H] and x in [0, W]
+    (both ends included), then y1 = clip(y - size//2, 0, H), y2 = clip(y1 +
+    size, 0, H), likewise for x. A hole near the bottom or right border is cut
+    short, one near the top or left is pushed inside. Per axis a middle pixel
+    is covered with probability size/(H+1) and the first or last one with
+    (size//2+1)/(H+1); CoarseDropout keeps the hole inside and covers the
+    middle far more often (0.42 against 0.16 for the centre pixel at 256 px).
+    Randomness comes from the transform's own `py_random`, so `seed_transform`
+    seeds it like every other transform.
+    """
+
+    class InitSchema(A.core.transforms_interface.BaseTransformInitSchema):
+        hole_size: int
+        fill: float
+
+    def __init__(self, hole_size, fill=0, p=0.5):
+        super().__init__(p=p)
+        self.hole_size, self.fill = hole_size, fill
+
+    def get_params_dependent_on_data(self, params, data):
+        h, w = params["shape"][:2]
+        y = self.py_random.randint(0, h)  # randint includes both ends, as random.randint in 0.4.6
+        x = self.py_random.randint(0, w)
+        y1 = min(max(y - self.hole_size // 2, 0), h)
+        x1 = min(max(x - self.hole_size // 2, 0), w)
+        return {"hole": (y1, min(y1 + self.hole_size, h), x1, min(x1 + self.hole_size, w))}
+
+    def apply(self, img, hole, **params):
+        y1, y2, x1, x2 = hole
+        img = img.copy()
+        img[y1:y2, x1:x2] = self.fill
+        return img
+
+    def get_transform_init_args_names(self):
+        return ("hole_size", "fill")
+
+
 def get_transforms(image_size):
     """The original's augmentations (albumentations 0.4 names in brackets)."""
-    hole = int(image_size * 0.4)
     transforms_train = A.Compose([
         A.HorizontalFlip(p=0.5),
         A.ImageCompression(quality_range=(99, 100), p=0.5),
@@ -86,9 +127,8 @@ def get_transforms(image_size):
         A.Affine(translate_percent=(-0.2, 0.2), scale=(0.8, 1.2), rotate=(-10, 10), keep_ratio=True,
                  border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.7),
         A.Resize(image_size, image_size),
-        # [Cutout(max_h_size=0.4*size, max_w_size=0.4*size, num_holes=1, p=0.5)]: one fixed-size hole
-        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(hole, hole),
-                        hole_width_range=(hole, hole), fill=0, p=0.5),
+        # [Cutout(max_h_size=int(0.4*size), max_w_size=int(0.4*size), num_holes=1, p=0.5)]
+        Cutout(int(image_size * 0.4), fill=0, p=0.5),
         A.Normalize(),  # ImageNet mean/std
     ])
     transforms_val = A.Compose([A.Resize(image_size, image_size), A.Normalize()])

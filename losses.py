@@ -36,7 +36,7 @@ class ArcFaceLossAdaptiveMargin(nn.Module):
     For the target class: phi = cos(theta + m) when theta + m <= pi (cos theta >
     cos(pi - m)), else the linear fallback cos theta - m sin m, as in the
     original (and in InsightFace's `easy_margin=False`). Logits are scaled by s
-    and fed to a dense cross-entropy, all in float32 even under autocast.
+    and fed to a dense cross-entropy, all in float32 with autocast disabled.
 
     The margin table is a buffer: it follows the module to the model's device,
     so a step does no host round trip (the original indexed a NumPy array with
@@ -50,8 +50,12 @@ class ArcFaceLossAdaptiveMargin(nn.Module):
         self.crit = DenseCrossEntropy()
 
     def forward(self, logits, labels, out_dim=None, reduction="mean"):
-        out_dim = logits.shape[1] if out_dim is None else out_dim
-        cosine = logits.float()
+        # float32 even when called inside torch.autocast, like the head that feeds it
+        with torch.autocast(logits.device.type, enabled=False):
+            return self._forward(logits.float(), labels, out_dim, reduction)
+
+    def _forward(self, cosine, labels, out_dim, reduction):
+        out_dim = cosine.shape[1] if out_dim is None else out_dim
         # The margin only touches the target column: work on that (B, 1) slice
         # and write it back, which is the original's one-hot blend without the
         # (B, C) sqrt and without 0 * inf gradients from the other columns.

@@ -196,7 +196,13 @@ class ArcMarginProductSubcenter(nn.Module):
         nn.init.uniform_(self.weight, -std, std)
 
     def forward(self, x):
-        cos = F.linear(F.normalize(x.float()), F.normalize(self.weight.float()))
+        # float32 even inside torch.autocast, which would run F.linear in bf16/fp16
+        # whatever its inputs: after the scale s=80, bf16's rounding of cosines in
+        # [0.5, 1) (steps of 2^-8) is +-0.16 in the logits. The original's apex O1 ran
+        # this matmul in fp16 (+-0.02); fp32 (TF32 on GPUs where train.py allows it)
+        # is at least as fine, and the (out_dim*k, 512) matmul is small next to a backbone.
+        with torch.autocast(x.device.type, enabled=False):
+            cos = F.linear(F.normalize(x.float()), F.normalize(self.weight.float()))
         return cos.view(-1, self.out_features, self.k).amax(dim=2)
 
 

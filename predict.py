@@ -7,7 +7,7 @@ normalised, cosines averaged. Each query's 5 nearest gallery images are
 re-ranked with the classifier: score(l) = sum sim^9 * cls(l)^10.
 
     python predict.py --data-dir D --train-csv CLEAN_LIST --idx2landmark idx2landmark_id.pkl \
-        --spec specs/default.json --out submission.csv [--device cpu|cuda] [--batch-size N]
+        --spec specs/default.json --out submission.csv [--device cpu|cuda] [--batch-size N] [--precision fp32|bf16|fp16]
 """
 import argparse
 import hashlib
@@ -69,18 +69,25 @@ def load_model(enet_type, checkpoint, device="cpu"):
 
 # ---------------------------------------------------------------- features
 
-def _cache_key(checkpoint, image_size, ids_digest):
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision -> autocast dtype
+
+
+def _cache_key(checkpoint, image_size, ids_digest, precision="fp32"):
     st = os.stat(checkpoint)
-    key = f"{os.path.abspath(checkpoint)}|{st.st_size}|{st.st_mtime_ns}|{image_size}|{ids_digest}"
+    key = f"{os.path.abspath(checkpoint)}|{st.st_size}|{st.st_mtime_ns}|{image_size}|{ids_digest}|{precision}"
     return hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
 @torch.no_grad()
 def extract_features(model, paths, image_size, device, batch_size=64, num_workers=2, cache_dir=None,
-                     key=None, dtype=np.float32, normalize=False, desc="extract"):
+                     key=None, dtype=np.float32, normalize=False, desc="extract", precision="fp32"):
     """The neck output z (N, 512) of every image, or with normalize=True the
     embedding normalize(z) (`model.embed`). Cosines are the head applied to z,
     so a query's embedding and cosines come from this one pass.
+
+    precision: the backbone and neck run in float32 ('fp32', as the original
+    notebook), or under autocast in 'bf16' or 'fp16'; z is returned in float32
+    either way, and the head always runs in float32.
 
     With cache_dir, rows are written to a memory-mapped .npy as they come and
     the count done is recorded after each batch: a second run reads the file,
@@ -103,12 +110,12 @@ def extract_features(model, paths, image_size, device, batch_size=64, num_worker
         out = np.empty((n, model.feat.out_features), dtype)
     if done >= n:
         return out
-    amp = device.type == "cuda"
+    amp_dtype = PRECISIONS[precision]
     loader = DataLoader(Subset(ds, range(done, n)), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=amp)
+                        pin_memory=device.type == "cuda")
     for x in tqdm(loader, desc=desc, initial=done // batch_size, total=(n + batch_size - 1) // batch_size,
                   mininterval=2.0):
-        with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
             z = model.neck(x.to(device, non_blocking=True, memory_format=memory_format(device))).float()
         if normalize:
             z = F.normalize(z, dim=1)
@@ -259,13 +266,15 @@ def format_submission(ids, landmarks, confidences):
 # ---------------------------------------------------------------- pipeline
 
 def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num_workers=2,
-        cache_dir=None, sample_submission=None, fp16_cache=False, non_landmark=None):
+        cache_dir=None, sample_submission=None, fp16_cache=False, non_landmark=None, precision="fp32"):
     """The whole inference. Returns {'ids', 'classifier', 'retrieval', 'ensemble'}
     where each part is (landmarks, confidences); with non_landmark ('auto': mined
     from the queries, or a CSV of known non-landmark images, column `id` under
     DATA_DIR/non_landmark/ or column `filepath`) also 'ensemble_nl', 'nl_flags' and
     'nl_similarity' (each query's mean cosine to its nearest non-landmarks)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
     models, base = load_spec(spec) if isinstance(spec, str) else (spec, os.getcwd())
     with open(idx2landmark, "rb") as f:
         idx2lid = pickle.load(f)
@@ -292,9 +301,9 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
             raise ValueError(f"{ckpt}: {model.metric_classify.out_features} classes, the others {out_dim}")
         out_dim = model.metric_classify.out_features
         size = int(m["image_size"])
-        kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, dtype=dtype)
+        kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, dtype=dtype, precision=precision)
         g_emb.append(extract_features(model, g_paths, size, cache_dir=cache_dir, normalize=True,
-                                      key=_cache_key(ckpt, size, gallery_digest),
+                                      key=_cache_key(ckpt, size, gallery_digest, precision),
                                       desc=f"gallery {os.path.basename(ckpt)}@{size}", **kw))
         zq = extract_features(model, q_paths, size, desc=f"queries {os.path.basename(ckpt)}@{size}",
                               **(kw | {"dtype": np.float32}))
@@ -341,6 +350,9 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--cache-dir", default="./cache", help="gallery features; '' disables the cache")
     p.add_argument("--fp16-cache", action="store_true", help="store gallery features in float16 (half the memory)")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                   help="backbone arithmetic for feature extraction: fp32 as the original notebook (default), or "
+                        "bf16/fp16 autocast (faster on GPUs; the ArcFace head stays fp32)")
     p.add_argument("--non-landmark", default=None, metavar="auto|CSV",
                    help="sink queries that look like non-landmarks (beyond the original): 'auto' mines them from "
                         "the queries, or a CSV of known non-landmark images (id under DATA_DIR/non_landmark/, or filepath)")
@@ -353,7 +365,7 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     res = run(a.data_dir, a.train_csv, a.idx2landmark, a.spec, a.device, a.batch_size, a.num_workers,
-              a.cache_dir or None, a.sample_submission, a.fp16_cache, a.non_landmark)
+              a.cache_dir or None, a.sample_submission, a.fp16_cache, a.non_landmark, a.precision)
     final = "ensemble_nl" if a.non_landmark else "ensemble"
     format_submission(res["ids"], *res[final]).to_csv(a.out, index=False)
     if a.write_parts:

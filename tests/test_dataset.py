@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dataset import LandmarkDataset, get_df, get_transforms, image_path
+from dataset import Cutout, LandmarkDataset, get_df, get_transforms, image_path, seed_transform
 
 
 def _original_get_df(data_dir, train_step, folds_csv):
@@ -89,10 +89,69 @@ def test_train_transform_contents():
     import albumentations as A
     tt, tv = get_transforms(100)
     names = [type(t).__name__ for t in tt.transforms]
-    assert names == ["HorizontalFlip", "ImageCompression", "Affine", "Resize", "CoarseDropout", "Normalize"]
+    assert names == ["HorizontalFlip", "ImageCompression", "Affine", "Resize", "Cutout", "Normalize"]
     cd = tt.transforms[4]
-    assert cd.num_holes_range == (1, 1) and cd.hole_height_range == (40, 40) and cd.p == 0.5
+    assert isinstance(cd, Cutout) and cd.hole_size == 40 and cd.fill == 0 and cd.p == 0.5
     af = tt.transforms[2]
     assert af.p == 0.7
     assert [type(t).__name__ for t in tv.transforms] == ["Resize", "Normalize"]
     assert isinstance(tt, A.Compose)
+
+
+def _holes(transform, n, shape=(256, 256), seed=0):
+    """The hole mask of n draws (True = blanked), transform applied to a white image."""
+    img = np.full(shape, 255, np.uint8)
+    seeds = np.random.SeedSequence(seed).generate_state(n)
+    out = np.empty((n, *shape), bool)
+    for i, s in enumerate(seeds):
+        seed_transform(transform, int(s))
+        out[i] = transform(image=img)["image"] == 0
+    return out
+
+
+def test_cutout_coverage_matches_the_original_closed_form():
+    """The original's Cutout (albumentations 0.4.6) draws the centre over [0, H]
+    and clips: per axis, a middle pixel is covered with probability h/(H+1), the
+    first and last ones with (h//2+1)/(H+1); a pixel is covered when both of its
+    axes are (rows and columns are drawn independently)."""
+    t = next(t for t in get_transforms(256)[0].transforms if isinstance(t, Cutout))
+    t.p = 1.0
+    H, h, n = 256, t.hole_size, 4000
+    assert h == 102
+    m = _holes(t, n)
+    p_mid, p_edge = h / (H + 1), (h // 2 + 1) / (H + 1)
+    assert (p_mid, p_edge) == pytest.approx((0.397, 0.202), abs=1e-3)
+
+    def check(got, p):
+        sd = np.sqrt(p * (1 - p) / n)
+        assert abs(got - p) < 4.5 * sd, (got, p, sd)
+
+    rows = m.any(axis=2)  # (n, H): row r lies inside the hole's rows
+    cols = m.any(axis=1)
+    for axis in (rows, cols):
+        check(axis[:, 128].mean(), p_mid)
+        check(axis[:, 0].mean(), p_edge)
+        check(axis[:, H - 1].mean(), p_edge)
+    check(m[:, 128, 128].mean(), p_mid ** 2)           # ~0.158; CoarseDropout gave ~0.42
+    for y, x in ((0, 0), (0, H - 1), (H - 1, 0), (H - 1, H - 1)):
+        check(m[:, y, x].mean(), p_edge ** 2)          # ~0.041; CoarseDropout gave 0
+    # the hole is a rectangle of height h unless the bottom border cuts it short
+    top = rows.argmax(axis=1)
+    height = rows.sum(axis=1)
+    np.testing.assert_array_equal(height, np.minimum(h, H - top))
+    assert (height < h).any() and (top == 0).mean() == pytest.approx(p_edge, abs=4.5 * np.sqrt(p_edge / n))
+
+
+def test_cutout_probability_fill_and_seeding():
+    t = Cutout(10, fill=0, p=0.5)
+    m = _holes(t, 2000, shape=(32, 48))
+    applied = m.any(axis=(1, 2))
+    assert abs(applied.mean() - 0.5) < 4.5 * np.sqrt(0.25 / 2000)
+    assert np.array_equal(m, _holes(t, 2000, shape=(32, 48)))            # same seeds, same holes
+    assert not np.array_equal(m, _holes(t, 2000, shape=(32, 48), seed=1))
+    img = np.random.default_rng(0).integers(1, 256, (20, 30, 3), dtype=np.uint8)
+    t = Cutout(6, fill=0, p=1.0)
+    t.set_random_seed(3)
+    out = t(image=img)["image"]
+    hole = (out == 0).all(axis=2)
+    assert np.array_equal(out[~hole], img[~hole]) and 0 < hole.sum() <= 36 and (img > 0).all()

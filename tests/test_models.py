@@ -141,3 +141,32 @@ def test_sync_batchnorm_conversion_keeps_fused_activations():
         plain = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(m)).eval()
         assert not torch.allclose(plain(x), want, atol=1e-3)
     assert list(conv.state_dict()) == list(m.state_dict())
+
+
+def test_head_and_loss_run_in_float32_under_autocast():
+    """Under bf16 autocast the backbone and neck run in bf16 but the ArcFace head
+    does not: autocast would run its F.linear in bf16 (cosines in steps of 2^-8,
+    +-0.16 after s=80). The output is float32 and equals the float32 head applied
+    to the neck's output."""
+    from losses import ArcFaceLossAdaptiveMargin
+    torch.manual_seed(0)
+    m = build_model(TINY_BACKBONE, out_dim=50).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+        z = m.neck(x)
+        _, cls = m.embed_and_classify(x)
+    assert z.dtype == torch.bfloat16 and out.dtype == torch.float32 and cls.dtype == torch.float32
+    with torch.no_grad():
+        w = F.normalize(m.metric_classify.weight.double())
+        want = (F.normalize(z.double()) @ w.T).view(4, 50, 3).amax(2)
+        bf16 = (F.normalize(z.float()).bfloat16() @ w.float().bfloat16().T).float().view(4, 50, 3).amax(2)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cls, out)
+    assert (bf16.double() - want).abs().max() > 1e-4  # what a bf16 head would have given: the test can fail
+    crit = ArcFaceLossAdaptiveMargin(torch.linspace(0.05, 0.5, 50))
+    y = torch.tensor([0, 7, 49, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = crit(out, y, reduction="none")
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, crit(out, y, reduction="none"), rtol=0, atol=0)

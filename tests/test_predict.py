@@ -243,3 +243,33 @@ def test_classifier_topk_averages_models_across_chunks():
     want = cos.numpy() + present - 1.0
     np.testing.assert_array_equal(i, np.argsort(-want, axis=1, kind="stable")[:, :5])
     np.testing.assert_allclose(s, np.take_along_axis(want, i, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_extraction_precision(stage1, tmp_path):
+    """--precision: fp32 (the default, as the original notebook) is the plain
+    float32 forward; bf16 runs the backbone under autocast: close, not equal;
+    the cache keeps the precisions apart."""
+    d = stage1["data"]
+    model = predict.load_model(TINY_BACKBONE, stage1["checkpoint"])
+    ids = pd.read_csv(os.path.join(d, "train_competition.csv"))["id"].tolist()[:8]
+    paths = [os.path.join(d, "train", i[0], i[1], i[2], f"{i}.jpg") for i in ids]
+    kw = dict(device=torch.device("cpu"), batch_size=4, num_workers=0)
+    with torch.no_grad():
+        x = torch.stack([predict.LandmarkDataset(pd.DataFrame({"filepath": paths}), "", "test",
+                                                 predict.get_transforms(40)[1])[i] for i in range(8)])
+        want = model.neck(x).numpy()
+    fp32 = predict.extract_features(model, paths, 40, **kw)
+    np.testing.assert_allclose(fp32, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(predict.extract_features(model, paths, 40, precision="fp32", **kw), fp32)
+    bf16 = predict.extract_features(model, paths, 40, precision="bf16", **kw)
+    assert bf16.dtype == np.float32 and not np.allclose(bf16, fp32, rtol=1e-4, atol=1e-5)
+    cos = (bf16 * fp32).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert cos.min() > 0.99
+    ck = stage1["checkpoint"]
+    keys = {predict._cache_key(ck, 40, "ids", p) for p in ("fp32", "bf16", "fp16")}
+    assert len(keys) == 3 and predict._cache_key(ck, 40, "ids") == predict._cache_key(ck, 40, "ids", "fp32")
+    assert predict.parse_args(["--data-dir", "D", "--train-csv", "t", "--idx2landmark", "i",
+                               "--spec", "s"]).precision == "fp32"
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--data-dir", "D", "--train-csv", "t", "--idx2landmark", "i", "--spec", "s",
+                            "--precision", "fp8"])
