@@ -1,4 +1,14 @@
-"""GLDv2 data frames, the dataset, and the original's augmentations on albumentations 2.x."""
+"""GLDv2 data frames, the dataset, and the original's augmentations on albumentations 2.x.
+
+The loader is built for throughput with the original's augmentation
+distribution: JPEGs are decoded at a reduced DCT scale when they are at least
+twice the training size, flip + shift-scale-rotate + resize run as one warp
+straight to the output size, and samples leave the workers as uint8 CHW
+tensors; the model normalises them on the device (models.Net.extract).
+`reference_transforms` keeps the original's chain step by step, for tests and
+for `scripts/bench.py loader --baseline`.
+"""
+import math
 import os
 
 import albumentations as A
@@ -14,11 +24,65 @@ def image_path(data_dir, split, image_id):
     return os.path.join(data_dir, split, image_id[0], image_id[1], image_id[2], f"{image_id}.jpg")
 
 
-def read_rgb(path):
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
+_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
+_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def jpeg_size(buf):
+    """(height, width) from a JPEG's frame header, without decoding; None when
+    `buf` is not a JPEG or the header cannot be found."""
+    n = len(buf)
+    if n < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
+        return None
+    i = 2
+    while i + 9 < n:
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF:
+            return (int(buf[i + 5]) << 8 | int(buf[i + 6]), int(buf[i + 7]) << 8 | int(buf[i + 8]))
+        i += 2 + (int(buf[i + 2]) << 8 | int(buf[i + 3]))
+    return None
+
+
+def read_rgb(path, min_side=None):
+    """RGB uint8 image (EXIF orientation applied, as cv2.imread).
+
+    With min_side, a JPEG is decoded at the coarsest DCT scale (1/2, 1/4, 1/8)
+    that keeps both of its sides >= min_side: the decoder skips most of its
+    work and the image is never smaller than what it will be resized to.
+    """
+    buf = np.fromfile(path, np.uint8)
+    flag = cv2.IMREAD_COLOR
+    if min_side:
+        hw = jpeg_size(buf)
+        if hw is not None:
+            for f in (8, 4, 2):
+                if math.ceil(min(hw) / f) >= min_side:  # libjpeg rounds scaled sizes up
+                    flag = _REDUCED[f]
+                    break
+    img = cv2.imdecode(buf, flag) if len(buf) else None
     if img is None:
         raise FileNotFoundError(f"cannot read image {path}")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def decode_min_side(transform):
+    """The smallest side an image may be decoded at for `transform`: its fused
+    geometric step's output size, or None (decode at full size)."""
+    for t in getattr(transform, "transforms", ()):
+        if isinstance(t, FlipAffineResize):
+            return t.size
+    return None
+
+
+def worker_init(worker_id):
+    # one OpenCV thread per loader worker: the workers are the parallelism, and
+    # OpenCV's own pool per worker would oversubscribe the cores
+    cv2.setNumThreads(1)
 
 
 def sample_seed(*keys):
@@ -46,10 +110,13 @@ def seed_transform(transform, seed):
 
 class LandmarkDataset(Dataset):
     """(image, label) for mode 'train'/'val', image for mode 'test'; images are
-    float32 CHW tensors after `transform`, as the original.
+    CHW tensors of `transform`'s output dtype: uint8 with get_transforms (the
+    model normalises), float32 with reference_transforms (as the original).
 
     Augmentation randomness is a function of (seed, epoch, rank, index), so a
-    resumed run repeats an uninterrupted one: call set_epoch before each epoch.
+    resumed run repeats an uninterrupted one. The epoch comes with the index
+    as (epoch, index) from EpochSampler, which persistent workers need; a
+    plain index uses the epoch of set_epoch.
     """
 
     def __init__(self, csv, split, mode, transform=None, seed=0, rank=0):
@@ -66,14 +133,105 @@ class LandmarkDataset(Dataset):
         return len(self.filepaths)
 
     def __getitem__(self, index):
-        image = read_rgb(self.filepaths[index])
+        epoch = self.epoch
+        if isinstance(index, tuple):
+            epoch, index = index
+        image = read_rgb(self.filepaths[index], decode_min_side(self.transform))
         if self.transform is not None:
-            seed_transform(self.transform, sample_seed(self.seed, self.epoch, self.rank, index))
+            seed_transform(self.transform, sample_seed(self.seed, epoch, self.rank, index))
             image = self.transform(image=image)["image"]
-        image = torch.from_numpy(np.ascontiguousarray(image.astype(np.float32).transpose(2, 0, 1)))
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if self.mode == "test":
             return image
         return image, torch.tensor(self.labels[index])
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index) for each index of `sampler`: the epoch travels with
+    the index to the workers, so persistent workers (whose copy of the dataset
+    never sees set_epoch) still seed each epoch's augmentations anew."""
+
+    def __init__(self, sampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, int(i)) for i in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+def flip_affine_resize_matrix(h, w, size, flip, affine):
+    """The 2x3 map from a (h, w) image's pixels to the (size, size) output's:
+    flip (x -> w-1-x, HorizontalFlip's array reversal), then albumentations'
+    Affine with affine = (tx, ty, scale, degrees), shifts as fractions of the
+    width and height (None: no affine), then cv2.resize's pixel-centre
+    convention x_out = (x_in + 0.5) * size / w - 0.5."""
+    m = np.array([[-1.0, 0, w - 1], [0, 1, 0], [0, 0, 1]]) if flip else np.eye(3)
+    if affine is not None:
+        tx, ty, s, deg = affine
+        a = math.radians(deg)
+        cx, cy = w / 2 - 0.5, h / 2 - 0.5  # albumentations' centre of a pixel grid
+        c, si = s * math.cos(a), s * math.sin(a)
+        # about the centre: scale, rotate, translate (Affine's matrix, shear 0)
+        m = np.array([[c, si, cx + tx * w - c * cx - si * cy],
+                      [-si, c, cy + ty * h + si * cx - c * cy], [0, 0, 1]]) @ m
+    sx, sy = size / w, size / h
+    return (np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]]) @ m)[:2]
+
+
+class FlipAffineResize(A.ImageOnlyTransform):
+    """HorizontalFlip(p) -> ShiftScaleRotate(p) -> Resize(size, size) as one warp.
+
+    The original ran these as three passes over the full-size image (the
+    second and third each interpolating); here the three maps are composed
+    into one affine matrix and the source is sampled once, straight at the
+    output size (bilinear, black border as border_mode=0). Parameters have
+    the distributions of the original's chain, as albumentations 2.x's Affine
+    draws them: shift uniform in +-shift of the width and height, one scale
+    uniform in [1-scale, 1+scale], angle uniform in +-rotate degrees, about
+    the image centre. (Affine truncates the shift to whole source pixels; here
+    it is exact, which works at any decode scale.)
+    """
+
+    class InitSchema(A.core.transforms_interface.BaseTransformInitSchema):
+        size: int
+        flip_p: float
+        affine_p: float
+        shift: float
+        scale: float
+        rotate: float
+
+    def __init__(self, size, flip_p=0.5, affine_p=0.7, shift=0.2, scale=0.2, rotate=10.0, p=1.0):
+        super().__init__(p=p)
+        self.size, self.flip_p, self.affine_p = size, flip_p, affine_p
+        self.shift, self.scale, self.rotate = shift, scale, rotate
+
+    def get_params_dependent_on_data(self, params, data):
+        h, w = params["shape"][:2]
+        flip = self.py_random.random() < self.flip_p
+        affine = None
+        if self.py_random.random() < self.affine_p:
+            affine = (self.py_random.uniform(-self.shift, self.shift), self.py_random.uniform(-self.shift, self.shift),
+                      self.py_random.uniform(1 - self.scale, 1 + self.scale),
+                      self.py_random.uniform(-self.rotate, self.rotate))
+        return {"matrix": flip_affine_resize_matrix(h, w, self.size, flip, affine), "flip": flip,
+                "affine": affine is not None}
+
+    def apply(self, img, matrix, flip, affine, **params):
+        if not affine:  # a plain resize (then a flip, which commutes with it) is cheaper than a warp
+            out = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+            return cv2.flip(out, 1) if flip else out
+        return cv2.warpAffine(img, matrix, (self.size, self.size), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+    def get_transform_init_args_names(self):
+        return ("size", "flip_p", "affine_p", "shift", "scale", "rotate")
 
 
 class Cutout(A.ImageOnlyTransform):
@@ -119,7 +277,29 @@ class Cutout(A.ImageOnlyTransform):
 
 
 def get_transforms(image_size):
-    """The original's augmentations (albumentations 0.4 names in brackets)."""
+    """(train, val) transforms: the original's augmentations, built for speed.
+
+    uint8 HWC in, uint8 HWC at image_size out; normalisation happens on the
+    device (models.Net.extract). Train: HorizontalFlip(0.5) +
+    ShiftScaleRotate(0.7) + Resize fused into one warp (FlipAffineResize, fed
+    a DCT-reduced decode by LandmarkDataset), then the JPEG-quality jitter at
+    the output size, then the original's Cutout. Val: Resize, as the original.
+    """
+    transforms_train = A.Compose([
+        FlipAffineResize(image_size, flip_p=0.5, affine_p=0.7, shift=0.2, scale=0.2, rotate=10),
+        # [ImageCompression(quality_lower=99, quality_upper=100), p=0.5] before the affine in the
+        # original; at quality 99-100 its effect does not depend on where it runs, its cost does
+        A.ImageCompression(quality_range=(99, 100), p=0.5),
+        Cutout(int(image_size * 0.4), fill=0, p=0.5),
+    ])
+    transforms_val = A.Compose([A.Resize(image_size, image_size)])
+    return transforms_train, transforms_val
+
+
+def reference_transforms(image_size):
+    """The original's augmentations step by step, on float32 normalised output
+    (albumentations 0.4 names in brackets): the distribution get_transforms
+    must keep, and the baseline of scripts/bench.py loader."""
     transforms_train = A.Compose([
         A.HorizontalFlip(p=0.5),
         A.ImageCompression(quality_range=(99, 100), p=0.5),

@@ -22,21 +22,13 @@ def dynamic_margins(class_counts, power=0.25, m_min=0.05, m_max=0.5):
     return (t - t.min()) / span * (m_max - m_min) + m_min
 
 
-class DenseCrossEntropy(nn.Module):
-    """Cross-entropy against a dense target distribution, mean over the batch."""
-
-    def forward(self, logits, target, reduction="mean"):
-        loss = -(F.log_softmax(logits.float(), dim=-1) * target.float()).sum(-1)
-        return loss.mean() if reduction == "mean" else loss
-
-
 class ArcFaceLossAdaptiveMargin(nn.Module):
     """Additive angular margin loss (ArcFace) with a margin per class.
 
     For the target class: phi = cos(theta + m) when theta + m <= pi (cos theta >
     cos(pi - m)), else the linear fallback cos theta - m sin m, as in the
     original (and in InsightFace's `easy_margin=False`). Logits are scaled by s
-    and fed to a dense cross-entropy, all in float32 with autocast disabled.
+    and fed to the cross-entropy, all in float32 with autocast disabled.
 
     The margin table is a buffer: it follows the module to the model's device,
     so a step does no host round trip (the original indexed a NumPy array with
@@ -47,7 +39,6 @@ class ArcFaceLossAdaptiveMargin(nn.Module):
         super().__init__()
         self.s = s
         self.register_buffer("margins", torch.as_tensor(np.asarray(margins), dtype=torch.float32))
-        self.crit = DenseCrossEntropy()
 
     def forward(self, logits, labels, out_dim=None, reduction="mean"):
         # float32 even when called inside torch.autocast, like the head that feeds it
@@ -66,6 +57,10 @@ class ArcFaceLossAdaptiveMargin(nn.Module):
         phi = c * torch.cos(m) - sine * torch.sin(m)
         # theta + m > pi (cos theta <= cos(pi - m)): fall back to cos theta - m sin m
         phi = torch.where(c > torch.cos(math.pi - m), phi, c - torch.sin(math.pi - m) * m)
-        output = cosine.scatter(1, labels.unsqueeze(1), phi) * self.s
-        onehot = F.one_hot(labels, out_dim).float()
-        return self.crit(output, onehot, reduction=reduction)
+        if out_dim != cosine.shape[1]:
+            raise ValueError(f"out_dim {out_dim} but {cosine.shape[1]} cosines per sample")
+        # s * cosine with the target column replaced by s * phi: one (B, C) tensor, written
+        # in place. The original's dense cross-entropy against a one-hot target is
+        # F.cross_entropy with class indices, without the (B, C) one-hot and product.
+        logits = (cosine * self.s).scatter_(1, labels.unsqueeze(1), phi * self.s)
+        return F.cross_entropy(logits, labels, reduction="none" if reduction == "none" else "mean")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from dataset import LandmarkDataset, get_transforms, image_path
+from dataset import LandmarkDataset, get_transforms, image_path, worker_init
 from models import build_model
 from util import load_state_dict_file, memory_format
 
@@ -79,6 +79,16 @@ def _cache_key(checkpoint, image_size, ids_digest, precision="fp32"):
 
 
 @torch.no_grad()
+def embed_batch(model, x, device, precision="fp32"):
+    """The neck output z (B, 512), float32, of one batch of images (uint8 from
+    the loader: the model normalises them). extract_features stores these;
+    scripts/bench.py extract times this very function."""
+    amp_dtype = PRECISIONS[precision]
+    with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+        return model.neck(x.to(device, non_blocking=True, memory_format=memory_format(device))).float()
+
+
+@torch.no_grad()
 def extract_features(model, paths, image_size, device, batch_size=64, num_workers=2, cache_dir=None,
                      key=None, dtype=np.float32, normalize=False, desc="extract", precision="fp32"):
     """The neck output z (N, 512) of every image, or with normalize=True the
@@ -110,13 +120,11 @@ def extract_features(model, paths, image_size, device, batch_size=64, num_worker
         out = np.empty((n, model.feat.out_features), dtype)
     if done >= n:
         return out
-    amp_dtype = PRECISIONS[precision]
     loader = DataLoader(Subset(ds, range(done, n)), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=worker_init if num_workers else None)
     for x in tqdm(loader, desc=desc, initial=done // batch_size, total=(n + batch_size - 1) // batch_size,
                   mininterval=2.0):
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            z = model.neck(x.to(device, non_blocking=True, memory_format=memory_format(device))).float()
+        z = embed_batch(model, x, device, precision)
         if normalize:
             z = F.normalize(z, dim=1)
         out[done:done + len(z)] = z.cpu().numpy().astype(dtype)
@@ -156,10 +164,14 @@ def topk_cosine(queries, gallery, k=TOP_K, device="cpu", query_chunk=4096, galle
     queries, gallery: arrays (Q, D), (N, D), or lists of such (one per model),
     in which case the similarity is the mean of the per-model inner products:
     with normalised per-model embeddings that is the cosine of the normalised
-    concatenation, without building it. Arrays may be float16 and memory-mapped:
-    a gallery chunk travels in its stored dtype and is computed in float32 on
-    the device (bf16/fp16 matmuls are slow on CPU). Peak memory is the queries
-    plus one (query_chunk x gallery_chunk) block.
+    concatenation. It is computed as one matmul over the concatenated
+    dimensions, the queries scaled by 1/n_models. Arrays may be float16 and
+    memory-mapped: the gallery is streamed chunk by chunk into one reused
+    float32 buffer on the device (bf16/fp16 matmuls are slow on CPU, and
+    sim^9 in the re-ranking wants float32 similarities), and every chunk's
+    similarities land in one reused block, so the loop allocates nothing.
+    Peak memory: the queries, one gallery chunk and one (query_chunk x
+    gallery_chunk) block, plus a per-model float16 staging copy of the chunk.
     Returns (sims (Q, k) float32, indices (Q, k) int64), best first.
     """
     qs = queries if isinstance(queries, (list, tuple)) else [queries]
@@ -167,15 +179,22 @@ def topk_cosine(queries, gallery, k=TOP_K, device="cpu", query_chunk=4096, galle
     device = torch.device(device)
     nq, ng = len(qs[0]), len(gs[0])
     k_eff = min(k, ng)
-    qt = [torch.as_tensor(np.asarray(q)).to(device).float() for q in qs]
+    dims = np.cumsum([0] + [g.shape[1] for g in gs])
+    qt = torch.cat([torch.as_tensor(np.asarray(q, np.float32)) for q in qs], 1).to(device) / len(gs)
+    gbuf = torch.empty((min(gallery_chunk, ng), dims[-1]), device=device)
+    sbuf = torch.empty((min(query_chunk, nq), len(gbuf)), device=device)
     best_s = torch.full((nq, k_eff), -float("inf"), device=device)
     best_i = torch.zeros((nq, k_eff), dtype=torch.int64, device=device)
     for g0 in range(0, ng, gallery_chunk):
-        gc = [torch.as_tensor(np.ascontiguousarray(g[g0:g0 + gallery_chunk])).to(device).float() for g in gs]
+        m = min(gallery_chunk, ng - g0)
+        gc = gbuf[:m]
+        for g, d0, d1 in zip(gs, dims[:-1], dims[1:]):
+            # np.array: a private copy of the (memory-mapped, maybe read-only) rows, in their stored dtype
+            gc[:, d0:d1].copy_(torch.from_numpy(np.array(g[g0:g0 + m])).to(device, non_blocking=True))
         for q0 in range(0, nq, query_chunk):
             sl = slice(q0, q0 + query_chunk)
-            sim = sum(q[sl] @ g.T for q, g in zip(qt, gc)) / len(gs)
-            s, i = sim.topk(min(k_eff, sim.shape[1]), dim=1)
+            sim = torch.mm(qt[sl], gc.T, out=sbuf[:len(qt[sl]), :m])
+            s, i = sim.topk(min(k_eff, m), dim=1)
             s = torch.cat([best_s[sl], s], 1)
             i = torch.cat([best_i[sl], i + g0], 1)
             # merge with the best so far; a stable sort keeps the lower gallery index first on ties

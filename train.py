@@ -11,6 +11,7 @@ import os
 import time
 import warnings
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from dataset import LandmarkDataset, get_df, get_transforms
+from dataset import EpochSampler, LandmarkDataset, get_df, get_transforms, worker_init
 from losses import ArcFaceLossAdaptiveMargin, dynamic_margins
 from models import build_model
 from util import (cleanup_distributed, get_lr, global_average_precision_score, is_main, load_state_dict_file,
@@ -65,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", type=str, default="", help="checkpoint of ours: weights, optimizer, scaler, epoch")
     p.add_argument("--seed", type=int, default=0, help="sampler order and augmentations")
     p.add_argument("--log-interval", type=int, default=50, help="steps between progress-bar loss updates")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (minutes of compilation at the start of a stage)")
     args = p.parse_args(argv)
     if args.use_amp:
         warnings.warn("--use-amp is the original's flag and turned mixed precision OFF there; it does so "
@@ -138,12 +141,29 @@ def train_one_epoch(args, model, loader, optimizer, criterion, scaler, autocast,
     return loss_sum / max(n_ok, 1)
 
 
+def loader_kwargs(args, device):
+    """DataLoader settings shared by the training and validation loaders."""
+    kw = {"batch_size": args.batch_size, "num_workers": args.num_workers, "pin_memory": device.type == "cuda"}
+    if args.num_workers > 0:
+        # workers live for the whole run (no re-spawn and re-import each epoch) and keep
+        # a few batches ready per worker; one OpenCV thread each
+        kw |= {"persistent_workers": True, "prefetch_factor": 4, "worker_init_fn": worker_init}
+    return kw
+
+
+def validation_loader(args, dataset, device, rank, world_size):
+    """The validation rows sharded across ranks: rank r scores rows r, r+W, ...;
+    returns (loader, the row indices it scores)."""
+    idx = list(range(rank, len(dataset), world_size))
+    return DataLoader(Subset(dataset, idx), **loader_kwargs(args, device)), idx
+
+
 @torch.no_grad()
-def validate(args, model, dataset, criterion, autocast, device, rank, world_size):
+def validate(model, loader, idx, criterion, autocast, device, world_size):
     """Loss, accuracy (%) and GAP on the validation rows.
 
-    The rows are sharded across ranks (rank r scores rows r, r+W, ...) and the
-    results gathered on every rank: each row is scored exactly once.
+    Each rank scores its shard (validation_loader) and the results are
+    gathered on every rank: each row is scored exactly once.
     """
     model.eval()
     if world_size > 1:
@@ -152,9 +172,6 @@ def validate(args, model, dataset, criterion, autocast, device, rank, world_size
         # shard with rank 0's, the weights that the checkpoint holds.
         for b in model.buffers():
             dist.broadcast(b, src=0)
-    idx = list(range(rank, len(dataset), world_size))
-    loader = DataLoader(Subset(dataset, idx), batch_size=args.batch_size, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda")
     out = {k: [] for k in ("loss", "conf", "pred", "target")}
     for x, y in tqdm(loader, disable=not is_main(), mininterval=1.0):
         x = x.to(device, non_blocking=True, memory_format=memory_format(device))
@@ -182,6 +199,44 @@ def validate(args, model, dataset, criterion, autocast, device, rank, world_size
     return float(res["loss"].mean()), acc, gap
 
 
+def build_training(args, model, margins, device):
+    """Everything a training step needs, around a built model: the model on the
+    device (SyncBatchNorm under DDP on GPUs, channels-last there), the module
+    the step calls (DDP-wrapped, and compiled with --compile), the loss, Adam,
+    the grad scaler and the autocast context. train.main and scripts/bench.py
+    train both build their step here. Returns a namespace with model,
+    train_model, criterion (eager, for validation), train_criterion (compiled
+    with --compile), optimizer, scaler and autocast."""
+    if device.type == "cuda" and dist.is_initialized():
+        model = convert_sync_batchnorm(model)  # SyncBatchNorm has no CPU kernel: CPU keeps BatchNorm
+    model = model.to(device, memory_format=memory_format(device))
+    criterion = ArcFaceLossAdaptiveMargin(margins, s=80.0).to(device)
+    # fused: one kernel for all parameters on GPUs (the same update as the per-parameter loop)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.init_lr, fused=device.type == "cuda")
+    amp_on, amp_dtype, use_scaler = resolve_amp(args.amp, device)
+    if amp_on and device.type == "cuda":
+        # TF32 for the float32 matmuls left under AMP: the ArcFace head, which runs
+        # outside autocast (models.ArcMarginProductSubcenter); TF32's 10-bit mantissa
+        # equals fp16's, the precision the original's apex O1 gave that matmul.
+        torch.set_float32_matmul_precision("high")
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_on else nullcontext()
+
+    train_model, train_criterion = model, criterion
+    if dist.is_initialized():
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        # Only the training step is compiled, with static shapes (the loader drops the last
+        # partial batch). Validation calls the eager `model`: its eval mode, no_grad and
+        # ragged last batch would each be a recompilation, every epoch.
+        train_model = torch.compile(train_model, dynamic=False)
+        train_criterion = torch.compile(criterion, dynamic=False)
+    return SimpleNamespace(model=model, train_model=train_model, criterion=criterion, train_criterion=train_criterion,
+                           optimizer=optimizer, scaler=scaler, autocast=autocast)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.CUDA_VISIBLE_DEVICES:
@@ -205,30 +260,18 @@ def main(argv=None):
         df_valid = df_valid.iloc[:args.batch_size * 5]
     dataset_train = LandmarkDataset(df_train, "train", "train", transforms_train, seed=args.seed, rank=rank)
     dataset_valid = LandmarkDataset(df_valid, "train", "val", transforms_val)
-    sampler = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    # workers are not persistent: each epoch's workers must see dataset_train.set_epoch
-    train_loader = DataLoader(dataset_train, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                              num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    # (epoch, index) pairs: the persistent workers seed each epoch's augmentations from them
+    sampler = EpochSampler(DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
+                                              seed=args.seed))
+    train_loader = DataLoader(dataset_train, sampler=sampler, drop_last=True, **loader_kwargs(args, device))
+    valid_loader, valid_idx = validation_loader(args, dataset_valid, device, rank, world_size)
 
     pretrained = args.pretrained and not args.load_from and not args.resume
     model = build_model(args.enet_type, out_dim, pretrained=pretrained, pretrained_path=args.pretrained_path)
     if args.load_from:
         load_weights(model, args.load_from, args.train_step)
-    if device.type == "cuda" and dist.is_initialized():
-        model = convert_sync_batchnorm(model)  # SyncBatchNorm has no CPU kernel: CPU keeps BatchNorm
-    model = model.to(device, memory_format=memory_format(device))
-    criterion = ArcFaceLossAdaptiveMargin(margins, s=80.0).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.init_lr)
-    amp_on, amp_dtype, use_scaler = resolve_amp(args.amp, device)
-    if amp_on and device.type == "cuda":
-        # TF32 for the float32 matmuls left under AMP: the ArcFace head, which runs
-        # outside autocast (models.ArcMarginProductSubcenter); TF32's 10-bit mantissa
-        # equals fp16's, the precision the original's apex O1 gave that matmul.
-        torch.set_float32_matmul_precision("high")
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_on else nullcontext()
+    t = build_training(args, model, margins, device)
+    model, criterion, optimizer, scaler, autocast = t.model, t.criterion, t.optimizer, t.scaler, t.autocast
 
     if args.resume:
         ckpt = torch.load(args.resume, map_location=device, weights_only=True)
@@ -238,8 +281,6 @@ def main(argv=None):
             scaler.load_state_dict(ckpt["scaler_state_dict"])
         args.start_from_epoch = ckpt["epoch"] + 1
         print0(f"resumed from {args.resume} at epoch {args.start_from_epoch}")
-
-    ddp_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if dist.is_initialized() else model
 
     os.makedirs(args.model_dir, exist_ok=True)
     os.makedirs(args.log_dir, exist_ok=True)
@@ -262,9 +303,9 @@ def main(argv=None):
         for g in optimizer.param_groups:
             g["lr"] = lr
         sampler.set_epoch(epoch)
-        dataset_train.set_epoch(epoch)
-        train_loss = train_one_epoch(args, ddp_model, train_loader, optimizer, criterion, scaler, autocast, device)
-        val_loss, acc_m, gap_m = validate(args, model, dataset_valid, criterion, autocast, device, rank, world_size)
+        train_loss = train_one_epoch(args, t.train_model, train_loader, optimizer, t.train_criterion, scaler, autocast,
+                                     device)
+        val_loss, acc_m, gap_m = validate(model, valid_loader, valid_idx, criterion, autocast, device, world_size)
         if is_main():
             content = (time.ctime() + " " + f"Fold {args.fold}, Epoch {epoch}, lr: {lr:.7f}, "
                        f"train loss: {train_loss:.5f}, valid loss: {val_loss:.5f}, "

@@ -1,150 +1,483 @@
-"""GPU throughput figures: training steps, embedding extraction, retrieval.
+"""Throughput benchmarks on the code paths train.py and predict.py run, with the original's behaviour as baseline.
 
-    python scripts/bench.py [train|extract|retrieval|all] [--quick] [--rounds N]
+    python scripts/bench.py train   [--enet-type T] [--image-size S] [--batch-size B] [--steps N] [--device D]
+                                    [--amp A] [--compile] [--baseline] [--compare-head]
+    python scripts/bench.py extract [--enet-type T] [--image-size S] [--batch-size B] [--steps N] [--device D]
+                                    [--precision P] [--compile] [--baseline]
+    python scripts/bench.py loader  --image-size S [--data-dir D | --make N] [--workers W] [--baseline]
+    python scripts/bench.py knn     --queries Q --gallery G --dim D [--models M] [--device D] [--baseline]
 
-Random weights and inputs; prints one line per measurement (flushed as it
-comes). Where two variants are compared (the ArcFace head in float32 against
-the head under autocast; extraction in fp32 against bf16), their timed rounds
-are interleaved and each figure is the median over rounds, so drift in clocks
-or temperature hits both alike.
+Each measurement prints one JSON line, flushed as it is produced: `what`,
+`img_s` (or `pairs_s`), `peak_mib`, `warmup_s` (first calls: cuDNN autotuning,
+compilation; not timed), and with --baseline `baseline_img_s` and `ratio`.
+Timed rounds of the variants compared are interleaved and each figure is the
+median over rounds, so drifting clocks or a noisy neighbour hit all alike.
+
+The measured side calls the repo's own functions (train.build_training and
+train.train_one_epoch, predict.embed_batch, dataset.LandmarkDataset with
+get_transforms and train.loader_kwargs, predict.topk_cosine). The baselines
+reproduce what the original code did for the same work:
+- train: fp16 autocast + grad scaler (apex O1), the ArcFace head under autocast,
+  the original loss (margins gathered on the host each step, dense one-hot
+  cross-entropy), per-parameter Adam, contiguous memory, float32 inputs, and a
+  per-step torch.cuda.synchronize() with the loss copied to the host;
+- extract: float32 eager, embedding and cosines of the full forward;
+- loader: full-size decode, the augmentations at full size step by step, then
+  resize and normalise to float32 CHW (dataset.reference_transforms);
+- knn: the whole gallery on the device in float32, queries in batches of 4.
 """
 import argparse
+import glob
+import json
+import math
 import os
+import shutil
 import statistics
 import sys
+import tempfile
+import threading
 import time
 import types
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from losses import ArcFaceLossAdaptiveMargin  # noqa: E402
-from models import build_model  # noqa: E402
-from predict import PRECISIONS, topk_cosine  # noqa: E402
+import dataset  # noqa: E402
+import predict  # noqa: E402
+import train  # noqa: E402
+from losses import dynamic_margins  # noqa: E402
+from models import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
+from util import memory_format  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only to smoke-test this script
-
-
-def sync():
-    if DEV == "cuda":
-        torch.cuda.synchronize()  # sync point: timing
+train.tqdm = lambda iterable, **kw: iterable  # no progress bars inside timed calls
 
 
-def timed(fn, iters):
-    sync()
+# ---------------------------------------------------------------- timing and memory
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # sync point: timing
+
+
+def timed(fn, device):
+    sync(device)
     t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / iters
+    fn()
+    sync(device)
+    return time.perf_counter() - t
 
 
-def interleaved(cases, rounds, iters, warmup=3):
-    """{name: median seconds per call} of the step functions in `cases`, timed
-    in `rounds` interleaved rounds of `iters` calls each."""
-    for fn in cases.values():
-        for _ in range(warmup):
-            fn()
+def interleaved(cases, device, rounds):
+    """{name: median seconds of one call} over `rounds` interleaved rounds."""
     times = {k: [] for k in cases}
     for _ in range(rounds):
         for k, fn in cases.items():
-            times[k].append(timed(fn, iters))
+            times[k].append(timed(fn, device))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _rss_anon_mib():
+    """Anonymous resident memory of this process (file-backed pages, e.g. a
+    memory-mapped gallery, are not counted: they are the page cache's)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class PeakMemory:
+    """Peak memory above the level at entry, in MiB: the CUDA allocator's peak
+    on GPUs; on CPU, anonymous RSS polled every millisecond."""
+
+    def __init__(self, device):
+        self.device, self.peak_mib = device, 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base, self.high, self.stop = _rss_anon_mib(), 0.0, threading.Event()
+
+            def poll():
+                while not self.stop.is_set():
+                    self.high = max(self.high, _rss_anon_mib())
+                    time.sleep(0.001)
+            self.thread = threading.Thread(target=poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.peak_mib = max(self.high, _rss_anon_mib()) - self.base
+
+
+def _warmup(fn, device, calls=2):
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+# ---------------------------------------------------------------- the original's behaviour (baselines)
+
 def _head_under_autocast(self, x):
-    """The ArcFace head as it ran before it left autocast: F.linear in the autocast
-    dtype (bf16 cosines), for the cost comparison only."""
+    """The ArcFace head left to autocast (apex O1 ran its F.linear in fp16)."""
     cos = F.linear(F.normalize(x.float()), F.normalize(self.weight.float()))
     return cos.view(-1, self.out_features, self.k).amax(dim=2)
 
 
-def train_step(enet, size, bs, amp, out_dim, head="fp32"):
-    model = build_model(enet, out_dim).to(DEV).to(memory_format=torch.channels_last).train()
-    if head == "autocast":
+class OriginalArcFaceLoss(torch.nn.Module):
+    """The original's loss as it ran: margins indexed on the host with the
+    labels copied there each step, the margin terms built on the host and sent
+    back, the margin applied to the whole (B, C) matrix through a one-hot
+    blend, and a dense cross-entropy against the one-hot target."""
+
+    def __init__(self, margins, s=80.0):
+        super().__init__()
+        self.margins, self.s = np.asarray(margins), s
+
+    def forward(self, logits, labels):
+        dev = logits.device
+        ms = self.margins[labels.cpu().numpy()]  # host round trip, every step
+        cos_m = torch.from_numpy(np.cos(ms)).float().to(dev).view(-1, 1)
+        sin_m = torch.from_numpy(np.sin(ms)).float().to(dev).view(-1, 1)
+        th = torch.from_numpy(np.cos(math.pi - ms)).float().to(dev).view(-1, 1)
+        mm = torch.from_numpy(np.sin(math.pi - ms) * ms).float().to(dev).view(-1, 1)
+        onehot = F.one_hot(labels, logits.shape[1]).float()
+        cosine = logits.float()
+        sine = torch.sqrt((1.0 - cosine * cosine).clamp_min(0))
+        phi = torch.where(cosine > th, cosine * cos_m - sine * sin_m, cosine - mm)
+        output = (onehot * phi + (1.0 - onehot) * cosine) * self.s
+        return -(F.log_softmax(output, dim=-1) * onehot).sum(-1).mean()
+
+
+def _float_input(x):
+    """uint8 CHW -> the float32 normalised tensors the original's loader produced."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
+    return ((x.float() - mean) / std).contiguous()
+
+
+# ---------------------------------------------------------------- train
+
+def _batch(device, bs, size, out_dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, out_dim, (bs,), generator=g)
+    return x.to(device, memory_format=memory_format(device)), y.to(device)
+
+
+def cmd_train(a):
+    device = torch.device(a.device)
+    targs = train.parse_args(["--kernel-type", "bench", "--train-step", "1", "--image-size", str(a.image_size),
+                              "--enet-type", a.enet_type, "--batch-size", str(a.batch_size), "--amp", a.amp,
+                              "--num-workers", "0", "--log-interval", str(10**9), "--no-pretrained"]
+                             + (["--compile"] if a.compile else []))
+    margins = dynamic_margins(np.random.default_rng(0).integers(2, 100, a.out_dim))
+    x, y = _batch(device, a.batch_size, a.image_size, a.out_dim)
+    batches = [(x, y)] * a.steps
+    cases, warm = {}, {}
+
+    def ours(head_autocast=False):
+        torch.manual_seed(0)
+        model = build_model(a.enet_type, a.out_dim)
+        if head_autocast:
+            model.metric_classify.forward = types.MethodType(_head_under_autocast, model.metric_classify)
+        t = train.build_training(targs, model, margins, device)
+        return lambda: train.train_one_epoch(targs, t.train_model, batches, t.optimizer, t.train_criterion, t.scaler,
+                                             t.autocast, device)
+
+    def original():
+        torch.manual_seed(0)
+        model = build_model(a.enet_type, a.out_dim).to(device).train()  # contiguous memory
         model.metric_classify.forward = types.MethodType(_head_under_autocast, model.metric_classify)
-    crit = ArcFaceLossAdaptiveMargin(np.linspace(0.05, 0.5, out_dim)).to(DEV)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randn(bs, 3, size, size, device=DEV).to(memory_format=torch.channels_last)
-    y = torch.randint(0, out_dim, (bs,), device=DEV)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    scaler = torch.amp.GradScaler(DEV, enabled=amp == "fp16")
+        crit = OriginalArcFaceLoss(margins)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=False)  # one parameter at a time
+        amp = device.type == "cuda"
+        scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        xf = _float_input(x)
 
-    def step():
-        with torch.autocast(DEV, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x)
-        loss = crit(logits, y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    return step
+        def epoch():
+            for _ in range(a.steps):
+                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                    logits = model(xf)
+                loss = crit(logits, y)
+                opt.zero_grad()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                loss.detach().cpu().numpy()  # the original's per-step loss copy
+                sync(device)
+        return epoch
+
+    with PeakMemory(device) as mem:
+        cases["ours"] = ours()
+        warm["ours"] = _warmup(cases["ours"], device)
+    peak = {"ours": mem.peak_mib}
+    if a.compare_head:
+        cases["head_autocast"] = ours(head_autocast=True)
+        warm["head_autocast"] = _warmup(cases["head_autocast"], device)
+    if a.baseline:
+        with PeakMemory(device) as mem:
+            cases["baseline"] = original()
+            warm["baseline"] = _warmup(cases["baseline"], device)
+        peak["baseline"] = mem.peak_mib
+    t = interleaved(cases, device, a.rounds)
+    n = a.steps * a.batch_size
+    out = dict(what="train", enet_type=a.enet_type, image_size=a.image_size, batch_size=a.batch_size,
+               device=str(device), amp=a.amp, compile=a.compile, img_s=round(n / t["ours"], 2),
+               peak_mib=round(peak["ours"], 1), warmup_s=round(warm["ours"], 2))
+    if a.compare_head:
+        out |= dict(head_autocast_img_s=round(n / t["head_autocast"], 2),
+                    head_fp32_cost=round(t["ours"] / t["head_autocast"] - 1, 4))
+    if a.baseline:
+        out |= dict(baseline_img_s=round(n / t["baseline"], 2), baseline_peak_mib=round(peak["baseline"], 1),
+                    ratio=round(t["baseline"] / t["ours"], 3))
+    emit(**out)
 
 
-def bench_train(enet, size, bs, amp, rounds, out_dim=81313, iters=10):
-    """One training step of train.py (81,313 classes: the head is 81,313 x 3 x 512),
-    with the head in float32 (TF32, as train.py under AMP) and, under AMP, against
-    the head left to autocast."""
-    heads = ["fp32", "autocast"] if amp != "off" else ["fp32"]
-    # as train.py: TF32 for the float32 matmuls (the head) under AMP only
-    torch.set_float32_matmul_precision("high" if amp != "off" else "highest")
-    cases = {h: train_step(enet, size, bs, amp, out_dim, h) for h in heads}
-    t = interleaved(cases, rounds, iters)
-    line = f"train {enet}@{size} batch {bs} amp={amp}: " + ", ".join(
-        f"head {h} {bs / t[h]:.1f} img/s ({t[h] * 1e3:.1f} ms/step)" for h in heads)
-    if len(heads) == 2:
-        line += f"; fp32 head costs {(t['fp32'] / t['autocast'] - 1) * 100:+.1f}% per step"
-    print(line, flush=True)
-    del cases
-    if DEV == "cuda":
-        torch.cuda.empty_cache()
+# ---------------------------------------------------------------- extract
 
+def cmd_extract(a):
+    device = torch.device(a.device)
+    precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    model = build_model(a.enet_type, a.out_dim).to(device, memory_format=memory_format(device)).eval()
+    x, _ = _batch(device, a.batch_size, a.image_size, a.out_dim)
+    cases, warm, peak = {}, {}, {}
+    with PeakMemory(device) as mem:
+        if a.compile:
+            model.neck = torch.compile(model.neck, dynamic=False)
 
-def bench_extract(enet, size, bs, rounds, out_dim=81313, iters=10):
-    """predict.py's extraction (model.neck) at each --precision."""
-    torch.set_float32_matmul_precision("highest")  # predict.py's fp32 is plain float32
-    model = build_model(enet, out_dim).to(DEV).to(memory_format=torch.channels_last).eval()
-    x = torch.randn(bs, 3, size, size, device=DEV).to(memory_format=torch.channels_last)
+        def ours():
+            for _ in range(a.steps):
+                predict.embed_batch(model, x, device, precision)
+        cases["ours"] = ours
+        warm["ours"] = _warmup(ours, device)
+    peak["ours"] = mem.peak_mib
+    if a.baseline:
+        base = build_model(a.enet_type, a.out_dim).to(device).eval()  # fp32, contiguous, eager
+        xf = _float_input(x)
 
-    def step_for(dtype):
         @torch.no_grad()
-        def step():
-            with torch.autocast(DEV, dtype=dtype or torch.float32, enabled=dtype is not None):
-                model.neck(x)
-        return step
+        def original():
+            for _ in range(a.steps):
+                base.embed_and_classify(xf)
+        with PeakMemory(device) as mem:
+            cases["baseline"] = original
+            warm["baseline"] = _warmup(original, device)
+        peak["baseline"] = mem.peak_mib
+    t = interleaved(cases, device, a.rounds)
+    n = a.steps * a.batch_size
+    out = dict(what="extract", enet_type=a.enet_type, image_size=a.image_size, batch_size=a.batch_size,
+               device=str(device), precision=precision, compile=a.compile, img_s=round(n / t["ours"], 2),
+               peak_mib=round(peak["ours"], 1), warmup_s=round(warm["ours"], 2))
+    if a.baseline:
+        out |= dict(baseline_img_s=round(n / t["baseline"], 2), baseline_peak_mib=round(peak["baseline"], 1),
+                    ratio=round(t["baseline"] / t["ours"], 3))
+    emit(**out)
 
-    t = interleaved({p: step_for(d) for p, d in PRECISIONS.items()}, rounds, iters, warmup=2)
-    print(f"extract {enet}@{size} batch {bs}: " + ", ".join(f"{p} {bs / s:.1f} img/s" for p, s in t.items())
-          + f"; bf16/fp32 {t['fp32'] / t['bf16']:.2f}x", flush=True)
+
+# ---------------------------------------------------------------- loader
+
+def make_jpegs(out_dir, n, seed=0, min_size=600, max_size=1024):
+    """n GLDv2-sized JPEGs (long side 600-1024 px, quality 85-95) of synthetic.py's scenes."""
+    import synthetic
+    rng = np.random.default_rng(seed)
+    scenes = [synthetic.make_scene(rng) for _ in range(8)]
+    paths = []
+    for i in range(n):
+        img = synthetic.make_view(scenes[i % len(scenes)], rng, min_size, max_size)
+        p = os.path.join(out_dir, f"{i:06d}.jpg")
+        if not cv2.imwrite(p, cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(85, 96))]):
+            raise OSError(f"could not write {p}")
+        paths.append(p)
+    return paths
 
 
-def bench_retrieval(n_gallery, n_query, n_models=9, dim=512):
+def _image_paths(data_dir):
+    csv = os.path.join(data_dir, "train.csv")
+    if os.path.exists(csv):
+        ids = pd.read_csv(csv, dtype={"id": str})["id"]
+        return [dataset.image_path(data_dir, "train", i) for i in ids]
+    return sorted(glob.glob(os.path.join(data_dir, "**", "*.jpg"), recursive=True))
+
+
+def cmd_loader(a):
+    tmp = None
+    if a.make:
+        tmp = tempfile.mkdtemp(prefix="bench_jpegs_")
+        paths = make_jpegs(tmp, a.make)
+    elif a.data_dir:
+        paths = _image_paths(a.data_dir)
+    else:
+        sys.exit("bench.py loader: give --data-dir D or --make N")
+    try:
+        paths = paths[:a.images]
+        if not paths:
+            sys.exit(f"bench.py loader: no images under {a.data_dir}")
+        if a.workers == 0:
+            cv2.setNumThreads(1)  # one core: the workers' setting (dataset.worker_init)
+        targs = types.SimpleNamespace(batch_size=a.batch_size, num_workers=a.workers)
+        kw = train.loader_kwargs(targs, torch.device("cpu"))
+        df = pd.DataFrame({"filepath": paths, "landmark_id": np.zeros(len(paths), np.int64)})
+
+        def loader_for(transform):
+            ds = dataset.LandmarkDataset(df, "train", "train", transform)
+            sampler = dataset.EpochSampler(torch.utils.data.SequentialSampler(ds))
+            loader = torch.utils.data.DataLoader(ds, sampler=sampler, **kw)
+            epoch = [0]
+
+            def run():
+                epoch[0] += 1
+                sampler.set_epoch(epoch[0])
+                for _ in loader:
+                    pass
+            return run
+
+        cpu = torch.device("cpu")
+        cases = {"ours": loader_for(dataset.get_transforms(a.image_size)[0])}
+        warm = {"ours": _warmup(cases["ours"], cpu, calls=1)}
+        if a.baseline:
+            cases["baseline"] = loader_for(dataset.reference_transforms(a.image_size)[0])
+            warm["baseline"] = _warmup(cases["baseline"], cpu, calls=1)
+        t = interleaved(cases, cpu, a.rounds)
+        n, cores = len(paths), max(a.workers, 1)
+        out = dict(what="loader", image_size=a.image_size, images=n, workers=a.workers,
+                   source="make" if a.make else a.data_dir, img_s=round(n / t["ours"], 2),
+                   img_s_per_core=round(n / t["ours"] / cores, 2), peak_mib=None, warmup_s=round(warm["ours"], 2))
+        if a.baseline:
+            out |= dict(baseline_img_s=round(n / t["baseline"], 2), ratio=round(t["baseline"] / t["ours"], 3))
+        emit(**out)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- knn
+
+def cmd_knn(a):
+    device = torch.device(a.device)
     rng = np.random.default_rng(0)
-    g = [rng.standard_normal((n_gallery, dim), dtype=np.float32).astype(np.float16) for _ in range(n_models)]
-    q = [rng.standard_normal((n_query, dim), dtype=np.float32) for _ in range(n_models)]
-    t = time.perf_counter()
-    topk_cosine(q, g, 5, device=DEV)
-    dt = time.perf_counter() - t
-    print(f"retrieval {n_query} queries x {n_gallery} gallery x {n_models * dim} dims (fp16 host storage): "
-          f"{dt:.1f} s, {n_query * n_gallery / dt / 1e9:.2f} G pairs/s", flush=True)
+    tmp = tempfile.mkdtemp(prefix="bench_knn_")
+    try:
+        qs, gs = [], []
+        for j in range(a.models):  # float16 galleries on disk, memory-mapped, as predict.py's --fp16-cache
+            g = np.lib.format.open_memmap(os.path.join(tmp, f"g{j}.npy"), mode="w+", dtype=np.float16,
+                                          shape=(a.gallery, a.dim))
+            for g0 in range(0, a.gallery, 65536):
+                blk = rng.standard_normal((min(65536, a.gallery - g0), a.dim), dtype=np.float32)
+                g[g0:g0 + len(blk)] = blk / np.linalg.norm(blk, axis=1, keepdims=True)
+            g.flush()
+            del g
+            gs.append(np.load(os.path.join(tmp, f"g{j}.npy"), mmap_mode="r"))
+            q = rng.standard_normal((a.queries, a.dim), dtype=np.float32)
+            qs.append(q / np.linalg.norm(q, axis=1, keepdims=True))
+        dtot = a.dim * a.models
+        qc, gc = min(a.query_chunk, a.queries), min(a.gallery_chunk, a.gallery)
+        # what topk_cosine holds at once: the queries, one float32 gallery chunk, one similarity
+        # block, one model's float16 staging copy of the chunk
+        bound_mib = (a.queries * dtot * 4 + gc * dtot * 4 + qc * gc * 4 + gc * a.dim * 2) / 2**20
+
+        def ours():
+            predict.topk_cosine(qs, gs, 5, device=device, query_chunk=a.query_chunk, gallery_chunk=a.gallery_chunk)
+
+        with PeakMemory(device) as mem:
+            warm = _warmup(ours, device, calls=1)
+        # the bare matrix multiply of the same shape: everything already on the device in float32
+        q_all = torch.from_numpy(np.concatenate(qs, 1)).to(device)
+        g_all = torch.from_numpy(np.concatenate([np.asarray(g, np.float32) for g in gs], 1)).to(device)
+        cases = {"ours": ours, "matmul": lambda: torch.mm(q_all, g_all.T)}
+        if a.baseline:
+            def original():
+                for q0 in range(0, a.queries, 4):
+                    (q_all[q0:q0 + 4] @ g_all.T).topk(5, dim=1)
+            cases["baseline"] = original
+        _warmup(cases["matmul"], device, calls=1)
+        t = interleaved(cases, device, a.rounds)
+        pairs = a.queries * a.gallery
+        out = dict(what="knn", queries=a.queries, gallery=a.gallery, dim=dtot, models=a.models, device=str(device),
+                   pairs_s=round(pairs / t["ours"]), matmul_pairs_s=round(pairs / t["matmul"]),
+                   ratio_to_matmul=round(t["matmul"] / t["ours"], 3), peak_mib=round(mem.peak_mib, 1),
+                   bound_mib=round(bound_mib, 1), warmup_s=round(warm, 2))
+        if a.baseline:
+            out |= dict(baseline_pairs_s=round(pairs / t["baseline"]), ratio=round(t["baseline"] / t["ours"], 3))
+        emit(**out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def common(q):
+        q.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (median)")
+        q.add_argument("--baseline", action="store_true", help="also time the original code's behaviour")
+
+    for name in ("train", "extract"):
+        q = sub.add_parser(name)
+        common(q)
+        q.add_argument("--enet-type", default="tf_efficientnet_b3_ns")
+        q.add_argument("--image-size", type=int, default=256)
+        q.add_argument("--batch-size", type=int, default=64)
+        q.add_argument("--steps", type=int, default=10, help="steps (batches) per timed round")
+        q.add_argument("--device", default=default_device)
+        q.add_argument("--out-dim", type=int, default=81313, help="classes of the ArcFace head (81,313 at steps >= 1)")
+        q.add_argument("--compile", action="store_true")
+        if name == "train":
+            q.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], default="auto")
+            q.add_argument("--compare-head", action="store_true",
+                           help="also time the ArcFace head left to autocast: what its float32 run costs")
+        else:
+            q.add_argument("--precision", choices=sorted(predict.PRECISIONS), default=None,
+                           help="default bf16 on GPUs, fp32 on CPU")
+    q = sub.add_parser("loader")
+    common(q)
+    q.add_argument("--image-size", type=int, required=True)
+    q.add_argument("--data-dir", default=None, help="GLDv2 layout (train.csv + train/a/b/c/) or any folder of .jpg")
+    q.add_argument("--make", type=int, default=0, metavar="N", help="write N GLDv2-sized JPEGs first (synthetic.py)")
+    q.add_argument("--workers", type=int, default=0, help="0: in this process, i.e. one core")
+    q.add_argument("--images", type=int, default=256, help="images per timed round")
+    q.add_argument("--batch-size", type=int, default=32)
+    q = sub.add_parser("knn")
+    common(q)
+    q.add_argument("--queries", type=int, required=True)
+    q.add_argument("--gallery", type=int, required=True)
+    q.add_argument("--dim", type=int, required=True, help="embedding width of one model")
+    q.add_argument("--models", type=int, default=1, help="models of the ensemble (their embeddings concatenated)")
+    q.add_argument("--device", default=default_device)
+    q.add_argument("--query-chunk", type=int, default=4096)
+    q.add_argument("--gallery-chunk", type=int, default=32768)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    {"train": cmd_train, "extract": cmd_extract, "loader": cmd_loader, "knn": cmd_knn}[a.cmd](a)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("what", nargs="?", choices=["train", "extract", "retrieval", "all"], default="all")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per comparison (median)")
-    a = p.parse_args()
-    torch.backends.cudnn.benchmark = True
-    print(torch.__version__, torch.cuda.get_device_name() if DEV == "cuda" else "CPU", flush=True)
-    if a.what in ("train", "all"):
-        bench_train("tf_efficientnet_b3_ns", 256, 64, "bf16", a.rounds)
-        if not a.quick:
-            bench_train("tf_efficientnet_b3_ns", 256, 64, "off", a.rounds)
-            bench_train("tf_efficientnet_b7_ns", 256, 42, "bf16", a.rounds)
-    if a.what in ("extract", "all"):
-        bench_extract("tf_efficientnet_b3_ns" if a.quick else "tf_efficientnet_b7_ns", 672, 16, a.rounds)
-    if a.what in ("retrieval", "all"):
-        bench_retrieval(200_000 if a.quick else 400_000, 10_000)
+    main()

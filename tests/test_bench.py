@@ -1,4 +1,5 @@
-"""scripts/bench.py runs (on CPU here, tiny sizes): the GPU harness does not rot between GPU sessions."""
+"""scripts/bench.py: every subcommand runs on CPU at tiny sizes and prints its JSON line."""
+import json
 import os
 import sys
 
@@ -8,9 +9,35 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import bench  # noqa: E402
 
 
-def test_bench_runs_on_cpu(capsys):
-    bench.bench_train("resnet10t", 32, 2, "bf16", rounds=1, out_dim=20, iters=1)
-    bench.bench_extract("resnet10t", 32, 2, rounds=1, out_dim=20, iters=1)
-    out = capsys.readouterr().out
-    assert "head fp32" in out and "head autocast" in out and "per step" in out
-    assert all(f"{p} " in out for p in ("fp32", "bf16", "fp16"))
+def _run(capsys, *argv):
+    bench.main(list(argv))
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_train_and_extract(capsys):
+    small = ["--enet-type", "resnet10t", "--image-size", "32", "--batch-size", "2", "--steps", "2",
+             "--out-dim", "20", "--rounds", "1", "--device", "cpu", "--baseline"]
+    r = _run(capsys, "train", *small, "--compare-head")
+    assert r["what"] == "train" and r["img_s"] > 0 and r["baseline_img_s"] > 0 and r["warmup_s"] >= 0
+    assert r["ratio"] > 0 and "head_fp32_cost" in r and "peak_mib" in r
+    r = _run(capsys, "extract", *small)
+    assert r["what"] == "extract" and r["precision"] == "fp32" and r["img_s"] > 0 and r["ratio"] > 0
+
+
+def test_loader(capsys, tmp_path):
+    paths = bench.make_jpegs(str(tmp_path), 4, min_size=600, max_size=1024)
+    import cv2
+    assert all(600 <= max(cv2.imread(p).shape[:2]) <= 1024 for p in paths)
+    r = _run(capsys, "loader", "--image-size", "64", "--data-dir", str(tmp_path), "--rounds", "1", "--baseline")
+    assert r["what"] == "loader" and r["images"] == 4 and r["img_s_per_core"] == r["img_s"] > 0 and r["ratio"] > 0
+    r = _run(capsys, "loader", "--image-size", "64", "--make", "3", "--rounds", "1")
+    assert r["images"] == 3 and "ratio" not in r
+
+
+def test_knn(capsys):
+    r = _run(capsys, "knn", "--queries", "40", "--gallery", "2000", "--dim", "32", "--models", "2",
+             "--gallery-chunk", "700", "--rounds", "1", "--device", "cpu", "--baseline")
+    assert r["what"] == "knn" and r["dim"] == 64 and r["pairs_s"] > 0 and r["matmul_pairs_s"] > 0
+    assert r["ratio_to_matmul"] > 0 and r["bound_mib"] > 0 and r["ratio"] > 0
