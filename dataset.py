@@ -3,7 +3,8 @@
 The loader is built for throughput with the original's augmentation
 distribution: JPEGs are decoded at a reduced DCT scale when they are at least
 twice the training size, flip + shift-scale-rotate + resize run as one warp
-straight to the output size, and samples leave the workers as uint8 CHW
+straight to the output size (the JPEG-quality jitter on the smaller
+side of that warp), and samples leave the workers as uint8 CHW
 tensors; the model normalises them on the device (models.Net.extract).
 `reference_transforms` keeps the original's chain step by step, for tests and
 for `scripts/bench.py loader --baseline`.
@@ -16,7 +17,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 
 def image_path(data_dir, split, image_id):
@@ -74,7 +75,7 @@ def decode_min_side(transform):
     """The smallest side an image may be decoded at for `transform`: its fused
     geometric step's output size, or None (decode at full size)."""
     for t in getattr(transform, "transforms", ()):
-        if isinstance(t, FlipAffineResize):
+        if isinstance(t, FlipJpegAffineResize):
             return t.size
     return None
 
@@ -140,10 +141,43 @@ class LandmarkDataset(Dataset):
         if self.transform is not None:
             seed_transform(self.transform, sample_seed(self.seed, epoch, self.rank, index))
             image = self.transform(image=image)["image"]
-        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if image.dtype == np.uint8:
+            # a CHW view of the HWC array, no copy: `collate` stacks such views into a
+            # channels-last batch with plain memory copies (a CHW copy here would be a
+            # strided byte shuffle, ~1 ms at 768 px)
+            image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        else:  # float32 (reference_transforms): CHW in memory, as the original
+            image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if self.mode == "test":
             return image
         return image, torch.tensor(self.labels[index])
+
+
+def _stack_images(images):
+    x0 = images[0]
+    if x0.dtype != torch.uint8 or not all(x.permute(1, 2, 0).is_contiguous() for x in images):
+        return torch.stack(images)
+    c, h, w = x0.shape
+    numel = len(images) * c * h * w
+    if torch.utils.data.get_worker_info() is not None:
+        # in a worker: allocate in shared memory, so that the batch reaches the main
+        # process without another copy (what torch's default_collate does too)
+        out = x0.new(x0._typed_storage()._new_shared(numel, device=x0.device)).view(len(images), h, w, c)
+    else:
+        out = torch.empty((len(images), h, w, c), dtype=torch.uint8)
+    for o, x in zip(out, images):
+        o.copy_(x.permute(1, 2, 0))
+    return out.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last in memory
+
+
+def collate(batch):
+    """torch's default_collate, except that uint8 images (LandmarkDataset's CHW
+    views of HWC arrays) are stacked as one (B, H, W, C) block and returned as
+    its (B, C, H, W) view: a channels-last batch, which is the memory format
+    the model runs in on GPUs, made with contiguous copies only."""
+    if isinstance(batch[0], torch.Tensor):
+        return _stack_images(batch)
+    return (_stack_images([b[0] for b in batch]), *default_collate([tuple(b[1:]) for b in batch]))
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -185,53 +219,80 @@ def flip_affine_resize_matrix(h, w, size, flip, affine):
     return (np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]]) @ m)[:2]
 
 
-class FlipAffineResize(A.ImageOnlyTransform):
-    """HorizontalFlip(p) -> ShiftScaleRotate(p) -> Resize(size, size) as one warp.
+def jpeg_roundtrip(img, quality):
+    """Encode to JPEG at `quality` and decode: albumentations' ImageCompression."""
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
 
-    The original ran these as three passes over the full-size image (the
-    second and third each interpolating); here the three maps are composed
-    into one affine matrix and the source is sampled once, straight at the
-    output size (bilinear, black border as border_mode=0). Parameters have
-    the distributions of the original's chain, as albumentations 2.x's Affine
-    draws them: shift uniform in +-shift of the width and height, one scale
-    uniform in [1-scale, 1+scale], angle uniform in +-rotate degrees, about
-    the image centre. (Affine truncates the shift to whole source pixels; here
-    it is exact, which works at any decode scale.)
+
+class FlipJpegAffineResize(A.ImageOnlyTransform):
+    """The original's first four training transforms as one step:
+    HorizontalFlip(flip_p) -> ImageCompression(jpeg_quality, jpeg_p) ->
+    ShiftScaleRotate(affine_p) -> Resize(size, size).
+
+    The original ran them as passes over the full-size image (the affine and
+    the resize each interpolating). Here flip, affine and resize are composed
+    into one matrix and the source is sampled once, straight at the output
+    size (bilinear, black border as border_mode=0); without the affine it is a
+    plain resize and flip. The JPEG round trip, whose effect at quality 99-100
+    does not depend on where in the chain it runs but whose cost grows with the
+    pixels it codes, runs before the warp or after it, whichever image is
+    smaller (after it at 256 px, before it for ~800 px sources at 768 px).
+
+    Parameters have the original chain's distributions, as albumentations 2.x
+    draws them: flip and JPEG coin flips, quality uniform over the integers of
+    jpeg_quality; shift uniform in +-shift of the width and height, one scale
+    uniform in [1-scale, 1+scale], angle uniform in +-rotate degrees, about the
+    image centre. (Affine truncates the shift to whole source pixels; here it is
+    exact, which holds at any decode scale.)
     """
 
     class InitSchema(A.core.transforms_interface.BaseTransformInitSchema):
         size: int
         flip_p: float
+        jpeg_p: float
+        jpeg_quality: tuple[int, int]
         affine_p: float
         shift: float
         scale: float
         rotate: float
 
-    def __init__(self, size, flip_p=0.5, affine_p=0.7, shift=0.2, scale=0.2, rotate=10.0, p=1.0):
+    def __init__(self, size, flip_p=0.5, jpeg_p=0.5, jpeg_quality=(99, 100), affine_p=0.7, shift=0.2, scale=0.2,
+                 rotate=10.0, p=1.0):
         super().__init__(p=p)
-        self.size, self.flip_p, self.affine_p = size, flip_p, affine_p
-        self.shift, self.scale, self.rotate = shift, scale, rotate
+        self.size, self.flip_p, self.jpeg_p, self.jpeg_quality = size, flip_p, jpeg_p, tuple(jpeg_quality)
+        self.affine_p, self.shift, self.scale, self.rotate = affine_p, shift, scale, rotate
 
     def get_params_dependent_on_data(self, params, data):
         h, w = params["shape"][:2]
         flip = self.py_random.random() < self.flip_p
+        quality = self.py_random.randint(*self.jpeg_quality) if self.py_random.random() < self.jpeg_p else None
         affine = None
         if self.py_random.random() < self.affine_p:
             affine = (self.py_random.uniform(-self.shift, self.shift), self.py_random.uniform(-self.shift, self.shift),
                       self.py_random.uniform(1 - self.scale, 1 + self.scale),
                       self.py_random.uniform(-self.rotate, self.rotate))
         return {"matrix": flip_affine_resize_matrix(h, w, self.size, flip, affine), "flip": flip,
-                "affine": affine is not None}
+                "affine": affine is not None, "quality": quality}
 
-    def apply(self, img, matrix, flip, affine, **params):
-        if not affine:  # a plain resize (then a flip, which commutes with it) is cheaper than a warp
+    def apply(self, img, matrix, flip, affine, quality=None, **params):
+        jpeg_first = quality is not None and img.shape[0] * img.shape[1] <= self.size * self.size
+        if jpeg_first:
+            img = jpeg_roundtrip(img, quality)
+        if affine:
+            out = cv2.warpAffine(img, matrix, (self.size, self.size), flags=cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        else:  # a plain resize, then the flip (they commute): cheaper than a warp
             out = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
-            return cv2.flip(out, 1) if flip else out
-        return cv2.warpAffine(img, matrix, (self.size, self.size), flags=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            out = cv2.flip(out, 1) if flip else out
+        if quality is not None and not jpeg_first:
+            out = jpeg_roundtrip(out, quality)
+        return out
 
     def get_transform_init_args_names(self):
-        return ("size", "flip_p", "affine_p", "shift", "scale", "rotate")
+        return ("size", "flip_p", "jpeg_p", "jpeg_quality", "affine_p", "shift", "scale", "rotate")
 
 
 class Cutout(A.ImageOnlyTransform):
@@ -280,16 +341,15 @@ def get_transforms(image_size):
     """(train, val) transforms: the original's augmentations, built for speed.
 
     uint8 HWC in, uint8 HWC at image_size out; normalisation happens on the
-    device (models.Net.extract). Train: HorizontalFlip(0.5) +
-    ShiftScaleRotate(0.7) + Resize fused into one warp (FlipAffineResize, fed
-    a DCT-reduced decode by LandmarkDataset), then the JPEG-quality jitter at
-    the output size, then the original's Cutout. Val: Resize, as the original.
+    device (models.Net.extract). Train: HorizontalFlip(0.5),
+    ImageCompression(99-100, 0.5), ShiftScaleRotate(0.7) and Resize fused into
+    one step (FlipJpegAffineResize, fed a DCT-reduced decode by
+    LandmarkDataset), then the original's Cutout on its own. Val: Resize, as
+    the original.
     """
     transforms_train = A.Compose([
-        FlipAffineResize(image_size, flip_p=0.5, affine_p=0.7, shift=0.2, scale=0.2, rotate=10),
-        # [ImageCompression(quality_lower=99, quality_upper=100), p=0.5] before the affine in the
-        # original; at quality 99-100 its effect does not depend on where it runs, its cost does
-        A.ImageCompression(quality_range=(99, 100), p=0.5),
+        FlipJpegAffineResize(image_size, flip_p=0.5, jpeg_p=0.5, jpeg_quality=(99, 100), affine_p=0.7,
+                             shift=0.2, scale=0.2, rotate=10),
         Cutout(int(image_size * 0.4), fill=0, p=0.5),
     ])
     transforms_val = A.Compose([A.Resize(image_size, image_size)])

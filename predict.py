@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from dataset import LandmarkDataset, get_transforms, image_path, worker_init
+from dataset import LandmarkDataset, collate, get_transforms, image_path, worker_init
 from models import build_model
 from util import load_state_dict_file, memory_format
 
@@ -121,7 +121,8 @@ def extract_features(model, paths, image_size, device, batch_size=64, num_worker
     if done >= n:
         return out
     loader = DataLoader(Subset(ds, range(done, n)), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=worker_init if num_workers else None)
+                        pin_memory=device.type == "cuda", worker_init_fn=worker_init if num_workers else None,
+                        collate_fn=collate)
     for x in tqdm(loader, desc=desc, initial=done // batch_size, total=(n + batch_size - 1) // batch_size,
                   mininterval=2.0):
         z = embed_batch(model, x, device, precision)

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from dataset import EpochSampler, LandmarkDataset, get_df, get_transforms, worker_init
+from dataset import EpochSampler, LandmarkDataset, collate, get_df, get_transforms, worker_init
 from losses import ArcFaceLossAdaptiveMargin, dynamic_margins
 from models import build_model
 from util import (cleanup_distributed, get_lr, global_average_precision_score, is_main, load_state_dict_file,
@@ -143,7 +143,8 @@ def train_one_epoch(args, model, loader, optimizer, criterion, scaler, autocast,
 
 def loader_kwargs(args, device):
     """DataLoader settings shared by the training and validation loaders."""
-    kw = {"batch_size": args.batch_size, "num_workers": args.num_workers, "pin_memory": device.type == "cuda"}
+    kw = {"batch_size": args.batch_size, "num_workers": args.num_workers, "pin_memory": device.type == "cuda",
+          "collate_fn": collate}
     if args.num_workers > 0:
         # workers live for the whole run (no re-spawn and re-import each epoch) and keep
         # a few batches ready per worker; one OpenCV thread each

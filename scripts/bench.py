@@ -168,6 +168,24 @@ class OriginalArcFaceLoss(torch.nn.Module):
         return -(F.log_softmax(output, dim=-1) * onehot).sum(-1).mean()
 
 
+class OriginalLandmarkDataset(torch.utils.data.Dataset):
+    """The original's dataset item as it ran: cv2.imread at full size, a reversed
+    channel view, the albumentations chain, .astype(float32) (a copy: Normalize
+    already returns float32), a transposed view and torch.tensor (a strided
+    copy). No per-sample seeding (albumentations 0.4 drew from the global RNG)."""
+
+    def __init__(self, filepaths, transform):
+        self.filepaths, self.transform = list(filepaths), transform
+
+    def __len__(self):
+        return len(self.filepaths)
+
+    def __getitem__(self, index):
+        image = cv2.imread(self.filepaths[index])[:, :, ::-1]
+        image = self.transform(image=image)["image"].astype(np.float32)
+        return torch.tensor(image.transpose(2, 0, 1)), torch.tensor(0)
+
+
 def _float_input(x):
     """uint8 CHW -> the float32 normalised tensors the original's loader produced."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
@@ -341,24 +359,27 @@ def cmd_loader(a):
         kw = train.loader_kwargs(targs, torch.device("cpu"))
         df = pd.DataFrame({"filepath": paths, "landmark_id": np.zeros(len(paths), np.int64)})
 
-        def loader_for(transform):
-            ds = dataset.LandmarkDataset(df, "train", "train", transform)
-            sampler = dataset.EpochSampler(torch.utils.data.SequentialSampler(ds))
+        def loader_for(ds, sampler, **kw):
             loader = torch.utils.data.DataLoader(ds, sampler=sampler, **kw)
             epoch = [0]
 
             def run():
                 epoch[0] += 1
-                sampler.set_epoch(epoch[0])
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch[0])
                 for _ in loader:
                     pass
             return run
 
         cpu = torch.device("cpu")
-        cases = {"ours": loader_for(dataset.get_transforms(a.image_size)[0])}
+        ours = dataset.LandmarkDataset(df, "train", "train", dataset.get_transforms(a.image_size)[0])
+        cases = {"ours": loader_for(ours, dataset.EpochSampler(torch.utils.data.SequentialSampler(ours)), **kw)}
         warm = {"ours": _warmup(cases["ours"], cpu, calls=1)}
         if a.baseline:
-            cases["baseline"] = loader_for(dataset.reference_transforms(a.image_size)[0])
+            # the original's DataLoader: default collate (float32), the same workers and batch
+            base = OriginalLandmarkDataset(paths, dataset.reference_transforms(a.image_size)[0])
+            base_kw = {k: v for k, v in kw.items() if k != "collate_fn"}
+            cases["baseline"] = loader_for(base, torch.utils.data.SequentialSampler(base), **base_kw)
             warm["baseline"] = _warmup(cases["baseline"], cpu, calls=1)
         t = interleaved(cases, cpu, a.rounds)
         n, cores = len(paths), max(a.workers, 1)

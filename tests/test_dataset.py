@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dataset import (Cutout, EpochSampler, FlipAffineResize, LandmarkDataset, decode_min_side, flip_affine_resize_matrix,
+from dataset import (Cutout, EpochSampler, FlipJpegAffineResize, LandmarkDataset, decode_min_side, flip_affine_resize_matrix,
                      get_df, get_transforms, image_path, jpeg_size, read_rgb, reference_transforms, seed_transform)
 
 
@@ -98,10 +98,10 @@ def test_augmentation_reproducible_per_seed_epoch_rank_index(synth):
 def test_train_transform_contents():
     import albumentations as A
     tt, tv = get_transforms(100)
-    assert [type(t).__name__ for t in tt.transforms] == ["FlipAffineResize", "ImageCompression", "Cutout"]
-    g, jpeg, cd = tt.transforms
-    assert (g.size, g.flip_p, g.affine_p, g.shift, g.scale, g.rotate) == (100, 0.5, 0.7, 0.2, 0.2, 10)
-    assert jpeg.quality_range == (99, 100) and jpeg.p == 0.5
+    assert [type(t).__name__ for t in tt.transforms] == ["FlipJpegAffineResize", "Cutout"]
+    g, cd = tt.transforms
+    assert (g.size, g.flip_p, g.jpeg_p, g.jpeg_quality, g.affine_p, g.shift, g.scale, g.rotate) == \
+        (100, 0.5, 0.5, (99, 100), 0.7, 0.2, 0.2, 10)
     assert isinstance(cd, Cutout) and cd.hole_size == 40 and cd.fill == 0 and cd.p == 0.5
     assert [type(t).__name__ for t in tv.transforms] == ["Resize"]
     assert isinstance(tt, A.Compose) and decode_min_side(tt) == 100 and decode_min_side(tv) is None
@@ -222,7 +222,7 @@ def test_fused_warp_equals_the_original_chain():
         r = np.array([[size / w, 0, 0.5 * size / w - 0.5], [0, size / h, 0.5 * size / h - 0.5], [0, 0, 1]])
         m = flip_affine_resize_matrix(h, w, size, flip, aff)
         np.testing.assert_allclose(m, (r @ a @ f)[:2], atol=1e-9)
-        out = FlipAffineResize(size).apply(img, m, flip, aff is not None)
+        out = FlipJpegAffineResize(size).apply(img, m, flip, aff is not None)
         d = np.abs(out.astype(np.float32) - ref)
         if aff is None:
             assert d.max() == 0
@@ -273,7 +273,7 @@ def test_fast_train_transforms_keep_the_original_distribution(tmp_path):
     # the test has power: half the shift range, or the affine half as often, is caught
     for bad in (dict(shift=0.1), dict(affine_p=0.35)):
         t = get_transforms(size)[0]
-        t.transforms[0] = FlipAffineResize(size, **bad)
+        t.transforms[0] = FlipJpegAffineResize(size, **bad)
         worse = _draw_stats(t, path, n)
         assert min(same(ref[:, j], worse[:, j]) for j in range(4)) < 1e-3, bad
 
