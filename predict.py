@@ -286,7 +286,8 @@ def format_submission(ids, landmarks, confidences):
 # ---------------------------------------------------------------- pipeline
 
 def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num_workers=2,
-        cache_dir=None, sample_submission=None, fp16_cache=False, non_landmark=None, precision="fp32"):
+        cache_dir=None, sample_submission=None, fp16_cache=False, non_landmark=None, precision="fp32",
+        compile=False):
     """The whole inference. Returns {'ids', 'classifier', 'retrieval', 'ensemble'}
     where each part is (landmarks, confidences); with non_landmark ('auto': mined
     from the queries, or a CSV of known non-landmark images, column `id` under
@@ -317,6 +318,8 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
     for m in models:
         ckpt = resolve_checkpoint(m["checkpoint"], base)
         model = load_model(m["enet_type"], ckpt, device)
+        if compile:  # the backbone and neck; a ragged last batch compiles once more
+            model.neck = torch.compile(model.neck)
         if out_dim is not None and model.metric_classify.out_features != out_dim:
             raise ValueError(f"{ckpt}: {model.metric_classify.out_features} classes, the others {out_dim}")
         out_dim = model.metric_classify.out_features
@@ -373,6 +376,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help="backbone arithmetic for feature extraction: fp32 as the original notebook (default), or "
                         "bf16/fp16 autocast (faster on GPUs; the ArcFace head stays fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each model's backbone (worth it on GPUs for large galleries)")
     p.add_argument("--non-landmark", default=None, metavar="auto|CSV",
                    help="sink queries that look like non-landmarks (beyond the original): 'auto' mines them from "
                         "the queries, or a CSV of known non-landmark images (id under DATA_DIR/non_landmark/, or filepath)")
@@ -385,7 +390,7 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     res = run(a.data_dir, a.train_csv, a.idx2landmark, a.spec, a.device, a.batch_size, a.num_workers,
-              a.cache_dir or None, a.sample_submission, a.fp16_cache, a.non_landmark, a.precision)
+              a.cache_dir or None, a.sample_submission, a.fp16_cache, a.non_landmark, a.precision, a.compile)
     final = "ensemble_nl" if a.non_landmark else "ensemble"
     format_submission(res["ids"], *res[final]).to_csv(a.out, index=False)
     if a.write_parts:

@@ -66,8 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", type=str, default="", help="checkpoint of ours: weights, optimizer, scaler, epoch")
     p.add_argument("--seed", type=int, default=0, help="sampler order and augmentations")
     p.add_argument("--log-interval", type=int, default=50, help="steps between progress-bar loss updates")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step (minutes of compilation at the start of a stage)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the training step (default backend inductor; minutes of compilation at "
+                        "the start of a stage)")
     args = p.parse_args(argv)
     if args.use_amp:
         warnings.warn("--use-amp is the original's flag and turned mixed precision OFF there; it does so "
@@ -232,8 +233,8 @@ def build_training(args, model, margins, device):
         # Only the training step is compiled, with static shapes (the loader drops the last
         # partial batch). Validation calls the eager `model`: its eval mode, no_grad and
         # ragged last batch would each be a recompilation, every epoch.
-        train_model = torch.compile(train_model, dynamic=False)
-        train_criterion = torch.compile(criterion, dynamic=False)
+        train_model = torch.compile(train_model, dynamic=False, backend=args.compile)
+        train_criterion = torch.compile(criterion, dynamic=False, backend=args.compile)
     return SimpleNamespace(model=model, train_model=train_model, criterion=criterion, train_criterion=train_criterion,
                            optimizer=optimizer, scaler=scaler, autocast=autocast)
 

@@ -41,3 +41,18 @@ def test_knn(capsys):
              "--gallery-chunk", "700", "--rounds", "1", "--device", "cpu", "--baseline")
     assert r["what"] == "knn" and r["dim"] == 64 and r["pairs_s"] > 0 and r["matmul_pairs_s"] > 0
     assert r["ratio_to_matmul"] > 0 and r["bound_mib"] > 0 and r["ratio"] > 0
+
+
+def test_loader_beats_the_original_per_core(capsys, tmp_path):
+    """The acceptance ratio of the loader, loosely (the target is 2x; 2-core CI machines are noisy)."""
+    bench.make_jpegs(str(tmp_path), 24)
+    r = _run(capsys, "loader", "--image-size", "256", "--data-dir", str(tmp_path), "--rounds", "3", "--baseline")
+    assert r["ratio"] > 1.5, r
+
+
+def test_knn_memory_bound_and_speed(capsys):
+    """Peak memory within the queries + one chunk + 10 %, and close to the bare matmul's speed."""
+    r = _run(capsys, "knn", "--queries", "600", "--gallery", "40000", "--dim", "256", "--gallery-chunk", "8192",
+             "--rounds", "3", "--device", "cpu")
+    assert r["peak_mib"] <= 1.1 * r["bound_mib"] + 4, r
+    assert r["ratio_to_matmul"] > 0.6, r

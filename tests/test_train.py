@@ -111,3 +111,22 @@ def test_cli_flags():
                    "--load-from ./weights/b7ns_DDP_final_256_300w_f0_10ep_fold0.pth "
                    "--CUDA_VISIBLE_DEVICES 0,1,2,3,4,5".split())
     assert (a.train_step, a.stop_at_epoch, a.CUDA_VISIBLE_DEVICES) == (1, 13, "0,1,2,3,4,5")
+
+
+def test_compiled_training_step_does_not_recompile(synth, tmp_path, monkeypatch):
+    """--compile: the training step is traced once and reused every epoch (aot_eager:
+    the same capture without C++ code generation); validation stays eager; the
+    checkpoint holds plain keys that load into an uncompiled model."""
+    import torch._dynamo
+    import train
+    from models import build_model
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    argv = train_cmd(synth, "comp", 0, "--compile", "aot_eager", "--model-dir", str(tmp_path), epochs=3)[1:]
+    train.main(argv)
+    ckpt = torch.load(tmp_path / "comp_fold0_final.pth", weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["args"]["compile"] == "aot_eager"
+    sd = ckpt["model_state_dict"]
+    assert not any(k.startswith("_orig_mod.") for k in sd)
+    build_model(TINY_BACKBONE, ckpt["out_dim"]).load_state_dict(sd, strict=True)
+    torch._dynamo.reset()
