@@ -374,7 +374,8 @@ def cmd_loader(a):
         cpu = torch.device("cpu")
         ours = dataset.LandmarkDataset(df, "train", "train", dataset.get_transforms(a.image_size)[0])
         cases = {"ours": loader_for(ours, dataset.EpochSampler(torch.utils.data.SequentialSampler(ours)), **kw)}
-        warm = {"ours": _warmup(cases["ours"], cpu, calls=1)}
+        with PeakMemory(cpu) as mem:  # this process only: with workers, their memory is their own
+            warm = {"ours": _warmup(cases["ours"], cpu, calls=1)}
         if a.baseline:
             # the original's DataLoader: default collate (float32), the same workers and batch
             base = OriginalLandmarkDataset(paths, dataset.reference_transforms(a.image_size)[0])
@@ -385,7 +386,7 @@ def cmd_loader(a):
         n, cores = len(paths), max(a.workers, 1)
         out = dict(what="loader", image_size=a.image_size, images=n, workers=a.workers,
                    source="make" if a.make else a.data_dir, img_s=round(n / t["ours"], 2),
-                   img_s_per_core=round(n / t["ours"] / cores, 2), peak_mib=None, warmup_s=round(warm["ours"], 2))
+                   img_s_per_core=round(n / t["ours"] / cores, 2), peak_mib=round(mem.peak_mib, 1), warmup_s=round(warm["ours"], 2))
         if a.baseline:
             out |= dict(baseline_img_s=round(n / t["baseline"], 2), ratio=round(t["baseline"] / t["ours"], 3))
         emit(**out)
