@@ -19,6 +19,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from util import UserError
+
 
 def image_path(data_dir, split, image_id):
     """GLDv2 layout: <data_dir>/<split>/a/b/c/<id>.jpg for an id starting with abc."""
@@ -29,45 +31,93 @@ _SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (no
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
-def jpeg_size(buf):
-    """(height, width) from a JPEG's frame header, without decoding; None when
-    `buf` is not a JPEG or the header cannot be found."""
+def _next_marker(buf, i):
+    """Position of the first marker at or after i in entropy-coded data, where
+    0xFF is followed by 0x00 (stuffing) or a restart marker (D0-D7); None if none."""
+    ff = np.flatnonzero(buf[i:-1] == 0xFF) + i
+    nxt = buf[ff + 1]
+    k = np.flatnonzero((nxt != 0) & (nxt != 0xFF) & ((nxt < 0xD0) | (nxt > 0xD7)))
+    return int(ff[k[0]]) if len(k) else None
+
+
+def jpeg_scan(buf):
+    """((height, width) or None, complete) of a JPEG from its markers, without
+    decoding: `complete` says the end-of-image marker was reached, which a
+    truncated download never does (OpenCV would decode it silently, grey at
+    the bottom). None when `buf` is not a JPEG."""
     n = len(buf)
     if n < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
         return None
-    i = 2
-    while i + 9 < n:
+    hw, i = None, 2
+    while i + 1 < n:
         if buf[i] != 0xFF:
-            return None
+            return hw, False
         marker = buf[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
             continue
-        if marker in _SOF:
-            return (int(buf[i + 5]) << 8 | int(buf[i + 6]), int(buf[i + 7]) << 8 | int(buf[i + 8]))
+        if marker == 0xD9:  # end of image
+            return hw, True
+        if i + 3 >= n:
+            break
+        if marker in _SOF and i + 8 < n:
+            hw = (int(buf[i + 5]) << 8 | int(buf[i + 6]), int(buf[i + 7]) << 8 | int(buf[i + 8]))
         i += 2 + (int(buf[i + 2]) << 8 | int(buf[i + 3]))
-    return None
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
+            i = _next_marker(buf, i) if i < n else None
+            if i is None:
+                break
+    return hw, False
+
+
+def jpeg_size(buf):
+    """(height, width) from a JPEG's frame header, without decoding; None when
+    `buf` is not a JPEG or has no frame header."""
+    scan = jpeg_scan(buf)
+    return scan[0] if scan else None
+
+
+class BadImage(Exception):
+    """An image file that cannot be used: missing, empty, truncated or not an image."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
 
 
 def read_rgb(path, min_side=None):
-    """RGB uint8 image (EXIF orientation applied, as cv2.imread).
+    """RGB uint8 image (EXIF orientation applied, as cv2.imread; grayscale,
+    16-bit and alpha images converted to 8-bit RGB). Raises BadImage.
 
     With min_side, a JPEG is decoded at the coarsest DCT scale (1/2, 1/4, 1/8)
     that keeps both of its sides >= min_side: the decoder skips most of its
     work and the image is never smaller than what it will be resized to.
     """
-    buf = np.fromfile(path, np.uint8)
+    try:
+        buf = np.fromfile(path, np.uint8)
+    except FileNotFoundError:
+        raise BadImage(path, "missing") from None
+    except OSError as e:
+        raise BadImage(path, f"unreadable ({e.strerror or e})") from None
+    if len(buf) == 0:
+        raise BadImage(path, "empty file")
     flag = cv2.IMREAD_COLOR
-    if min_side:
-        hw = jpeg_size(buf)
-        if hw is not None:
+    scan = jpeg_scan(buf)
+    if scan is not None:
+        hw, complete = scan
+        if not complete:
+            raise BadImage(path, "truncated JPEG")
+        if min_side and hw is not None:
             for f in (8, 4, 2):
                 if math.ceil(min(hw) / f) >= min_side:  # libjpeg rounds scaled sizes up
                     flag = _REDUCED[f]
                     break
-    img = cv2.imdecode(buf, flag) if len(buf) else None
-    if img is None:
-        raise FileNotFoundError(f"cannot read image {path}")
+    try:
+        img = cv2.imdecode(buf, flag)
+    except cv2.error:
+        img = None
+    if img is None or img.size == 0:
+        raise BadImage(path, "not a readable image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -118,11 +168,20 @@ class LandmarkDataset(Dataset):
     resumed run repeats an uninterrupted one. The epoch comes with the index
     as (epoch, index) from EpochSampler, which persistent workers need; a
     plain index uses the epoch of set_epoch.
+
+    skip_bad=True: an unreadable file (BadImage) does not stop anything, and
+    every item ends with the paths it could not read, joined by newlines ('' if
+    none). In 'train'/'val' the sample is replaced by another row drawn from
+    (seed, epoch, rank, index, attempt), so a resumed run still repeats an
+    uninterrupted one; in 'test' it is a black image, for the caller to leave
+    out or mark.
     """
 
-    def __init__(self, csv, split, mode, transform=None, seed=0, rank=0):
+    MAX_REDRAWS = 20
+
+    def __init__(self, csv, split, mode, transform=None, seed=0, rank=0, skip_bad=False):
         self.csv = csv.reset_index(drop=True)
-        self.split, self.mode, self.transform = split, mode, transform
+        self.split, self.mode, self.transform, self.skip_bad = split, mode, transform, skip_bad
         self.filepaths = self.csv["filepath"].to_numpy()
         self.labels = self.csv["landmark_id"].to_numpy(np.int64) if mode != "test" else None
         self.seed, self.rank, self.epoch = seed, rank, 0
@@ -133,11 +192,7 @@ class LandmarkDataset(Dataset):
     def __len__(self):
         return len(self.filepaths)
 
-    def __getitem__(self, index):
-        epoch = self.epoch
-        if isinstance(index, tuple):
-            epoch, index = index
-        image = read_rgb(self.filepaths[index], decode_min_side(self.transform))
+    def _image(self, image, epoch, index):
         if self.transform is not None:
             seed_transform(self.transform, sample_seed(self.seed, epoch, self.rank, index))
             image = self.transform(image=image)["image"]
@@ -145,12 +200,35 @@ class LandmarkDataset(Dataset):
             # a CHW view of the HWC array, no copy: `collate` stacks such views into a
             # channels-last batch with plain memory copies (a CHW copy here would be a
             # strided byte shuffle, ~1 ms at 768 px)
-            image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        else:  # float32 (reference_transforms): CHW in memory, as the original
-            image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        if self.mode == "test":
-            return image
-        return image, torch.tensor(self.labels[index])
+            return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # float32: CHW, as the original
+
+    def __getitem__(self, index):
+        epoch = self.epoch
+        if isinstance(index, tuple):
+            epoch, index = index
+        min_side, bad = decode_min_side(self.transform), []
+        for attempt in range(self.MAX_REDRAWS + 1):
+            try:
+                image = read_rgb(self.filepaths[index], min_side)
+                break
+            except BadImage:
+                if not self.skip_bad:
+                    raise
+                bad.append(str(self.filepaths[index]))
+                if self.mode == "test":
+                    image = np.zeros((8, 8, 3), np.uint8)
+                    break
+                index = int(np.random.default_rng(sample_seed(self.seed, epoch, self.rank, index, attempt + 1))
+                            .integers(len(self)))
+        else:
+            raise BadImage(self.filepaths[index], f"{self.MAX_REDRAWS + 1} unreadable images in a row: "
+                                                  f"is the data set there at all?")
+        image = self._image(image, epoch, index)
+        item = (image,) if self.mode == "test" else (image, torch.tensor(self.labels[index]))
+        if self.skip_bad:
+            item += ("\n".join(bad),)
+        return item[0] if len(item) == 1 else item
 
 
 def _stack_images(images):
@@ -375,6 +453,48 @@ def reference_transforms(image_size):
     return transforms_train, transforms_val
 
 
+def read_csv_checked(path, columns, hint="", allow_empty=False):
+    """A CSV with ids as text and integer landmark ids; a missing file, a
+    missing column, no rows or a non-integer landmark id is a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file" + (f"; {hint}" if hint else ""))
+    try:
+        df = pd.read_csv(path, dtype={"id": str})
+    except pd.errors.EmptyDataError:
+        if allow_empty:
+            return pd.DataFrame(columns=columns)
+        raise UserError(f"{path}: empty file") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from e
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: no column {', '.join(missing)} (has {', '.join(map(str, df.columns))})")
+    if df.empty and not allow_empty:
+        raise UserError(f"{path}: no rows")
+    if "landmark_id" in columns and not pd.api.types.is_integer_dtype(df["landmark_id"]):
+        v = pd.to_numeric(df["landmark_id"], errors="coerce")
+        bad = df["landmark_id"][v.isna() | (v % 1 != 0)]
+        raise UserError(f"{path}: landmark_id must be integers" + (f", found {bad.iloc[0]!r}" if len(bad) else ""))
+    return df
+
+
+def drop_excluded(df, exclude_csv):
+    """df without the rows that `exclude_csv` lists (preprocess.py --check-images'
+    bad_images.csv: column id and/or path), and how many were dropped."""
+    if not exclude_csv:
+        return df, 0
+    ex = read_csv_checked(exclude_csv, [], allow_empty=True)
+    if "id" not in ex.columns and "path" not in ex.columns:
+        raise UserError(f"{exclude_csv}: expected a column id or path (as preprocess.py --check-images writes)")
+    drop = np.zeros(len(df), bool)
+    if "id" in ex.columns and "id" in df.columns:
+        drop |= df["id"].astype(str).isin(set(ex["id"].dropna().astype(str))).to_numpy()
+    if "path" in ex.columns:
+        paths = {os.path.normpath(p) for p in ex["path"].dropna()}
+        drop |= np.array([os.path.normpath(p) in paths for p in df["filepath"]], bool)
+    return df[~drop], int(drop.sum())
+
+
 def get_df(kernel_type, data_dir, train_step, folds_csv="train_0.csv"):
     """The training frame of a stage, with the original's semantics.
 
@@ -387,8 +507,11 @@ def get_df(kernel_type, data_dir, train_step, folds_csv="train_0.csv"):
     ids. Returns (df, out_dim).
     """
     del kernel_type  # part of the original signature, unused there too
-    df_folds = pd.read_csv(folds_csv)
-    df_full = pd.read_csv(os.path.join(data_dir, "train.csv"))
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data-dir {data_dir}: no such folder (it holds train.csv and train/a/b/c/<id>.jpg)")
+    df_folds = read_csv_checked(folds_csv, ["id", "landmark_id", "fold"],
+                                hint="make it with `python preprocess.py --out-dir DIR` and pass --folds-csv")
+    df_full = read_csv_checked(os.path.join(data_dir, "train.csv"), ["id", "landmark_id"])
     df_full = df_full[[c for c in df_full.columns if c != "url"]]
     if train_step > 0:
         cls = pd.unique(df_folds["landmark_id"])

@@ -10,11 +10,11 @@ import math
 
 import pandas as pd
 
-from util import global_average_precision_score
+from util import UserError, global_average_precision_score, run_main
 
 
-class SubmissionError(ValueError):
-    pass
+class SubmissionError(UserError, ValueError):
+    """A malformed submission or solution file: one line, exit status 2."""
 
 
 def read_submission(path):
@@ -85,4 +85,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from util import UserError
+
 EMBED_DIM = 512
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # A.Normalize()'s defaults, which the original used
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -131,6 +133,20 @@ def _pretrained_error(enet_type, err):
         f"could not get ImageNet weights for '{enet_type}' ({err}). Without network access, "
         f"put the file in the torch/Hugging Face cache, pass --pretrained-path FILE, or "
         f"train from scratch with --no-pretrained.")
+
+
+def check_enet_type(enet_type):
+    """A UserError unless `enet_type` names a backbone this repo can build
+    (nest101, rex20 or any timm model name), suggesting close timm names."""
+    import difflib
+
+    import timm
+    if enet_type in ("nest101", "rex20") or timm.is_model(_timm_name(enet_type)):
+        return
+    close = difflib.get_close_matches(enet_type, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise UserError(f"--enet-type {enet_type}: not a known backbone{hint} (nest101, rex20, or a timm name: "
+                    f"python -c \"import timm; print(timm.list_models('*efficientnet*'))\")")
 
 
 def build_backbone(enet_type, pretrained=False, pretrained_path=None):

@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import json
 import os
-import pickle
 from contextlib import nullcontext
 
 import numpy as np
@@ -23,9 +22,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from dataset import LandmarkDataset, collate, get_transforms, image_path, worker_init
+from dataset import LandmarkDataset, collate, get_transforms, image_path, read_csv_checked, worker_init
 from models import build_model
-from util import load_state_dict_file, memory_format
+from preprocess import read_clean_list
+from util import UserError, load_fitting, load_state_dict_file, memory_format, read_label_map, run_main
 
 TOP_K = 5        # gallery neighbours per query
 CLS_TOP_K = 5    # classifier candidates per query
@@ -37,14 +37,21 @@ NL_FACTOR = 1e-100  # confidence factor of a query that looks like a non-landmar
 # ---------------------------------------------------------------- models
 
 def load_spec(path):
-    with open(path) as f:
-        spec = json.load(f)
-    models = spec["models"] if isinstance(spec, dict) else spec
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the spec ({e.strerror})") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not JSON ({e})") from e
+    models = spec.get("models") if isinstance(spec, dict) else spec
+    if not isinstance(models, list) or not models or not all(isinstance(m, dict) for m in models):
+        raise UserError(f'{path}: expected {{"models": [{{"enet_type", "checkpoint", "image_size"}}, ...]}}')
     base = os.path.dirname(os.path.abspath(path))
     for m in models:
         missing = {"enet_type", "checkpoint", "image_size"} - set(m)
         if missing:
-            raise ValueError(f"{path}: model entry {m} lacks {sorted(missing)}")
+            raise UserError(f"{path}: model entry {m} lacks {sorted(missing)}")
     return models, base
 
 
@@ -54,16 +61,16 @@ def resolve_checkpoint(path, base):
     for p in ([path] if os.path.isabs(path) else [os.path.join(base, path), path]):
         if os.path.exists(p):
             return p
-    raise FileNotFoundError(f"checkpoint {path} not found (looked in {base} and {os.getcwd()})")
+    raise UserError(f"checkpoint {path} not found (looked in {base} and {os.getcwd()})")
 
 
-def load_model(enet_type, checkpoint, device="cpu"):
+def load_model(enet_type, checkpoint, device="cpu", trust=False):
     """A model from a checkpoint of ours or of the original code (strict)."""
-    sd = load_state_dict_file(checkpoint)
+    sd = load_state_dict_file(checkpoint, trust=trust)
     if "metric_classify.weight" not in sd:
-        raise ValueError(f"{checkpoint}: no 'metric_classify.weight': not a checkpoint of this model")
+        raise UserError(f"{checkpoint}: no 'metric_classify.weight': not a checkpoint of this model")
     model = build_model(enet_type, sd["metric_classify.weight"].shape[0] // 3, pretrained=False)
-    model.load_state_dict(sd, strict=True)
+    load_fitting(model, sd, checkpoint)
     return model.to(device, memory_format=memory_format(torch.device(device))).eval()
 
 
@@ -287,7 +294,7 @@ def format_submission(ids, landmarks, confidences):
 
 def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num_workers=2,
         cache_dir=None, sample_submission=None, fp16_cache=False, non_landmark=None, precision="fp32",
-        compile=False):
+        compile=False, trust_checkpoint=False):
     """The whole inference. Returns {'ids', 'classifier', 'retrieval', 'ensemble'}
     where each part is (landmarks, confidences); with non_landmark ('auto': mined
     from the queries, or a CSV of known non-landmark images, column `id` under
@@ -295,15 +302,11 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
     'nl_similarity' (each query's mean cosine to its nearest non-landmarks)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
+        raise UserError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
     models, base = load_spec(spec) if isinstance(spec, str) else (spec, os.getcwd())
-    with open(idx2landmark, "rb") as f:
-        idx2lid = pickle.load(f)
-    gallery = pd.read_csv(train_csv)
-    if "images" in gallery.columns and "id" not in gallery.columns:
-        from preprocess import read_clean_list
-        gallery = read_clean_list(train_csv)
-    sub = pd.read_csv(sample_submission or os.path.join(data_dir, "sample_submission.csv"))
+    idx2lid = read_label_map(idx2landmark)
+    gallery = read_clean_list(train_csv)  # id,landmark_id or GLDv2's landmark_id,images; ids as text
+    sub = read_csv_checked(sample_submission or os.path.join(data_dir, "sample_submission.csv"), ["id"])
     g_paths = [image_path(data_dir, "train", i) for i in gallery["id"]]
     q_paths = [image_path(data_dir, "test", i) for i in sub["id"]]
     nl_paths = None
@@ -317,12 +320,14 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
     g_emb, q_emb, nl_emb, zqs, heads, out_dim = [], [], [], [], [], None
     for m in models:
         ckpt = resolve_checkpoint(m["checkpoint"], base)
-        model = load_model(m["enet_type"], ckpt, device)
+        model = load_model(m["enet_type"], ckpt, device, trust_checkpoint)
         if compile:  # the backbone and neck; a ragged last batch compiles once more
             model.neck = torch.compile(model.neck)
         if out_dim is not None and model.metric_classify.out_features != out_dim:
-            raise ValueError(f"{ckpt}: {model.metric_classify.out_features} classes, the others {out_dim}")
+            raise UserError(f"{ckpt}: {model.metric_classify.out_features} classes, the others {out_dim}")
         out_dim = model.metric_classify.out_features
+        if out_dim != len(idx2lid):  # before any image is read
+            raise UserError(f"{ckpt}: the model has {out_dim} classes but {idx2landmark} maps {len(idx2lid)}")
         size = int(m["image_size"])
         kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, dtype=dtype, precision=precision)
         g_emb.append(extract_features(model, g_paths, size, cache_dir=cache_dir, normalize=True,
@@ -337,8 +342,6 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
             nl_emb.append(extract_features(model, nl_paths, size, normalize=True, desc=f"non-landmarks @{size}",
                                            **(kw | {"dtype": np.float32})))
         del model
-    if out_dim != len(idx2lid):
-        raise ValueError(f"the models have {out_dim} classes but {idx2landmark} maps {len(idx2lid)}")
     lid_of = np.array([idx2lid[i] for i in range(out_dim)])
     present = np.isin(lid_of, gallery["landmark_id"].unique())
     cls_s, cls_i = classifier_topk(zqs, heads, present, device=device)
@@ -364,7 +367,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--data-dir", required=True, help="holds train/, test/ and sample_submission.csv")
     p.add_argument("--train-csv", required=True, help="the gallery: clean train list (id,landmark_id)")
-    p.add_argument("--idx2landmark", required=True, help="idx2landmark_id.pkl from preprocess.py")
+    p.add_argument("--idx2landmark", required=True,
+                   help="idx2landmark_id.json (or the original's .pkl) from preprocess.py")
     p.add_argument("--spec", required=True, help='JSON: {"models": [{"enet_type", "checkpoint", "image_size"}]}')
     p.add_argument("--out", default="submission.csv")
     p.add_argument("--sample-submission", default=None, help="query ids (default DATA_DIR/sample_submission.csv)")
@@ -376,6 +380,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help="backbone arithmetic for feature extraction: fp32 as the original notebook (default), or "
                         "bf16/fp16 autocast (faster on GPUs; the ArcFace head stays fp32)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the spec's checkpoints in full, objects included (only for files you trust)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each model's backbone (worth it on GPUs for large galleries)")
     p.add_argument("--non-landmark", default=None, metavar="auto|CSV",
@@ -390,7 +396,8 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     res = run(a.data_dir, a.train_csv, a.idx2landmark, a.spec, a.device, a.batch_size, a.num_workers,
-              a.cache_dir or None, a.sample_submission, a.fp16_cache, a.non_landmark, a.precision, a.compile)
+              a.cache_dir or None, a.sample_submission, a.fp16_cache, a.non_landmark, a.precision, a.compile,
+              a.trust_checkpoint)
     final = "ensemble_nl" if a.non_landmark else "ensemble"
     format_submission(res["ids"], *res[final]).to_csv(a.out, index=False)
     if a.write_parts:
@@ -405,4 +412,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

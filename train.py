@@ -20,11 +20,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from dataset import EpochSampler, LandmarkDataset, collate, get_df, get_transforms, worker_init
+from dataset import EpochSampler, LandmarkDataset, collate, drop_excluded, get_df, get_transforms, worker_init
 from losses import ArcFaceLossAdaptiveMargin, dynamic_margins
-from models import build_model
-from util import (cleanup_distributed, get_lr, global_average_precision_score, is_main, load_state_dict_file,
-                  memory_format, print0, save_checkpoint, setup_distributed)
+from models import build_model, check_enet_type
+from util import (UserError, cleanup_distributed, get_lr, global_average_precision_score, is_main, load_fitting,
+                  load_state_dict_file, memory_format, print0, run_main, save_checkpoint, setup_distributed, torch_load)
 
 VALID_STRIDE = 15  # the original validates on every 15th row of the held-out fold
 
@@ -66,6 +66,12 @@ def parse_args(argv=None):
     p.add_argument("--resume", type=str, default="", help="checkpoint of ours: weights, optimizer, scaler, epoch")
     p.add_argument("--seed", type=int, default=0, help="sampler order and augmentations")
     p.add_argument("--log-interval", type=int, default=50, help="steps between progress-bar loss updates")
+    p.add_argument("--max-bad-frac", type=float, default=0.01,
+                   help="stop when more than this share of an epoch's images is unreadable (they are skipped)")
+    p.add_argument("--exclude", type=str, default="",
+                   help="CSV of images to leave out up front (column id or path: preprocess.py --check-images)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle --load-from/--resume files in full, objects included (only for files you trust)")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the training step (default backend inductor; minutes of compilation at "
                         "the start of a stage)")
@@ -76,6 +82,26 @@ def parse_args(argv=None):
         args.amp = "off"
     args.save_epochs = sorted({int(e) for e in args.save_epochs.split(",") if e.strip()})
     return args
+
+
+def check_args(args):
+    """The user's flags, checked before any data is read or model built: a
+    mistake ends as one line (UserError) instead of a traceback hours later."""
+    for flag, v in (("--image-size", args.image_size), ("--batch-size", args.batch_size),
+                    ("--n-epochs", args.n_epochs), ("--start-from-epoch", args.start_from_epoch)):
+        if v <= 0:
+            raise UserError(f"{flag} {v}: must be positive")
+    if not 0 <= args.max_bad_frac <= 1:
+        raise UserError(f"--max-bad-frac {args.max_bad_frac}: must be between 0 and 1")
+    if args.num_workers < 0:
+        raise UserError(f"--num-workers {args.num_workers}: must be >= 0")
+    if args.stop_at_epoch < args.start_from_epoch:
+        raise UserError(f"--stop-at-epoch {args.stop_at_epoch} is before --start-from-epoch {args.start_from_epoch}")
+    for flag, path in (("--load-from", args.load_from), ("--resume", args.resume),
+                       ("--pretrained-path", args.pretrained_path), ("--exclude", args.exclude)):
+        if path and not os.path.isfile(path):
+            raise UserError(f"{flag} {path}: no such file")
+    check_enet_type(args.enet_type)
 
 
 def resolve_amp(amp, device):
@@ -97,26 +123,25 @@ def convert_sync_batchnorm(model):
     return timm_convert(model)
 
 
-def load_weights(model, path, train_step):
+def load_weights(model, path, train_step, trust=False):
     """--load-from: weights only, as the original. At step 1 the class set
     changes (full -> clean classes), so the ArcFace head is re-initialised."""
-    sd = load_state_dict_file(path)
-    if train_step == 1:
-        sd.pop("metric_classify.weight", None)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if unexpected or set(missing) != {"metric_classify.weight"}:
-            raise RuntimeError(f"{path}: does not fit {model.enet_type}: missing {missing}, unexpected {unexpected}")
-    else:
-        model.load_state_dict(sd, strict=True)
+    sd = load_state_dict_file(path, trust=trust)
+    load_fitting(model, sd, path, skip=("metric_classify.weight",) if train_step == 1 else ())
 
 
-def train_one_epoch(args, model, loader, optimizer, criterion, scaler, autocast, device):
+def train_one_epoch(args, model, loader, optimizer, criterion, scaler, autocast, device, bad_images=None):
+    """One epoch of steps; returns the mean loss over the finite-loss steps.
+    Batches are (x, y) or, from a LandmarkDataset with skip_bad, (x, y, bad
+    paths per sample): those paths are appended to `bad_images`."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     n_ok = torch.zeros((), device=device)
     n_bad = torch.zeros((), device=device)
     bar = tqdm(loader, disable=not is_main(), mininterval=1.0)
-    for step, (x, y) in enumerate(bar):
+    for step, (x, y, *bad) in enumerate(bar):
+        if bad and bad_images is not None:
+            bad_images.extend(p for paths in bad[0] if paths for p in paths.split("\n"))
         x = x.to(device, non_blocking=True, memory_format=memory_format(device))
         y = y.to(device, non_blocking=True)
         with autocast():
@@ -140,6 +165,30 @@ def train_one_epoch(args, model, loader, optimizer, criterion, scaler, autocast,
     if n_bad:
         print0(f"warning: {int(n_bad)} steps had a non-finite loss")
     return loss_sum / max(n_ok, 1)
+
+
+def report_bad_images(args, epoch, bad, n_seen, world_size):
+    """Skipped images of one epoch, summed over ranks: rank 0 prints how many
+    and the first few, and appends them to {log_dir}/{kernel_type}_bad_images.txt.
+    More than --max-bad-frac of the epoch unreadable stops the run (every rank
+    sees the same totals, so all stop together)."""
+    parts = [(bad[:1000], len(bad), n_seen)]
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, (bad[:1000], len(bad), n_seen))  # once per epoch
+    paths = [p for part in parts for p in part[0]]
+    n_bad, total = sum(p[1] for p in parts), sum(p[2] for p in parts)
+    if n_bad and is_main():
+        log = os.path.join(args.log_dir, f"{args.kernel_type}_bad_images.txt")
+        with open(log, "a") as f:
+            f.writelines(f"epoch {epoch}\t{p}\n" for p in paths)
+        print0(f"epoch {epoch}: skipped {n_bad} unreadable images of {total} "
+               f"(replaced by others), e.g. {', '.join(paths[:3])}; listed in {log}")
+    if total and n_bad / total > args.max_bad_frac:
+        raise UserError(f"{n_bad} of {total} images of epoch {epoch} were unreadable (more than --max-bad-frac "
+                        f"{args.max_bad_frac}): the data set is broken, not a few files; see "
+                        f"{os.path.join(args.log_dir, args.kernel_type + '_bad_images.txt')} and "
+                        f"`python preprocess.py --check-images`")
 
 
 def loader_kwargs(args, device):
@@ -175,7 +224,7 @@ def validate(model, loader, idx, criterion, autocast, device, world_size):
         for b in model.buffers():
             dist.broadcast(b, src=0)
     out = {k: [] for k in ("loss", "conf", "pred", "target")}
-    for x, y in tqdm(loader, disable=not is_main(), mininterval=1.0):
+    for x, y, *_ in tqdm(loader, disable=not is_main(), mininterval=1.0):
         x = x.to(device, non_blocking=True, memory_format=memory_format(device))
         y = y.to(device, non_blocking=True)
         with autocast():
@@ -241,6 +290,7 @@ def build_training(args, model, margins, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     if args.CUDA_VISIBLE_DEVICES:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.CUDA_VISIBLE_DEVICES  # before CUDA initialises
     rank, local_rank, world_size, device = setup_distributed(args.local_rank)
@@ -250,18 +300,26 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
 
     df, out_dim = get_df(args.kernel_type, args.data_dir, args.train_step, args.folds_csv)
+    folds = sorted(int(f) for f in df["fold"].dropna().unique())
+    if args.fold not in folds:
+        raise UserError(f"--fold {args.fold}: {args.folds_csv} has folds {folds}")
     print0(f"out_dim = {out_dim}, {len(df)} images, world size {world_size}, device {device}")
     # margins from the whole frame of the stage, validation rows included (as the original)
     margins = dynamic_margins(np.bincount(df["landmark_id"].to_numpy(), minlength=out_dim))
 
     transforms_train, transforms_val = get_transforms(args.image_size)
+    # --exclude after the margins and labels: they stay those of the whole list, as the original's
+    df, n_excluded = drop_excluded(df, args.exclude)
+    if n_excluded:
+        print0(f"left out {n_excluded} images listed in {args.exclude}")
     df_train = df[df["fold"] != args.fold]  # NaN fold (not in the clean list): always training
     df_valid = df[df["fold"] == args.fold].reset_index(drop=True).iloc[::VALID_STRIDE]
     if args.DEBUG:
         df_train = df_train.sample(min(len(df_train), args.batch_size * world_size * 5), random_state=args.seed)
         df_valid = df_valid.iloc[:args.batch_size * 5]
-    dataset_train = LandmarkDataset(df_train, "train", "train", transforms_train, seed=args.seed, rank=rank)
-    dataset_valid = LandmarkDataset(df_valid, "train", "val", transforms_val)
+    dataset_train = LandmarkDataset(df_train, "train", "train", transforms_train, seed=args.seed, rank=rank,
+                                    skip_bad=True)
+    dataset_valid = LandmarkDataset(df_valid, "train", "val", transforms_val, skip_bad=True)
     # (epoch, index) pairs: the persistent workers seed each epoch's augmentations from them
     sampler = EpochSampler(DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
                                               seed=args.seed))
@@ -271,13 +329,16 @@ def main(argv=None):
     pretrained = args.pretrained and not args.load_from and not args.resume
     model = build_model(args.enet_type, out_dim, pretrained=pretrained, pretrained_path=args.pretrained_path)
     if args.load_from:
-        load_weights(model, args.load_from, args.train_step)
+        load_weights(model, args.load_from, args.train_step, args.trust_checkpoint)
     t = build_training(args, model, margins, device)
     model, criterion, optimizer, scaler, autocast = t.model, t.criterion, t.optimizer, t.scaler, t.autocast
 
     if args.resume:
-        ckpt = torch.load(args.resume, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model_state_dict"])
+        ckpt = torch_load(args.resume, map_location=device, trust=args.trust_checkpoint)
+        if not isinstance(ckpt, dict) or not {"model_state_dict", "optimizer_state_dict", "epoch"} <= set(ckpt):
+            raise UserError(f"{args.resume}: not a checkpoint of train.py (--resume needs its weights, "
+                            f"optimizer and epoch; --load-from takes weights alone)")
+        load_fitting(model, ckpt["model_state_dict"], args.resume)
         optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         if ckpt.get("scaler_state_dict"):
             scaler.load_state_dict(ckpt["scaler_state_dict"])
@@ -305,8 +366,10 @@ def main(argv=None):
         for g in optimizer.param_groups:
             g["lr"] = lr
         sampler.set_epoch(epoch)
+        bad = []
         train_loss = train_one_epoch(args, t.train_model, train_loader, optimizer, t.train_criterion, scaler, autocast,
-                                     device)
+                                     device, bad)
+        report_bad_images(args, epoch, bad, len(train_loader) * args.batch_size, world_size)
         val_loss, acc_m, gap_m = validate(model, valid_loader, valid_idx, criterion, autocast, device, world_size)
         if is_main():
             content = (time.ctime() + " " + f"Fold {args.fold}, Epoch {epoch}, lr: {lr:.7f}, "
@@ -330,4 +393,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,13 +1,31 @@
 """Small helpers: GAP metric, learning-rate schedule, checkpoints, distributed set-up."""
+import json
 import math
 import os
 import pickle
+import sys
 import tempfile
-import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+# ---------------------------------------------------------------- user errors
+
+class UserError(Exception):
+    """A mistake in the user's input (a path, a flag, a file's contents): the
+    command line reports it as one line and exits with status 2, no traceback.
+    Programming errors are other exceptions and keep their traceback."""
+
+
+def run_main(main):
+    """Entry point of a command: main(), with UserError as one line on stderr and exit status 2."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 # ---------------------------------------------------------------- metric
@@ -78,24 +96,112 @@ def save_checkpoint(obj, path):
             os.remove(tmp)
 
 
-def load_state_dict_file(path, map_location="cpu"):
+def _numpy_scalar_globals():
+    """The globals a pickled numpy scalar needs (old checkpoints hold e.g. a numpy
+    float as a metric): scalar() rebuilds it from raw bytes and a dtype, which
+    runs no code. numpy 1.x wrote `numpy.core.multiarray.scalar`, 2.x
+    `numpy._core.multiarray.scalar`; dtype classes appear since numpy 1.25."""
+    scalar = np._core.multiarray.scalar
+    dtype_classes = [type(np.dtype(t)) for t in ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8",
+                                                  "f2", "f4", "f8")]
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtype_classes]
+
+
+def torch_load(path, map_location="cpu", trust=False):
+    """torch.load that never runs code from the file: weights_only=True, with
+    numpy scalars allowed and nothing else. A file that needs more is refused
+    (UserError naming --trust-checkpoint); with trust=True (the user's
+    --trust-checkpoint) it is unpickled in full. Missing or unreadable files
+    are UserErrors too."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint file")
+    if trust:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            names = []
+        what = f" ({', '.join(names[:3])})" if names else ""
+        raise UserError(f"{path}: refused: it holds Python objects beyond tensors and numbers{what}, and "
+                        f"loading them could run code from the file. If you trust it, pass --trust-checkpoint") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable checkpoint (truncated or not a torch file: "
+                        f"{str(e).splitlines()[0][:120]})") from e
+
+
+def load_state_dict_file(path, map_location="cpu", trust=False):
     """Model weights from any checkpoint this project meets.
 
     Accepts ours ({'model_state_dict': ...}), the original repo's (the same key
     but saved under the apex/DDP wrapper, so every key starts with 'module.'),
-    and a bare state dict. Tries weights_only=True first; the original's files
-    hold only tensors and ints, so they load that way too.
+    and a bare state dict. Loaded by torch_load: never runs code from the file
+    unless trust is set.
     """
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        # holds objects beyond tensors and plain containers (e.g. numpy scalars): a full
-        # unpickle runs code from the file, so say so
-        warnings.warn(f"{path} is not a weights-only checkpoint; loading it as a full pickle "
-                      f"(do this only with files you trust)")
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = torch_load(path, map_location, trust)
     sd = ckpt.get("model_state_dict", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{path}: holds no model weights (expected a state dict of tensors)")
     return strip_prefix(sd)
+
+
+class _LabelMapUnpickler(pickle.Unpickler):
+    """Unpickles a dict of ints and nothing else: numpy integer scalars (the
+    original's map held numpy.int64 values) are the only globals it resolves."""
+
+    ALLOWED = {("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return np._core.multiarray.scalar if name == "scalar" else np.dtype
+        if module == "numpy.dtypes" and name.endswith("DType"):
+            return getattr(np.dtypes, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a label map")
+
+
+def read_label_map(path):
+    """{class index: landmark id} from preprocess.py's idx2landmark_id.json, or
+    from a .pkl (the original's format) through a restricted unpickler; a .pkl
+    with a .json of the same name beside it is read from the .json."""
+    json_path = os.path.splitext(path)[0] + ".json"
+    if os.path.isfile(json_path):
+        path = json_path
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such label map (idx2landmark_id.json or .pkl from preprocess.py)")
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                raw = json.load(f)
+        else:
+            with open(path, "rb") as f:
+                raw = _LabelMapUnpickler(f).load()
+        if not isinstance(raw, dict):
+            raise ValueError(f"a {type(raw).__name__}, not a dict")
+        m = {int(k): int(v) for k, v in raw.items()}
+    except (pickle.UnpicklingError, ValueError, TypeError, EOFError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a label map of class index -> landmark id ({e})") from e
+    if sorted(m) != list(range(len(m))):
+        raise UserError(f"{path}: class indices must be 0..{len(m) - 1}")
+    return m
+
+
+def load_fitting(model, sd, path, skip=()):
+    """model.load_state_dict(sd) strictly, except the keys in `skip` (left as
+    initialised); a state dict of another architecture is a UserError naming
+    the first keys and shapes that differ."""
+    want = {k: v.shape for k, v in model.state_dict().items() if k not in skip}
+    got = {k: v.shape for k, v in sd.items() if k not in skip}
+    problems = [f"missing {k}" for k in want if k not in got][:3]
+    problems += [f"unexpected {k}" for k in got if k not in want][:3]
+    problems += [f"{k}: {tuple(got[k])} in the file, {tuple(want[k])} in the model"
+                 for k in want if k in got and got[k] != want[k]][:3]
+    if problems:
+        name = getattr(model, "enet_type", type(model).__name__)
+        raise UserError(f"{path}: does not fit {name}: " + "; ".join(problems[:4]))
+    model.load_state_dict({k: v for k, v in sd.items() if k not in skip}, strict=not skip)
 
 
 def strip_prefix(state_dict, prefixes=("module.", "_orig_mod.")):

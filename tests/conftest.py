@@ -1,5 +1,6 @@
 """Shared fixtures: one synthetic data set and one trained DDP run per session."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -9,6 +10,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TINY_BACKBONE = "mobilenetv3_small_050"  # timm, has fused BatchNormAct2d layers, fast on CPU
+
+
+def free_port():
+    """A TCP port free right now: two test runs on one machine must not share a rendezvous port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(cmd, cwd, env=None, timeout=600):
@@ -41,7 +49,7 @@ def train_cmd(data_dir, kernel, step, *extra, size=32, epochs=1):
 @pytest.fixture(scope="session")
 def ddp_run(synth):
     """Step 0 trained for one epoch by 2 gloo processes through torch.distributed.launch."""
-    cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", "--master_port=29611",
+    cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", f"--master_port={free_port()}",
            *train_cmd(synth, "ddp0", 0, "--fold", "0")]
     p = run(cmd, cwd=ROOT)
     return {"data": synth, "kernel": "ddp0", "stdout": p.stdout, "stderr": p.stderr}
