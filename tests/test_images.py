@@ -1,0 +1,133 @@
+"""Odd but valid images read correctly; bad ones are named, skipped and counted."""
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import ROOT, train_cmd
+from dataset import BadImage, LandmarkDataset, collate, get_transforms, read_rgb
+
+
+def _gradient(h, w):
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), np.full_like(x, 90)], 2).astype(np.uint8)
+
+
+def test_odd_but_valid_images(tmp_path):
+    rgb = _gradient(60, 80)
+    # grayscale JPEG -> 3 equal channels
+    cv2.imwrite(str(tmp_path / "gray.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    g = read_rgb(str(tmp_path / "gray.jpg"))
+    assert g.shape == (60, 80, 3) and (g[..., 0] == g[..., 2]).all()
+    # 16-bit PNG under a .jpg name -> 8 bit
+    cv2.imwrite(str(tmp_path / "deep.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR).astype(np.uint16) * 257)
+    os.replace(tmp_path / "deep.png", tmp_path / "deep.jpg")
+    d = read_rgb(str(tmp_path / "deep.jpg"))
+    assert d.dtype == np.uint8 and np.abs(d.astype(int) - rgb).max() <= 1
+    # PNG with alpha under a .jpg name -> RGB, alpha dropped
+    rgba = np.dstack([cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), np.full((60, 80), 128, np.uint8)])
+    cv2.imwrite(str(tmp_path / "alpha.png"), rgba)
+    os.replace(tmp_path / "alpha.png", tmp_path / "alpha.jpg")
+    assert np.array_equal(read_rgb(str(tmp_path / "alpha.jpg"), 32), rgb)
+    # CMYK JPEG -> RGB close to the original colours
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    c = read_rgb(str(tmp_path / "cmyk.jpg"))
+    assert c.shape == (60, 80, 3) and np.abs(c.astype(int) - rgb).mean() < 12
+    # EXIF orientation 6 (rotate 90 clockwise to display): portrait out, at full and reduced scale
+    big = _gradient(400, 600)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(big).save(tmp_path / "exif.jpg", quality=95, exif=exif)
+    want = np.rot90(big, -1)
+    for min_side in (None, 150):
+        e = read_rgb(str(tmp_path / "exif.jpg"), min_side)
+        ref = want if min_side is None else cv2.resize(want, (e.shape[1], e.shape[0]), interpolation=cv2.INTER_AREA)
+        assert e.shape[0] > e.shape[1] and np.abs(e.astype(int) - ref).mean() < 6, min_side
+    # 2 x 2 px through both transforms
+    cv2.imwrite(str(tmp_path / "tiny.jpg"), np.full((2, 2, 3), 200, np.uint8))
+    df = pd.DataFrame({"filepath": [str(tmp_path / n) for n in ("tiny.jpg", "gray.jpg", "cmyk.jpg", "exif.jpg")],
+                       "landmark_id": [0, 1, 2, 3]})
+    for t in get_transforms(48):
+        x, y = collate([LandmarkDataset(df, "", "train", t)[i] for i in range(4)])
+        assert x.shape == (4, 3, 48, 48) and y.tolist() == [0, 1, 2, 3]
+
+
+def _bad_files(d):
+    """Missing, empty, truncated and non-image files in d; returns {name: reason}."""
+    cv2.imwrite(str(d / "good.jpg"), _gradient(300, 400))
+    (d / "empty.jpg").write_bytes(b"")
+    data = (d / "good.jpg").read_bytes()
+    (d / "cut.jpg").write_bytes(data[:len(data) // 2])
+    (d / "page.jpg").write_text("<html>404 Not Found</html>")
+    return {"missing.jpg": "missing", "empty.jpg": "empty file", "cut.jpg": "truncated JPEG",
+            "page.jpg": "not a readable image"}
+
+
+def test_bad_files_are_named(tmp_path):
+    for name, reason in _bad_files(tmp_path).items():
+        with pytest.raises(BadImage) as e:
+            read_rgb(str(tmp_path / name), 64)
+        assert e.value.reason == reason and str(tmp_path / name) in str(e.value)
+    assert read_rgb(str(tmp_path / "good.jpg"), 64).shape == (75, 100, 3)  # 1/4 scale, >= 64
+
+
+def test_bad_samples_replaced_deterministically(tmp_path):
+    bad = _bad_files(tmp_path)
+    names = ["good.jpg"] * 6 + list(bad)
+    df = pd.DataFrame({"filepath": [str(tmp_path / n) for n in names], "landmark_id": range(len(names))})
+    tt, _ = get_transforms(32)
+    ds = LandmarkDataset(df, "", "train", tt, seed=1, skip_bad=True)
+    items = [ds[(3, i)] for i in range(len(ds))]
+    assert [it[2] for it in items[:6]] == [""] * 6
+    for i, it in enumerate(items[6:], 6):
+        assert str(tmp_path / names[i]) in it[2].split("\n")
+        assert it[1].item() < 6  # replaced by a good row, whose label comes with it
+    again = [ds[(3, i)] for i in range(len(ds))]
+    assert all(a[1] == b[1] and (a[0] == b[0]).all() for a, b in zip(items, again))
+    # test mode: a black image and the path, for the caller to mark
+    x, why = LandmarkDataset(df, "", "test", get_transforms(32)[1], skip_bad=True)[7]
+    assert x.shape == (3, 32, 32) and int(x.max()) == 0 and why == str(tmp_path / names[7])
+    with pytest.raises(BadImage):
+        LandmarkDataset(df, "", "train", tt)[7]  # without skip_bad: an error, as before
+
+
+def _small_data(tmp_path):
+    import preprocess
+    import synthetic
+    d = str(tmp_path / "data")
+    synthetic.generate(d, classes=12, clean_classes=8, test=10, min_size=40, max_size=64, seed=3)
+    preprocess.main(["--train-csv", os.path.join(d, "train_competition.csv"), "--out-dir", d])
+    return d
+
+
+def test_training_skips_counts_and_logs_bad_images(tmp_path):
+    d = _small_data(tmp_path)
+    ids = pd.read_csv(os.path.join(d, "train.csv"), dtype={"id": str})["id"].tolist()
+    path = lambda i: os.path.join(d, "train", i[0], i[1], i[2], f"{i}.jpg")  # noqa: E731
+    os.remove(path(ids[0]))
+    open(path(ids[1]), "wb").close()
+    data = open(path(ids[2]), "rb").read()
+    open(path(ids[2]), "wb").write(data[:len(data) // 3])
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, *train_cmd(d, "bad", 0, "--max-bad-frac", "0.1", epochs=2)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "epoch 1: skipped" in p.stdout and "epoch 2: skipped" in p.stdout
+    listed = open(os.path.join(d, "logs", "bad_bad_images.txt")).read()
+    for i in ids[:3]:
+        assert path(i) in listed
+    # the same damage with a lower tolerance stops the run with one line
+    p = subprocess.run([sys.executable, *train_cmd(d, "bad2", 0, "--max-bad-frac", str(1 / len(ids)), epochs=2)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "data set is broken" in p.stderr and "Traceback" not in p.stderr
+    # --exclude leaves them out up front: nothing to skip
+    pd.DataFrame({"id": ids[:3], "path": [path(i) for i in ids[:3]], "reason": "x"}).to_csv(
+        os.path.join(d, "bad.csv"), index=False)
+    p = subprocess.run([sys.executable, *train_cmd(d, "ex", 0, "--exclude", os.path.join(d, "bad.csv"), epochs=1)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "left out 3 images" in p.stdout and "skipped" not in p.stdout, p.stderr[-2000:]
