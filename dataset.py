@@ -511,6 +511,8 @@ def get_df(kernel_type, data_dir, train_step, folds_csv="train_0.csv"):
         raise UserError(f"--data-dir {data_dir}: no such folder (it holds train.csv and train/a/b/c/<id>.jpg)")
     df_folds = read_csv_checked(folds_csv, ["id", "landmark_id", "fold"],
                                 hint="make it with `python preprocess.py --out-dir DIR` and pass --folds-csv")
+    if df_folds["id"].duplicated().any():
+        raise UserError(f"{folds_csv}: id {df_folds['id'][df_folds['id'].duplicated()].iloc[0]} appears more than once")
     df_full = read_csv_checked(os.path.join(data_dir, "train.csv"), ["id", "landmark_id"])
     df_full = df_full[[c for c in df_full.columns if c != "url"]]
     if train_step > 0:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from dataset import LandmarkDataset, collate, get_transforms, image_path, read_csv_checked, worker_init
+from dataset import (LandmarkDataset, collate, drop_excluded, get_transforms, image_path, read_csv_checked,
+                     worker_init)
 from models import build_model
 from preprocess import read_clean_list
 from util import UserError, load_fitting, load_state_dict_file, memory_format, read_label_map, run_main
@@ -109,9 +110,13 @@ def extract_features(model, paths, image_size, device, batch_size=64, num_worker
     With cache_dir, rows are written to a memory-mapped .npy as they come and
     the count done is recorded after each batch: a second run reads the file,
     an interrupted one resumes where it stopped.
+
+    An unreadable image (missing, empty, truncated, not an image) gets a row
+    of NaN, in the cache too: `unreadable_rows` finds them.
     """
     n = len(paths)
-    ds = LandmarkDataset(pd.DataFrame({"filepath": paths}), "", "test", transform=get_transforms(image_size)[1])
+    ds = LandmarkDataset(pd.DataFrame({"filepath": paths}), "", "test", transform=get_transforms(image_size)[1],
+                         skip_bad=True)
     done, out = 0, None
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
@@ -130,11 +135,13 @@ def extract_features(model, paths, image_size, device, batch_size=64, num_worker
     loader = DataLoader(Subset(ds, range(done, n)), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda", worker_init_fn=worker_init if num_workers else None,
                         collate_fn=collate)
-    for x in tqdm(loader, desc=desc, initial=done // batch_size, total=(n + batch_size - 1) // batch_size,
-                  mininterval=2.0):
+    for x, bad in tqdm(loader, desc=desc, initial=done // batch_size, total=(n + batch_size - 1) // batch_size,
+                       mininterval=2.0):
         z = embed_batch(model, x, device, precision)
         if normalize:
             z = F.normalize(z, dim=1)
+        if any(bad):
+            z[torch.tensor([bool(b) for b in bad], device=z.device)] = float("nan")
         out[done:done + len(z)] = z.cpu().numpy().astype(dtype)
         done += len(z)
         if cache_dir is not None:
@@ -142,6 +149,17 @@ def extract_features(model, paths, image_size, device, batch_size=64, num_worker
             with open(f_done, "w") as f:
                 f.write(str(done))
     return out
+
+
+def unreadable_rows(*features):
+    """Rows (bool) that any of the feature arrays marks as unreadable (NaN),
+    read in chunks: the arrays may be large memory maps."""
+    n = len(features[0])
+    bad = np.zeros(n, bool)
+    for f in features:
+        for r0 in range(0, n, 65536):
+            bad[r0:r0 + 65536] |= np.isnan(np.asarray(f[r0:r0 + 65536, 0], np.float32))
+    return bad
 
 
 @torch.no_grad()
@@ -166,7 +184,7 @@ def classifier_topk(zs, heads, present, k=CLS_TOP_K, device="cpu", chunk=1024):
 
 # ---------------------------------------------------------------- retrieval
 
-def topk_cosine(queries, gallery, k=TOP_K, device="cpu", query_chunk=4096, gallery_chunk=32768):
+def topk_cosine(queries, gallery, k=TOP_K, device="cpu", query_chunk=4096, gallery_chunk=32768, exclude=None):
     """Top-k neighbours of each query by inner product, in bounded memory.
 
     queries, gallery: arrays (Q, D), (N, D), or lists of such (one per model),
@@ -180,6 +198,7 @@ def topk_cosine(queries, gallery, k=TOP_K, device="cpu", query_chunk=4096, galle
     similarities land in one reused block, so the loop allocates nothing.
     Peak memory: the queries, one gallery chunk and one (query_chunk x
     gallery_chunk) block, plus a per-model float16 staging copy of the chunk.
+    exclude: (N,) bool, gallery rows never returned (unreadable images).
     Returns (sims (Q, k) float32, indices (Q, k) int64), best first.
     """
     qs = queries if isinstance(queries, (list, tuple)) else [queries]
@@ -199,9 +218,15 @@ def topk_cosine(queries, gallery, k=TOP_K, device="cpu", query_chunk=4096, galle
         for g, d0, d1 in zip(gs, dims[:-1], dims[1:]):
             # np.array: a private copy of the (memory-mapped, maybe read-only) rows, in their stored dtype
             gc[:, d0:d1].copy_(torch.from_numpy(np.array(g[g0:g0 + m])).to(device, non_blocking=True))
+        skip = None
+        if exclude is not None and exclude[g0:g0 + m].any():
+            skip = torch.from_numpy(np.flatnonzero(exclude[g0:g0 + m])).to(device)
+            gc[skip] = 0.0  # no NaN into the matmul
         for q0 in range(0, nq, query_chunk):
             sl = slice(q0, q0 + query_chunk)
             sim = torch.mm(qt[sl], gc.T, out=sbuf[:len(qt[sl]), :m])
+            if skip is not None:
+                sim[:, skip] = -float("inf")
             s, i = sim.topk(min(k_eff, m), dim=1)
             s = torch.cat([best_s[sl], s], 1)
             i = torch.cat([best_i[sl], i + g0], 1)
@@ -294,7 +319,7 @@ def format_submission(ids, landmarks, confidences):
 
 def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num_workers=2,
         cache_dir=None, sample_submission=None, fp16_cache=False, non_landmark=None, precision="fp32",
-        compile=False, trust_checkpoint=False):
+        compile=False, trust_checkpoint=False, exclude=None):
     """The whole inference. Returns {'ids', 'classifier', 'retrieval', 'ensemble'}
     where each part is (landmarks, confidences); with non_landmark ('auto': mined
     from the queries, or a CSV of known non-landmark images, column `id` under
@@ -307,8 +332,14 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
     idx2lid = read_label_map(idx2landmark)
     gallery = read_clean_list(train_csv)  # id,landmark_id or GLDv2's landmark_id,images; ids as text
     sub = read_csv_checked(sample_submission or os.path.join(data_dir, "sample_submission.csv"), ["id"])
-    g_paths = [image_path(data_dir, "train", i) for i in gallery["id"]]
-    q_paths = [image_path(data_dir, "test", i) for i in sub["id"]]
+    gallery = gallery.assign(filepath=[image_path(data_dir, "train", i) for i in gallery["id"]])
+    queries = sub.assign(filepath=[image_path(data_dir, "test", i) for i in sub["id"]])
+    if exclude:  # listed images are not read: out of the gallery, and empty predictions for queries
+        gallery, n_gallery_out = drop_excluded(gallery, exclude)
+        kept, n_query_out = drop_excluded(queries, exclude)
+        queries.loc[~queries.index.isin(kept.index), "filepath"] = f"(excluded by {exclude})"  # never read
+        print(f"{exclude}: left out {n_gallery_out} gallery images and {n_query_out} queries", flush=True)
+    g_paths, q_paths = list(gallery["filepath"]), list(queries["filepath"])
     nl_paths = None
     if non_landmark not in (None, "auto"):
         nl = pd.read_csv(non_landmark)
@@ -342,6 +373,13 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
             nl_emb.append(extract_features(model, nl_paths, size, normalize=True, desc=f"non-landmarks @{size}",
                                            **(kw | {"dtype": np.float32})))
         del model
+    # unreadable images: left out of the gallery; a query gets an empty prediction
+    g_bad, q_bad = unreadable_rows(*g_emb), unreadable_rows(*zqs)
+    if g_bad.any() or q_bad.any():
+        print(f"unreadable images: {int(g_bad.sum())} of {len(g_bad)} gallery images (left out of retrieval), "
+              f"{int(q_bad.sum())} of {len(q_bad)} queries (empty predictions)", flush=True)
+        for z, e in zip(zqs, q_emb):
+            z[q_bad], e[q_bad] = 0.0, 0.0
     lid_of = np.array([idx2lid[i] for i in range(out_dim)])
     present = np.isin(lid_of, gallery["landmark_id"].unique())
     cls_s, cls_i = classifier_topk(zqs, heads, present, device=device)
@@ -349,13 +387,17 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
     # The original normalised only its last query batch, so its gallery rows had
     # norm 3 and its similarities were 3x the cosine; rankings and GAP are the
     # same. Here both sides are unit vectors: sims are cosines.
-    sims, nn = topk_cosine(q_emb, g_emb, TOP_K, device=device)
+    sims, nn = topk_cosine(q_emb, g_emb, TOP_K, device=device, exclude=g_bad if g_bad.any() else None)
     nn_l = gallery["landmark_id"].to_numpy()[nn]
+    def blank(part):  # an unreadable query: no prediction
+        landmarks, conf = part
+        return (np.where(q_bad, None, landmarks.astype(object)), np.where(q_bad, 0.0, conf))
+
     res = {"ids": list(sub["id"]),
-           "classifier": (cls_l[:, 0], cls_s[:, 0]),
-           "retrieval": (nn_l[:, 0], sims[:, 0]),
-           "ensemble": rerank(sims, nn_l, cls_s, cls_l),
-           "neighbours": (sims, nn_l), "cls_top": (cls_s, cls_l)}
+           "classifier": blank((cls_l[:, 0], cls_s[:, 0])),
+           "retrieval": blank((nn_l[:, 0], sims[:, 0])),
+           "ensemble": blank(rerank(sims, nn_l, cls_s, cls_l)),
+           "neighbours": (sims, nn_l), "cls_top": (cls_s, cls_l), "unreadable": (q_bad, g_bad)}
     if non_landmark is not None:
         flags, s_nl = non_landmark_flags(q_emb, sims[:, 0], nl_emb or None, device=device)
         res["nl_flags"], res["nl_similarity"] = flags, s_nl
@@ -380,6 +422,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help="backbone arithmetic for feature extraction: fp32 as the original notebook (default), or "
                         "bf16/fp16 autocast (faster on GPUs; the ArcFace head stays fp32)")
+    p.add_argument("--exclude", default=None,
+                   help="CSV of images not to read (column id or path, as preprocess.py --check-images writes)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="unpickle the spec's checkpoints in full, objects included (only for files you trust)")
     p.add_argument("--compile", action="store_true",
@@ -397,7 +441,7 @@ def main(argv=None):
     a = parse_args(argv)
     res = run(a.data_dir, a.train_csv, a.idx2landmark, a.spec, a.device, a.batch_size, a.num_workers,
               a.cache_dir or None, a.sample_submission, a.fp16_cache, a.non_landmark, a.precision, a.compile,
-              a.trust_checkpoint)
+              a.trust_checkpoint, a.exclude)
     final = "ensemble_nl" if a.non_landmark else "ensemble"
     format_submission(res["ids"], *res[final]).to_csv(a.out, index=False)
     if a.write_parts:

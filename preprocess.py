@@ -8,17 +8,23 @@ same map as ./idx2landmark_id.json, which predict.py reads.
 
 GLDv2's own `train_clean.csv` (landmark_id,images with space-separated ids) is
 accepted too and expanded to id,landmark_id rows first.
+
+`--check-images --data-dir D` instead scans every image D's CSVs name and
+writes the unusable ones to bad_images.csv (id, path, reason), for train.py's
+and predict.py's --exclude.
 """
 import argparse
 import json
+import multiprocessing
 import os
 import pickle
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
+from tqdm import tqdm
 
-from dataset import read_csv_checked
+from dataset import BadImage, image_path, read_csv_checked, read_rgb, worker_init
 from util import UserError, run_main
 
 
@@ -53,17 +59,61 @@ def idx2landmark_id(landmark_ids):
     return {i: lid for i, lid in enumerate(sorted(pd.unique(np.asarray(landmark_ids)).tolist()))}
 
 
+def check_image(path):
+    """None if `path` is a readable image, else why not (missing, empty, truncated, ...)."""
+    try:
+        read_rgb(path, min_side=1)  # 1/8-scale decode: the whole file is parsed, little is computed
+        return None
+    except BadImage as e:
+        return e.reason
+
+
+def check_images(data_dir, out_dir, workers):
+    """Scan every image that data_dir's CSVs name (train.csv, sample_submission.csv,
+    non_landmark.csv) in worker processes; write the bad ones to
+    out_dir/bad_images.csv (id, path, reason), which train.py and predict.py
+    take as --exclude. Returns that frame."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data-dir {data_dir}: no such folder")
+    rows = []
+    for split, name in (("train", "train.csv"), ("test", "sample_submission.csv"),
+                        ("non_landmark", "non_landmark.csv")):
+        path = os.path.join(data_dir, name)
+        if os.path.isfile(path):
+            rows += [(i, image_path(data_dir, split, i)) for i in read_csv_checked(path, ["id"])["id"]]
+    if not rows:
+        raise UserError(f"--data-dir {data_dir}: no train.csv or sample_submission.csv to take image names from")
+    paths = [p for _, p in rows]
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=worker_init, initargs=(0,)) as pool:
+        reasons = list(tqdm(pool.imap(check_image, paths, chunksize=64), total=len(paths), desc="check images",
+                            mininterval=2.0))
+    bad = pd.DataFrame([(i, p, r) for (i, p), r in zip(rows, reasons) if r], columns=["id", "path", "reason"])
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, "bad_images.csv")
+    bad.to_csv(out, index=False)
+    counts = ", ".join(f"{n} {r}" for r, n in bad["reason"].value_counts().items())
+    print(f"{len(bad)} of {len(rows)} images unusable ({counts or 'none'}) -> {out}; "
+          f"pass it to train.py and predict.py as --exclude {out}")
+    return bad
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--train-csv", default="./train.csv", help="clean list: id,landmark_id or landmark_id,images")
     p.add_argument("--out-dir", default=".", help="where train_0.csv and idx2landmark_id.pkl go")
     p.add_argument("--n-folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=233)
+    p.add_argument("--check-images", action="store_true",
+                   help="instead: scan every image DATA_DIR's CSVs name and write OUT_DIR/bad_images.csv")
+    p.add_argument("--data-dir", default="./data", help="with --check-images: train.csv, train/, test/, ...")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="with --check-images: processes")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.check_images:
+        return check_images(args.data_dir, args.out_dir, max(1, args.workers))
     df = assign_folds(read_clean_list(args.train_csv), args.n_folds, args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     df.to_csv(os.path.join(args.out_dir, "train_0.csv"), index=False)

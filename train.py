@@ -63,9 +63,13 @@ def parse_args(argv=None):
     p.add_argument("--pretrained-path", type=str, default=None, help="ImageNet weights file for the backbone")
     p.add_argument("--folds-csv", type=str, default="train_0.csv", help="clean list with folds (preprocess.py)")
     p.add_argument("--save-epochs", type=str, default="", help="e.g. 28,36: also keep _ep28.pth, _ep36.pth")
-    p.add_argument("--resume", type=str, default="", help="checkpoint of ours: weights, optimizer, scaler, epoch")
+    p.add_argument("--resume", type=str, default="",
+                   help="checkpoint of ours (weights, optimizer, scaler, epoch) to continue from; 'auto': this run's "
+                        "own {model_dir}/{kernel_type}_fold{fold}.pth if it exists, else a fresh start")
     p.add_argument("--seed", type=int, default=0, help="sampler order and augmentations")
     p.add_argument("--log-interval", type=int, default=50, help="steps between progress-bar loss updates")
+    p.add_argument("--dist-timeout", type=float, default=30,
+                   help="minutes a collective may wait for the other ranks before the run fails (a dead rank)")
     p.add_argument("--max-bad-frac", type=float, default=0.01,
                    help="stop when more than this share of an epoch's images is unreadable (they are skipped)")
     p.add_argument("--exclude", type=str, default="",
@@ -97,7 +101,7 @@ def check_args(args):
         raise UserError(f"--num-workers {args.num_workers}: must be >= 0")
     if args.stop_at_epoch < args.start_from_epoch:
         raise UserError(f"--stop-at-epoch {args.stop_at_epoch} is before --start-from-epoch {args.start_from_epoch}")
-    for flag, path in (("--load-from", args.load_from), ("--resume", args.resume),
+    for flag, path in (("--load-from", args.load_from), ("--resume", "" if args.resume == "auto" else args.resume),
                        ("--pretrained-path", args.pretrained_path), ("--exclude", args.exclude)):
         if path and not os.path.isfile(path):
             raise UserError(f"{flag} {path}: no such file")
@@ -162,9 +166,24 @@ def train_one_epoch(args, model, loader, optimizer, criterion, scaler, autocast,
     if dist.is_initialized():
         dist.all_reduce(totals)
     loss_sum, n_ok, n_bad = totals.tolist()  # sync point: end of epoch
-    if n_bad:
-        print0(f"warning: {int(n_bad)} steps had a non-finite loss")
-    return loss_sum / max(n_ok, 1)
+    return loss_sum / max(n_ok, 1), int(n_bad)
+
+
+def check_finite(model, epoch, n_nonfinite, n_steps, scaler_on):
+    """After an epoch: with the fp16 grad scaler a step with a non-finite loss was
+    skipped (normal; counted). Otherwise (bf16, fp32) such a step, or weights
+    that are no longer finite, end the run here, before this epoch's checkpoint
+    is written: the last good one stays."""
+    # sync point: once per epoch, every parameter
+    weights_ok = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if weights_ok and (not n_nonfinite or scaler_on):
+        if n_nonfinite:
+            print0(f"epoch {epoch}: the grad scaler skipped {n_nonfinite} of {n_steps} steps (fp16 overflow)")
+        return
+    what = "the weights are no longer finite" if not weights_ok else "the loss was not finite"
+    raise SystemExit(f"train.py: stopped in epoch {epoch}: {what} ({n_nonfinite} of {n_steps} steps had a "
+                     f"non-finite loss). No checkpoint of this epoch was written; the last good one is kept. "
+                     f"Try a lower --init-lr, or --amp fp16 (its grad scaler skips such steps).")
 
 
 def report_bad_images(args, epoch, bad, n_seen, world_size):
@@ -293,7 +312,7 @@ def main(argv=None):
     check_args(args)
     if args.CUDA_VISIBLE_DEVICES:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.CUDA_VISIBLE_DEVICES  # before CUDA initialises
-    rank, local_rank, world_size, device = setup_distributed(args.local_rank)
+    rank, local_rank, world_size, device = setup_distributed(args.local_rank, args.dist_timeout)
     args.local_rank = local_rank
     torch.manual_seed(args.seed)  # same head initialisation on every rank
     if device.type == "cuda":
@@ -326,9 +345,14 @@ def main(argv=None):
     train_loader = DataLoader(dataset_train, sampler=sampler, drop_last=True, **loader_kwargs(args, device))
     valid_loader, valid_idx = validation_loader(args, dataset_valid, device, rank, world_size)
 
+    stem = os.path.join(args.model_dir, f"{args.kernel_type}_fold{args.fold}")
+    if args.resume == "auto":
+        # the same command line after a kill or pre-emption continues where it stopped
+        args.resume = f"{stem}.pth" if os.path.isfile(f"{stem}.pth") else ""
+        print0(f"--resume auto: {'continuing from ' + args.resume if args.resume else 'no checkpoint yet, starting'}")
     pretrained = args.pretrained and not args.load_from and not args.resume
     model = build_model(args.enet_type, out_dim, pretrained=pretrained, pretrained_path=args.pretrained_path)
-    if args.load_from:
+    if args.load_from and not args.resume:  # a resumed run has its own weights
         load_weights(model, args.load_from, args.train_step, args.trust_checkpoint)
     t = build_training(args, model, margins, device)
     model, criterion, optimizer, scaler, autocast = t.model, t.criterion, t.optimizer, t.scaler, t.autocast
@@ -358,7 +382,6 @@ def main(argv=None):
                 "optimizer_state_dict": optimizer.state_dict(), "scaler_state_dict": scaler.state_dict(),
                 "args": args_dict, "out_dim": out_dim}
 
-    stem = os.path.join(args.model_dir, f"{args.kernel_type}_fold{args.fold}")
     epoch = args.start_from_epoch - 1
     for epoch in range(args.start_from_epoch, args.n_epochs + 1):
         print0(time.ctime(), "Epoch:", epoch)
@@ -367,8 +390,9 @@ def main(argv=None):
             g["lr"] = lr
         sampler.set_epoch(epoch)
         bad = []
-        train_loss = train_one_epoch(args, t.train_model, train_loader, optimizer, t.train_criterion, scaler, autocast,
-                                     device, bad)
+        train_loss, n_nonfinite = train_one_epoch(args, t.train_model, train_loader, optimizer, t.train_criterion,
+                                                  scaler, autocast, device, bad)
+        check_finite(model, epoch, n_nonfinite, len(train_loader), scaler.is_enabled())
         report_bad_images(args, epoch, bad, len(train_loader) * args.batch_size, world_size)
         val_loss, acc_m, gap_m = validate(model, valid_loader, valid_idx, criterion, autocast, device, world_size)
         if is_main():

@@ -1,6 +1,7 @@
 """Small helpers: GAP metric, learning-rate schedule, checkpoints, distributed set-up."""
 import json
 import math
+from datetime import timedelta
 import os
 import pickle
 import sys
@@ -224,7 +225,7 @@ def memory_format(device):
 
 # ---------------------------------------------------------------- distributed
 
-def setup_distributed(local_rank_arg=None):
+def setup_distributed(local_rank_arg=None, timeout_min=30):
     """Initialise DDP from the launcher's environment, or run as one process.
 
     torchrun and torch.distributed.launch both export RANK, WORLD_SIZE,
@@ -243,7 +244,8 @@ def setup_distributed(local_rank_arg=None):
     if launched and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kw = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, init_method="env://", **kw)
+        # a collective that waits longer than this (a rank died or hangs) fails instead of blocking forever
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(minutes=timeout_min), **kw)
     return rank, local_rank, world_size, device
 
 

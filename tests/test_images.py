@@ -131,3 +131,64 @@ def test_training_skips_counts_and_logs_bad_images(tmp_path):
     p = subprocess.run([sys.executable, *train_cmd(d, "ex", 0, "--exclude", os.path.join(d, "bad.csv"), epochs=1)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "left out 3 images" in p.stdout and "skipped" not in p.stdout, p.stderr[-2000:]
+
+
+def test_predict_with_unreadable_queries_and_gallery_images(stage1, tmp_path, capsys):
+    import json
+    import shutil
+
+    import predict
+    from conftest import TINY_BACKBONE
+    d = str(tmp_path / "copy")
+    shutil.copytree(stage1["data"], d, ignore=shutil.ignore_patterns("weights", "logs"))
+    gallery = pd.read_csv(os.path.join(d, "train_competition.csv"), dtype={"id": str})
+    queries = pd.read_csv(os.path.join(d, "sample_submission.csv"), dtype={"id": str})
+    path = lambda split, i: os.path.join(d, split, i[0], i[1], i[2], f"{i}.jpg")  # noqa: E731
+    bad_g, bad_q = gallery["id"].iloc[[0, 5]].tolist(), queries["id"].iloc[[2]].tolist()
+    os.remove(path("train", bad_g[0]))
+    open(path("train", bad_g[1]), "w").write("not an image")
+    data = open(path("test", bad_q[0]), "rb").read()
+    open(path("test", bad_q[0]), "wb").write(data[:len(data) // 2])
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"models": [{"enet_type": TINY_BACKBONE, "checkpoint": stage1["checkpoint"],
+                                            "image_size": 40}]}))
+    kw = dict(device="cpu", batch_size=16, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    res = predict.run(d, os.path.join(d, "train_competition.csv"), os.path.join(d, "idx2landmark_id.json"),
+                      str(spec), **kw)
+    assert "unreadable images: 2 of" in capsys.readouterr().out
+    q_bad, g_bad = res["unreadable"]
+    assert q_bad.sum() == 1 and q_bad[2] and g_bad.sum() == 2 and g_bad[0] and g_bad[5]
+    sub = predict.format_submission(res["ids"], *res["ensemble"])
+    assert list(sub["id"]) == list(queries["id"]) and sub["landmarks"][2] == ""
+    assert (sub["landmarks"] != "").sum() == len(queries) - 1
+    # an excluded gallery row is never a neighbour, even a query's exact twin
+    sims, idx = predict.topk_cosine(np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), k=3,
+                                    exclude=np.array([True, False, False]))
+    assert 0 not in idx[:, :2] and sims[0, 0] == 0 and np.isneginf(sims[:, 2]).all()
+    # the cached run (NaN rows kept in the cache) finds the same
+    res2 = predict.run(d, os.path.join(d, "train_competition.csv"), os.path.join(d, "idx2landmark_id.json"),
+                       str(spec), **kw)
+    assert (res2["unreadable"][1] == g_bad).all() and list(res2["ensemble"][0]) == list(res["ensemble"][0])
+    # --exclude: the listed files are not read at all
+    pd.DataFrame({"id": bad_g + bad_q}).to_csv(tmp_path / "bad.csv", index=False)
+    res3 = predict.run(d, os.path.join(d, "train_competition.csv"), os.path.join(d, "idx2landmark_id.json"),
+                       str(spec), exclude=str(tmp_path / "bad.csv"), **kw)
+    assert "left out 2 gallery images and 1 queries" in capsys.readouterr().out
+    assert res3["unreadable"][0].sum() == 1 and res3["unreadable"][1].sum() == 0
+
+
+def test_check_images_lists_the_bad_files(tmp_path, capsys):
+    import preprocess
+    d = _small_data(tmp_path)
+    ids = pd.read_csv(os.path.join(d, "train.csv"), dtype={"id": str})["id"].tolist()
+    q = pd.read_csv(os.path.join(d, "sample_submission.csv"), dtype={"id": str})["id"].tolist()
+    path = lambda split, i: os.path.join(d, split, i[0], i[1], i[2], f"{i}.jpg")  # noqa: E731
+    os.remove(path("train", ids[0]))
+    open(path("train", ids[1]), "wb").close()
+    data = open(path("test", q[0]), "rb").read()
+    open(path("test", q[0]), "wb").write(data[:len(data) // 2])
+    bad = preprocess.main(["--check-images", "--data-dir", d, "--out-dir", str(tmp_path), "--workers", "2"])
+    got = pd.read_csv(tmp_path / "bad_images.csv", dtype={"id": str})
+    assert dict(zip(got["id"], got["reason"])) == {ids[0]: "missing", ids[1]: "empty file", q[0]: "truncated JPEG"}
+    assert list(got["path"]) == list(bad["path"]) and got["path"].iloc[0] == path("train", ids[0])
+    assert "3 of" in capsys.readouterr().out

@@ -130,3 +130,71 @@ def test_compiled_training_step_does_not_recompile(synth, tmp_path, monkeypatch)
     assert not any(k.startswith("_orig_mod.") for k in sd)
     build_model(TINY_BACKBONE, ckpt["out_dim"]).load_state_dict(sd, strict=True)
     torch._dynamo.reset()
+
+
+def _launch(d, kernel, *extra, epochs=3, nproc=2):
+    from conftest import free_port
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            *train_cmd(d, kernel, 0, "--seed", "5", *extra, epochs=epochs)]
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model_state_dict"]
+
+
+def test_sigkilled_ddp_run_resumes_to_the_uninterrupted_weights(synth):
+    """2 gloo ranks: a rank SIGKILLed mid-run makes the launcher exit non-zero
+    within seconds; the same command with --resume auto then ends with the
+    weights of a run that was never interrupted, exactly."""
+    import signal
+    import subprocess
+    import time
+    w = os.path.join(synth, "weights")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    run(_launch(synth, "straight"), cwd=ROOT)
+    ckpt = os.path.join(w, "killed_fold0.pth")
+    p = subprocess.Popen(_launch(synth, "killed", "--resume", "auto", "--dist-timeout", "1"), cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.time()
+    while not os.path.exists(ckpt) and p.poll() is None and time.time() - t0 < 240:
+        time.sleep(0.02)
+    assert p.poll() is None, "the run ended before it could be killed"
+    ranks = subprocess.run(["pgrep", "-f", "--", "--kernel-type killed"], capture_output=True, text=True).stdout.split()
+    ranks = [int(r) for r in ranks if int(r) != p.pid]
+    assert len(ranks) >= 2, ranks
+    os.kill(max(ranks), signal.SIGKILL)  # one rank only
+    t_kill = time.time()
+    rc = p.wait(timeout=120)
+    assert rc != 0 and time.time() - t_kill < 60
+    assert torch.load(ckpt, weights_only=True)["epoch"] < 3
+    run(_launch(synth, "killed", "--resume", "auto"), cwd=ROOT)
+    a, b = _weights(os.path.join(w, "straight_fold0_final.pth")), _weights(os.path.join(w, "killed_fold0_final.pth"))
+    for key, v in a.items():
+        assert torch.equal(v, b[key]), key
+
+
+def test_resume_auto_starts_fresh_then_continues(synth, tmp_path):
+    out = run([sys.executable, *train_cmd(synth, "auto", 0, "--resume", "auto", "--DEBUG", "--stop-at-epoch", "1",
+                                          "--model-dir", str(tmp_path), epochs=2)], cwd=ROOT).stdout
+    assert "no checkpoint yet" in out
+    out = run([sys.executable, *train_cmd(synth, "auto", 0, "--resume", "auto", "--DEBUG", "--model-dir",
+                                          str(tmp_path), epochs=2)], cwd=ROOT).stdout
+    assert "continuing from" in out and "Epoch: 2" in out and "Epoch: 1" not in out
+    assert torch.load(tmp_path / "auto_fold0_final.pth", weights_only=True)["epoch"] == 2
+
+
+def test_nonfinite_weights_stop_the_run_and_keep_the_last_checkpoint(synth, tmp_path):
+    import subprocess
+    from models import build_model
+    m = build_model(TINY_BACKBONE, 36)
+    sd = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v) for k, v in m.state_dict().items()}
+    torch.save({"model_state_dict": sd}, tmp_path / "nan.pth")
+    run([sys.executable, *train_cmd(synth, "nanrun", 0, "--DEBUG", "--model-dir", str(tmp_path), epochs=1)], cwd=ROOT)
+    good = tmp_path / "nanrun_fold0.pth"
+    before = good.read_bytes()
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, *train_cmd(synth, "nanrun", 0, "--DEBUG", "--load-from", str(tmp_path / "nan.pth"),
+                                                   "--model-dir", str(tmp_path), epochs=1)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "stopped in epoch 1" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert good.read_bytes() == before
