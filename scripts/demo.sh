@@ -38,7 +38,7 @@ for B in "${BACKBONES[@]}"; do
   entries+=("{\"enet_type\": \"$B\", \"checkpoint\": \"weights/demo_${B}_s1_fold0_final.pth\", \"image_size\": 96}")
 done
 (IFS=,; echo "{\"models\": [${entries[*]}]}") > "$OUT/spec.json"
-pred=(--data-dir "$D" --train-csv "$D/train_competition.csv" --idx2landmark "$D/idx2landmark_id.pkl"
+pred=(--data-dir "$D" --train-csv "$D/train_competition.csv" --idx2landmark "$D/idx2landmark_id.json"
       --spec "$OUT/spec.json" --cache-dir "$OUT/cache" --num-workers 0)
 # beyond the original: sink queries that look like non-landmarks, with a known set, then mined from the queries
 $PY predict.py "${pred[@]}" --out "$OUT/submission_nl_auto.csv" --non-landmark auto 2>/dev/null

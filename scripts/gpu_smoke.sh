@@ -29,7 +29,7 @@ import torch; c = torch.load('$D/w/ddp1_fold0_final.pth', weights_only=True)
 print('checkpoint', c['epoch'], c['out_dim'], c['args']['amp'], sum(k.startswith('module.') for k in c['model_state_dict']))" | tee -a "$OUT/smoke.log"
 echo '{"models": [{"enet_type": "tf_efficientnet_b0_ns", "checkpoint": "'"$D"'/w/ddp1_fold0_ep2.pth", "image_size": 160}]}' > "$D/spec.json"
 t=$(date +%s)
-$PY predict.py --data-dir "$D" --train-csv "$D/train_competition.csv" --idx2landmark "$D/idx2landmark_id.pkl" \
+$PY predict.py --data-dir "$D" --train-csv "$D/train_competition.csv" --idx2landmark "$D/idx2landmark_id.json" \
     --spec "$D/spec.json" --out "$D/sub.csv" --device cuda --cache-dir "$D/cache" --write-parts --fp16-cache 2>>"$OUT/err.log" | tee -a "$OUT/smoke.log"
 log "predict: $(( $(date +%s) - t )) s"
 for p in sub_classifier sub_retrieval sub; do $PY evaluate.py --submission "$D/$p.csv" --solution "$D/solution.csv" --label $p | tee -a "$OUT/smoke.log"; done
