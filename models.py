@@ -125,7 +125,13 @@ def rexnet_from_timm_state_dict(timm_sd, model):
 # ---------------------------------------------------------------- backbones
 
 def _timm_name(enet_type):
-    return {"nest101": "resnest101e", "rex20": "rexnet_200"}.get(enet_type, enet_type.replace("-", "_"))
+    """timm's current name for a backbone name of the original: its noisy-student
+    EfficientNets `tf_efficientnet_bN_ns` are `tf_efficientnet_bN.ns_jft_in1k` in
+    timm >= 0.9 (the same weights; the old names print a deprecation warning)."""
+    name = {"nest101": "resnest101e", "rex20": "rexnet_200"}.get(enet_type, enet_type.replace("-", "_"))
+    if name.startswith("tf_efficientnet_") and name.endswith("_ns") and "." not in name:
+        name = name[:-3] + ".ns_jft_in1k"
+    return name
 
 
 def _pretrained_error(enet_type, err):

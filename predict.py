@@ -342,7 +342,9 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
     g_paths, q_paths = list(gallery["filepath"]), list(queries["filepath"])
     nl_paths = None
     if non_landmark not in (None, "auto"):
-        nl = pd.read_csv(non_landmark)
+        nl = read_csv_checked(non_landmark, [])
+        if "filepath" not in nl.columns and "id" not in nl.columns:
+            raise UserError(f"--non-landmark {non_landmark}: expected a column id or filepath")
         nl_paths = (list(nl["filepath"]) if "filepath" in nl.columns
                     else [image_path(data_dir, "non_landmark", i) for i in nl["id"]])
     dtype = np.float16 if fp16_cache else np.float32

@@ -23,8 +23,10 @@ from tqdm import tqdm
 from dataset import EpochSampler, LandmarkDataset, collate, drop_excluded, get_df, get_transforms, worker_init
 from losses import ArcFaceLossAdaptiveMargin, dynamic_margins
 from models import build_model, check_enet_type
-from util import (UserError, cleanup_distributed, get_lr, global_average_precision_score, is_main, load_fitting,
-                  load_state_dict_file, memory_format, print0, run_main, save_checkpoint, setup_distributed, torch_load)
+from plot_logs import read_log
+from util import (UserError, cleanup_distributed, cpu_budget, get_lr, global_average_precision_score, is_main,
+                  load_fitting, load_state_dict_file, memory_format, print0, run_main, save_checkpoint,
+                  setup_distributed, torch_load)
 
 VALID_STRIDE = 15  # the original validates on every 15th row of the held-out fold
 
@@ -74,6 +76,8 @@ def parse_args(argv=None):
                    help="stop when more than this share of an epoch's images is unreadable (they are skipped)")
     p.add_argument("--exclude", type=str, default="",
                    help="CSV of images to leave out up front (column id or path: preprocess.py --check-images)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a --kernel-type again whose log or checkpoints exist (they are replaced)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="unpickle --load-from/--resume files in full, objects included (only for files you trust)")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
@@ -106,6 +110,12 @@ def check_args(args):
         if path and not os.path.isfile(path):
             raise UserError(f"{flag} {path}: no such file")
     check_enet_type(args.enet_type)
+    stem = os.path.join(args.model_dir, f"{args.kernel_type}_fold{args.fold}")
+    log_file = os.path.join(args.log_dir, f"{args.kernel_type}.txt")
+    old = [p for p in (log_file, f"{stem}.pth", f"{stem}_final.pth") if os.path.exists(p)]
+    if old and not args.resume and not args.overwrite:
+        raise UserError(f"--kernel-type {args.kernel_type}: {old[0]} exists from an earlier run; pass --resume auto "
+                        f"to continue it, --overwrite to start it again, or choose another --kernel-type")
 
 
 def resolve_amp(amp, device):
@@ -184,6 +194,19 @@ def check_finite(model, epoch, n_nonfinite, n_steps, scaler_on):
     raise SystemExit(f"train.py: stopped in epoch {epoch}: {what} ({n_nonfinite} of {n_steps} steps had a "
                      f"non-finite loss). No checkpoint of this epoch was written; the last good one is kept. "
                      f"Try a lower --init-lr, or --amp fp16 (its grad scaler skips such steps).")
+
+
+def print_summary(log_file, final, n_train, t_train, wall):
+    """The end of a stage in one block: best validation GAP (over the whole log,
+    resumed epochs included), the final checkpoint, throughput and wall time."""
+    rows = read_log(log_file) if os.path.exists(log_file) else []
+    best = max(rows, key=lambda r: r["gap"], default=None)
+    h, m = divmod(int(wall) // 60, 60)
+    print(f"summary: best gap_m {best['gap']:.6f} at epoch {best['epoch']} (acc_m {best['acc']:.2f})"
+          if best else "summary: no epoch was validated", flush=True)
+    print(f"summary: final checkpoint {final}; {n_train / max(t_train, 1e-9):.1f} images/s in training steps "
+          f"(all ranks, loading included); wall time {h}h{m:02d}m{int(wall) % 60:02d}s; "
+          f"curves: python plot_logs.py {log_file}", flush=True)
 
 
 def report_bad_images(args, epoch, bad, n_seen, world_size):
@@ -314,6 +337,12 @@ def main(argv=None):
         os.environ["CUDA_VISIBLE_DEVICES"] = args.CUDA_VISIBLE_DEVICES  # before CUDA initialises
     rank, local_rank, world_size, device = setup_distributed(args.local_rank, args.dist_timeout)
     args.local_rank = local_rank
+    workers, threads = cpu_budget(args.num_workers)
+    if workers < args.num_workers:
+        print0(f"--num-workers {args.num_workers}: this process's share of the cores is {workers}; using {workers}")
+        args.num_workers = workers
+    if "OMP_NUM_THREADS" not in os.environ:  # a user's (or torchrun's) setting wins
+        torch.set_num_threads(threads)
     torch.manual_seed(args.seed)  # same head initialisation on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -372,6 +401,8 @@ def main(argv=None):
     os.makedirs(args.model_dir, exist_ok=True)
     os.makedirs(args.log_dir, exist_ok=True)
     log_file = os.path.join(args.log_dir, f"{args.kernel_type}.txt")
+    if args.overwrite and not args.resume and is_main() and os.path.exists(log_file):
+        os.remove(log_file)  # a new run of this kernel: a new log
     args_dict = vars(args).copy()
     if is_main():
         with open(os.path.join(args.log_dir, f"{args.kernel_type}_args.json"), "w") as f:
@@ -383,15 +414,18 @@ def main(argv=None):
                 "args": args_dict, "out_dim": out_dim}
 
     epoch = args.start_from_epoch - 1
+    t_run, t_train, n_train = time.time(), 0.0, 0
     for epoch in range(args.start_from_epoch, args.n_epochs + 1):
         print0(time.ctime(), "Epoch:", epoch)
         lr = get_lr(epoch, args.init_lr, args.n_epochs)
         for g in optimizer.param_groups:
             g["lr"] = lr
         sampler.set_epoch(epoch)
-        bad = []
+        bad, t0 = [], time.time()
         train_loss, n_nonfinite = train_one_epoch(args, t.train_model, train_loader, optimizer, t.train_criterion,
                                                   scaler, autocast, device, bad)
+        t_train += time.time() - t0
+        n_train += len(train_loader) * args.batch_size * world_size
         check_finite(model, epoch, n_nonfinite, len(train_loader), scaler.is_enabled())
         report_bad_images(args, epoch, bad, len(train_loader) * args.batch_size, world_size)
         val_loss, acc_m, gap_m = validate(model, valid_loader, valid_idx, criterion, autocast, device, world_size)
@@ -411,6 +445,7 @@ def main(argv=None):
             break
     if is_main():
         save_checkpoint(checkpoint(epoch), f"{stem}_final.pth")
+        print_summary(log_file, f"{stem}_final.pth", n_train, t_train, time.time() - t_run)
     if dist.is_initialized():
         dist.barrier()  # the final checkpoint exists before any rank exits
     cleanup_distributed()

@@ -150,3 +150,11 @@ def test_predict_preprocess_evaluate_user_mistakes(synth, tmp_path):
     (tmp_path / "sol.csv").write_text("id,landmarks\na,12\n")
     _one_line_error(_cli("evaluate.py", "--submission", str(tmp_path / "sub.csv"), "--solution",
                          str(tmp_path / "sol.csv")), "sub.csv", "line 2")
+
+
+def test_cpu_budget_splits_the_cores():
+    assert util.cpu_budget(32, cores=2, local_world_size=1) == (2, 1)   # the 2-core case: no oversubscription
+    assert util.cpu_budget(0, cores=2, local_world_size=1) == (0, 2)    # no workers: all threads compute
+    assert util.cpu_budget(32, cores=16, local_world_size=8) == (2, 1)  # 8 ranks on 16 cores
+    assert util.cpu_budget(4, cores=64, local_world_size=2) == (4, 28)
+    assert util.cpu_budget(3, cores=1, local_world_size=4) == (1, 1)

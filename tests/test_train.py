@@ -194,7 +194,33 @@ def test_nonfinite_weights_stop_the_run_and_keep_the_last_checkpoint(synth, tmp_
     before = good.read_bytes()
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, *train_cmd(synth, "nanrun", 0, "--DEBUG", "--load-from", str(tmp_path / "nan.pth"),
-                                                   "--model-dir", str(tmp_path), epochs=1)],
+                                                   "--model-dir", str(tmp_path), "--overwrite", epochs=1)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "stopped in epoch 1" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert good.read_bytes() == before
+
+
+def test_reused_kernel_type_is_refused_without_overwrite(synth, tmp_path):
+    import subprocess
+    cmd = [sys.executable, *train_cmd(synth, "again", 0, "--DEBUG", "--model-dir", str(tmp_path), "--log-dir",
+                                      str(tmp_path), epochs=1)]
+    run(cmd, cwd=ROOT)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "--overwrite" in p.stderr and "Traceback" not in p.stderr
+    run(cmd + ["--overwrite"], cwd=ROOT)
+    assert len(open(tmp_path / "again.txt").read().splitlines()) == 1  # a new log, not appended
+
+
+def test_stage_summary_and_curves(ddp_run, tmp_path):
+    import plot_logs
+    synth = ddp_run["data"]
+    out = run([sys.executable, *train_cmd(synth, "summ", 0, "--DEBUG", "--model-dir", str(tmp_path), "--log-dir",
+                                          str(tmp_path), epochs=2)], cwd=ROOT).stdout
+    rows = plot_logs.read_log(str(tmp_path / "summ.txt"))
+    assert [r["epoch"] for r in rows] == [1, 2]
+    best = max(rows, key=lambda r: r["gap"])
+    assert f"best gap_m {best['gap']:.6f} at epoch {best['epoch']}" in out
+    assert str(tmp_path / "summ_fold0_final.pth") in out and "images/s" in out and "wall time" in out
+    plot_logs.main([str(tmp_path / "summ.txt"), os.path.join(synth, "logs", "ddp0.txt"), "-o", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").stat().st_size > 10_000
