@@ -1,6 +1,10 @@
+# VENV=path uses (or builds) another virtual environment; PYTHON=path/to/python skips the venv and runs with it.
 PY ?= python3.11
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
+PYTHON ?=
+RUN := $(if $(PYTHON),$(PYTHON),$(BIN)/python)
+DEPS := $(if $(PYTHON),,venv)
 
 .PHONY: venv test demo clean
 
@@ -13,12 +17,12 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
-test: venv
-	$(BIN)/python -m pytest -q tests
+test: $(DEPS)
+	$(RUN) -m pytest -q tests
 
 # The whole pipeline on a synthetic GLDv2, CPU only: prints GAP classifier / retrieval / ensemble.
-demo: venv
-	PYTHON=$(BIN)/python bash scripts/demo.sh demo_out
+demo: $(DEPS)
+	PYTHON=$(RUN) bash scripts/demo.sh demo_out
 
 clean:
 	rm -rf demo_out .pytest_cache

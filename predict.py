@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from dataset import (LandmarkDataset, collate, drop_excluded, get_transforms, image_path, read_csv_checked,
                      worker_init)
-from models import build_model
+from models import build_model, check_enet_type
 from preprocess import read_clean_list
 from util import UserError, load_fitting, load_state_dict_file, memory_format, read_label_map, run_main
 
@@ -73,6 +73,28 @@ def load_model(enet_type, checkpoint, device="cpu", trust=False):
     model = build_model(enet_type, sd["metric_classify.weight"].shape[0] // 3, pretrained=False)
     load_fitting(model, sd, checkpoint)
     return model.to(device, memory_format=memory_format(torch.device(device))).eval()
+
+
+def check_models(models, base, n_classes, label_map, trust=False):
+    """Every model of the spec, checked before any image is read (an ensemble's
+    extraction takes hours): its checkpoint exists and loads, its backbone name
+    is known, its image size is a positive integer, its head has one class per
+    entry of the label map. Returns the resolved checkpoint paths."""
+    paths = []
+    for m in models:
+        ckpt = resolve_checkpoint(m["checkpoint"], base)
+        check_enet_type(m["enet_type"])
+        if not str(m["image_size"]).isdigit() or int(m["image_size"]) <= 0:
+            raise UserError(f"{ckpt}: image_size {m['image_size']!r} is not a positive integer")
+        sd = load_state_dict_file(ckpt, trust=trust)
+        if "metric_classify.weight" not in sd:
+            raise UserError(f"{ckpt}: no 'metric_classify.weight': not a checkpoint of this model")
+        n = sd["metric_classify.weight"].shape[0] // 3
+        if n != n_classes:
+            raise UserError(f"{ckpt}: the model has {n} classes but {label_map} maps {n_classes}")
+        paths.append(ckpt)
+        del sd
+    return paths
 
 
 # ---------------------------------------------------------------- features
@@ -350,17 +372,14 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
     dtype = np.float16 if fp16_cache else np.float32
     gallery_digest = hashlib.sha1("\n".join(gallery["id"]).encode()).hexdigest()  # once, not per model
 
+    ckpts = check_models(models, base, len(idx2lid), idx2landmark, trust_checkpoint)  # before any image is read
+
     g_emb, q_emb, nl_emb, zqs, heads, out_dim = [], [], [], [], [], None
-    for m in models:
-        ckpt = resolve_checkpoint(m["checkpoint"], base)
+    for m, ckpt in zip(models, ckpts):
         model = load_model(m["enet_type"], ckpt, device, trust_checkpoint)
         if compile:  # the backbone and neck; a ragged last batch compiles once more
             model.neck = torch.compile(model.neck)
-        if out_dim is not None and model.metric_classify.out_features != out_dim:
-            raise UserError(f"{ckpt}: {model.metric_classify.out_features} classes, the others {out_dim}")
         out_dim = model.metric_classify.out_features
-        if out_dim != len(idx2lid):  # before any image is read
-            raise UserError(f"{ckpt}: the model has {out_dim} classes but {idx2landmark} maps {len(idx2lid)}")
         size = int(m["image_size"])
         kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, dtype=dtype, precision=precision)
         g_emb.append(extract_features(model, g_paths, size, cache_dir=cache_dir, normalize=True,

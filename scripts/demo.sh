@@ -2,6 +2,9 @@
 # The whole pipeline on a synthetic GLDv2, on CPU: data -> folds -> two backbones
 # x two stages (torchrun, 2 gloo processes) -> ensemble + re-ranking -> GAP.
 # Usage: scripts/demo.sh [OUT_DIR]   (make demo runs it with .venv's python)
+# Variables: PYTHON (default .venv/bin/python), NPROC (processes per stage, 2), E0 / E1 (epochs of step 0 / 1,
+# 20 / 30), BACKBONES ("resnet10t resnet14t"), SYNTH_ARGS (extra synthetic.py flags).
+# OUT_DIR is replaced only if an earlier demo made it (it holds .demo_out); any other folder is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-demo_out}
@@ -10,8 +13,16 @@ NPROC=${NPROC:-2}
 E0=${E0:-20}   # epochs of step 0 and step 1
 E1=${E1:-30}
 D=$OUT/data
-rm -rf "$OUT"
+if [ -e "$OUT" ]; then
+  if [ -f "$OUT/.demo_out" ]; then
+    rm -rf "$OUT"
+  else
+    echo "demo.sh: $OUT exists and was not made by demo.sh; remove it or give another OUT_DIR" >&2
+    exit 2
+  fi
+fi
 mkdir -p "$OUT"
+touch "$OUT/.demo_out"
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 
 $PY synthetic.py --out "$D" --non-landmark-set 60 ${SYNTH_ARGS:-}
@@ -22,15 +33,18 @@ common=(--data-dir "$D" --folds-csv "$D/train_0.csv" --model-dir "$OUT/weights" 
 port=29650
 BACKBONES=(${BACKBONES:-resnet10t resnet14t})
 for B in "${BACKBONES[@]}"; do
-  # step 0: small images, the full set, every class
+  # step 0: small images, the full set, every class (one line per epoch; warnings and bars go to train.err)
+  echo "== $B step 0: 64 px, every class, $E0 epochs"
   $PY -m torch.distributed.run --nproc_per_node="$NPROC" --master_port=$((port++)) train.py \
       --kernel-type "demo_${B}_s0" --train-step 0 --image-size 64 --enet-type "$B" --n-epochs "$E0" "${common[@]}" \
-      2>>"$OUT/train.err" | grep "Fold 0, Epoch $E0,"
+      2>>"$OUT/train.err" | grep -E "Fold 0, Epoch|summary|skipped"
   # step 1: larger images, the clean classes, a new ArcFace head
+  echo "== $B step 1: 96 px, clean classes, new head, $E1 epochs"
   $PY -m torch.distributed.run --nproc_per_node="$NPROC" --master_port=$((port++)) train.py \
       --kernel-type "demo_${B}_s1" --train-step 1 --image-size 96 --enet-type "$B" --n-epochs "$E1" "${common[@]}" \
-      --load-from "$OUT/weights/demo_${B}_s0_fold0_final.pth" 2>>"$OUT/train.err" | grep "Fold 0, Epoch $E1,"
+      --load-from "$OUT/weights/demo_${B}_s0_fold0_final.pth" 2>>"$OUT/train.err" | grep -E "Fold 0, Epoch|summary|skipped"
 done
+$PY plot_logs.py "$OUT"/logs/demo_*.txt -o "$OUT/curves.png"
 
 # the ensemble: every backbone's step-1 checkpoint at the step-1 size
 entries=()

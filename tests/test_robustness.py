@@ -158,3 +158,30 @@ def test_cpu_budget_splits_the_cores():
     assert util.cpu_budget(32, cores=16, local_world_size=8) == (2, 1)  # 8 ranks on 16 cores
     assert util.cpu_budget(4, cores=64, local_world_size=2) == (4, 28)
     assert util.cpu_budget(3, cores=1, local_world_size=4) == (1, 1)
+
+
+def test_demo_script_removes_only_its_own_folder(tmp_path):
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("x")
+    p = subprocess.run(["bash", "scripts/demo.sh", str(keep)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "not made by demo.sh" in p.stderr and (keep / "precious.txt").exists()
+
+
+def test_predict_checks_every_model_before_reading_images(stage1, tmp_path, monkeypatch):
+    import dataset
+    import predict
+    from models import build_model
+    torch.save({"model_state_dict": build_model(TINY_BACKBONE, 7).state_dict()}, tmp_path / "seven.pth")
+    d = stage1["data"]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"models": [{"enet_type": TINY_BACKBONE, "checkpoint": stage1["checkpoint"],
+                                            "image_size": 40},
+                                           {"enet_type": TINY_BACKBONE, "checkpoint": str(tmp_path / "seven.pth"),
+                                            "image_size": 40}]}))
+    read, real = [], dataset.read_rgb
+    monkeypatch.setattr(dataset, "read_rgb", lambda *a, **k: read.append(a) or real(*a, **k))
+    with pytest.raises(util.UserError, match="7 classes but"):
+        predict.run(d, os.path.join(d, "train_competition.csv"), os.path.join(d, "idx2landmark_id.json"),
+                    str(spec), device="cpu", num_workers=0, cache_dir=None)
+    assert read == []  # the second model's mismatch is found before the first model reads an image
