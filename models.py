@@ -135,10 +135,43 @@ def _timm_name(enet_type):
 
 
 def _pretrained_error(enet_type, err):
-    return RuntimeError(
-        f"could not get ImageNet weights for '{enet_type}' ({err}). Without network access, "
-        f"put the file in the torch/Hugging Face cache, pass --pretrained-path FILE, or "
+    return UserError(
+        f"could not get ImageNet weights for '{enet_type}' ({(str(err).splitlines() or [type(err).__name__])[0][:200]}). Without network "
+        f"access, put the file in the torch/Hugging Face cache, pass --pretrained-path FILE, or "
         f"train from scratch with --no-pretrained.")
+
+
+def _weights_reachable(timm_name, timeout=3.0):
+    """True when timm can get `timm_name`'s ImageNet weights: they are in the
+    Hugging Face or torch hub cache, or the host serving them answers within
+    `timeout` seconds. Offline, timm would otherwise retry for a minute and
+    print hundreds of lines before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(timm_name)
+    if cfg is None:
+        return True  # no known source: let timm say what it says
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            if isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str):
+                return True
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    elif cfg.url:
+        if os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path))):
+            return True
+        host = urlparse(cfg.url).hostname
+    else:
+        return True
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def check_enet_type(enet_type):
@@ -178,6 +211,8 @@ def build_backbone(enet_type, pretrained=False, pretrained_path=None):
                                                            if k.startswith("output.")}
             net.load_state_dict(sd, strict=True)
         elif pretrained:
+            if not _weights_reachable("rexnet_200"):
+                raise _pretrained_error(enet_type, "not in the cache, and the hub is unreachable")
             try:
                 t = timm.create_model("rexnet_200", pretrained=True)
             except Exception as e:
@@ -192,6 +227,8 @@ def build_backbone(enet_type, pretrained=False, pretrained_path=None):
     if pretrained_path is not None:
         kw = {"pretrained": True, "pretrained_cfg_overlay": {"file": pretrained_path}}
     elif pretrained:
+        if not _weights_reachable(name):
+            raise _pretrained_error(enet_type, "not in the cache, and the hub is unreachable")
         kw = {"pretrained": True}
     try:
         net = timm.create_model(name, num_classes=0, **kw)

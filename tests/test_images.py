@@ -192,3 +192,46 @@ def test_check_images_lists_the_bad_files(tmp_path, capsys):
     assert dict(zip(got["id"], got["reason"])) == {ids[0]: "missing", ids[1]: "empty file", q[0]: "truncated JPEG"}
     assert list(got["path"]) == list(bad["path"]) and got["path"].iloc[0] == path("train", ids[0])
     assert "3 of" in capsys.readouterr().out
+
+
+def test_all_digit_ids_run_end_to_end(tmp_path):
+    """Ids of digits only (e.g. 0123...): read as text everywhere, leading zeros kept."""
+    import json
+
+    import evaluate
+    import predict
+    import synthetic
+    d = str(tmp_path / "data")
+    synthetic.generate(d, classes=10, clean_classes=6, test=8, min_size=40, max_size=64, seed=4)
+    new = {}
+    for split, csv in (("train", "train.csv"), ("test", "sample_submission.csv")):
+        for k, i in enumerate(pd.read_csv(os.path.join(d, csv), dtype={"id": str})["id"]):
+            j = f"{len(new):016d}" if split == "train" else f"0{9 * 10**14 + k:015d}"
+            new[i] = j
+            dst = os.path.join(d, split, j[0], j[1], j[2])
+            os.makedirs(dst, exist_ok=True)
+            os.replace(os.path.join(d, split, i[0], i[1], i[2], f"{i}.jpg"), os.path.join(dst, f"{j}.jpg"))
+    for csv in ("train.csv", "train_competition.csv", "sample_submission.csv", "solution.csv"):
+        df = pd.read_csv(os.path.join(d, csv), dtype=str, keep_default_na=False)
+        df["id"] = df["id"].map(new)
+        df.to_csv(os.path.join(d, csv), index=False)
+    assert pd.read_csv(os.path.join(d, "train.csv"))["id"].dtype.kind == "i"  # what pandas makes of them
+    import preprocess
+    preprocess.main(["--train-csv", os.path.join(d, "train_competition.csv"), "--out-dir", d])
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    for step in (0, 1):
+        extra = ["--load-from", os.path.join(d, "weights", "dig0_fold0_final.pth")] if step else []
+        p = subprocess.run([sys.executable, *train_cmd(d, f"dig{step}", step, *extra, epochs=1)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"models": [{"enet_type": "mobilenetv3_small_050",
+                                            "checkpoint": os.path.join(d, "weights", "dig1_fold0_final.pth"),
+                                            "image_size": 32}]}))
+    out = tmp_path / "sub.csv"
+    predict.main(["--data-dir", d, "--train-csv", os.path.join(d, "train_competition.csv"), "--idx2landmark",
+                  os.path.join(d, "idx2landmark_id.json"), "--spec", str(spec), "--out", str(out), "--device", "cpu",
+                  "--num-workers", "0", "--cache-dir", ""])
+    sub = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert sub["id"].iloc[0].startswith("09") and (sub["landmarks"] != "").all()
+    evaluate.evaluate(str(out), os.path.join(d, "solution.csv"))

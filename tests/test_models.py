@@ -120,10 +120,30 @@ def test_checkpoint_round_trip_atomic(tmp_path):
         assert torch.equal(back["model_state_dict"][k], v)
 
 
-def test_missing_pretrained_weights_error_names_the_flags(tmp_path):
-    with pytest.raises(RuntimeError, match="--no-pretrained") as e:
+def test_missing_pretrained_weights_error_names_the_flags(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from util import UserError
+    with pytest.raises(UserError, match="--no-pretrained") as e:
         build_model(TINY_BACKBONE, out_dim=3, pretrained_path=str(tmp_path / "nope.pth"))
     assert "--pretrained-path" in str(e.value)
+    # weights not in the (empty) caches and the hub unreachable: one line at once, no minute of retries
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def unreachable(*a, **k):
+        raise OSError("no route")
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    t = time.time()
+    for name in ("resnet10t", "rex20"):
+        with pytest.raises(UserError, match="unreachable.*--no-pretrained"):
+            build_model(name, out_dim=3, pretrained=True)
+    assert time.time() - t < 10
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline mode: no probe at all
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed the network"))
+    with pytest.raises(UserError, match="unreachable"):
+        build_model(TINY_BACKBONE, out_dim=3, pretrained=True)
 
 
 def test_sync_batchnorm_conversion_keeps_fused_activations():
