@@ -190,3 +190,15 @@ def test_head_and_loss_run_in_float32_under_autocast():
         inside = crit(out, y, reduction="none")
     assert inside.dtype == torch.float32
     torch.testing.assert_close(inside, crit(out, y, reduction="none"), rtol=0, atol=0)
+
+
+def test_original_ns_names_build_timms_current_models_without_warnings():
+    import warnings
+
+    from models import _timm_name
+    assert _timm_name("tf_efficientnet_b5_ns") == "tf_efficientnet_b5.ns_jft_in1k"
+    assert _timm_name("tf_efficientnet_b5") == "tf_efficientnet_b5" and _timm_name("nest101") == "resnest101e"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # timm's deprecation warning for *_ns would fail this
+        m = build_model("tf_efficientnet_b0_ns", out_dim=3)
+    assert m.feat.in_features == 1280
