@@ -333,13 +333,15 @@ class FlipJpegAffineResize(A.ImageOnlyTransform):
         jpeg_p: float
         jpeg_quality: tuple[int, int]
         affine_p: float
+        interpolation: int
         shift: float
         scale: float
         rotate: float
 
     def __init__(self, size, flip_p=0.5, jpeg_p=0.5, jpeg_quality=(99, 100), affine_p=0.7, shift=0.2, scale=0.2,
-                 rotate=10.0, p=1.0):
+                 rotate=10.0, interpolation=cv2.INTER_LINEAR, p=1.0):
         super().__init__(p=p)
+        self.interpolation = interpolation
         self.size, self.flip_p, self.jpeg_p, self.jpeg_quality = size, flip_p, jpeg_p, tuple(jpeg_quality)
         self.affine_p, self.shift, self.scale, self.rotate = affine_p, shift, scale, rotate
 
@@ -360,17 +362,17 @@ class FlipJpegAffineResize(A.ImageOnlyTransform):
         if jpeg_first:
             img = jpeg_roundtrip(img, quality)
         if affine:
-            out = cv2.warpAffine(img, matrix, (self.size, self.size), flags=cv2.INTER_LINEAR,
+            out = cv2.warpAffine(img, matrix, (self.size, self.size), flags=self.interpolation,
                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         else:  # a plain resize, then the flip (they commute): cheaper than a warp
-            out = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+            out = cv2.resize(img, (self.size, self.size), interpolation=self.interpolation)
             out = cv2.flip(out, 1) if flip else out
         if quality is not None and not jpeg_first:
             out = jpeg_roundtrip(out, quality)
         return out
 
     def get_transform_init_args_names(self):
-        return ("size", "flip_p", "jpeg_p", "jpeg_quality", "affine_p", "shift", "scale", "rotate")
+        return ("size", "flip_p", "jpeg_p", "jpeg_quality", "affine_p", "shift", "scale", "rotate", "interpolation")
 
 
 class Cutout(A.ImageOnlyTransform):
@@ -415,7 +417,10 @@ class Cutout(A.ImageOnlyTransform):
         return ("hole_size", "fill")
 
 
-def get_transforms(image_size):
+INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
+
+
+def get_transforms(image_size, interpolation="bilinear"):
     """(train, val) transforms: the original's augmentations, built for speed.
 
     uint8 HWC in, uint8 HWC at image_size out; normalisation happens on the
@@ -423,14 +428,16 @@ def get_transforms(image_size):
     ImageCompression(99-100, 0.5), ShiftScaleRotate(0.7) and Resize fused into
     one step (FlipJpegAffineResize, fed a DCT-reduced decode by
     LandmarkDataset), then the original's Cutout on its own. Val: Resize, as
-    the original.
+    the original. interpolation: the backbone's (models.preprocessing_for);
+    the original's backbones use bilinear, as A.Resize.
     """
+    flag = INTERPOLATION[interpolation]
     transforms_train = A.Compose([
         FlipJpegAffineResize(image_size, flip_p=0.5, jpeg_p=0.5, jpeg_quality=(99, 100), affine_p=0.7,
-                             shift=0.2, scale=0.2, rotate=10),
+                             shift=0.2, scale=0.2, rotate=10, interpolation=flag),
         Cutout(int(image_size * 0.4), fill=0, p=0.5),
     ])
-    transforms_val = A.Compose([A.Resize(image_size, image_size)])
+    transforms_val = A.Compose([A.Resize(image_size, image_size, interpolation=flag)])
     return transforms_train, transforms_val
 
 

@@ -7,6 +7,7 @@ original code load with strict=True.
 """
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -188,7 +189,49 @@ def check_enet_type(enet_type):
                     f"python -c \"import timm; print(timm.list_models('*efficientnet*'))\")")
 
 
-def build_backbone(enet_type, pretrained=False, pretrained_path=None):
+ORIGINAL_PREPROCESSING = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "interpolation": "bilinear"}
+
+
+def is_original_backbone(enet_type):
+    """The original's backbones: tf_efficientnet_b0..b7_ns, nest101, rex20."""
+    return enet_type in ("nest101", "rex20") or re.fullmatch(r"tf_efficientnet_b[0-7]_ns", enet_type) is not None
+
+
+def preprocessing_for(enet_type):
+    """{mean, std, interpolation} the backbone's ImageNet weights expect.
+
+    The original's backbones keep exactly the original's input: ImageNet
+    mean/std (A.Normalize) and bilinear resizing (A.Resize), whatever timm's
+    configs say. Any other timm model gets its pretrained_cfg's statistics and
+    interpolation (e.g. 0.5/0.5 and bicubic for tf_efficientnet_lite* and many
+    ViTs, CLIP's own for CLIP weights)."""
+    if is_original_backbone(enet_type):
+        return dict(ORIGINAL_PREPROCESSING)
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(_timm_name(enet_type))
+    if cfg is None:
+        return dict(ORIGINAL_PREPROCESSING)
+    interp = cfg.interpolation if cfg.interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
+    return {"mean": [float(v) for v in cfg.mean], "std": [float(v) for v in cfg.std], "interpolation": interp}
+
+
+class GeM(nn.Module):
+    """Generalized-mean pooling (Radenovic, Tolias, Chum, TPAMI 2018): (mean x^p)^(1/p)
+    over the spatial positions, p learnt (init 3); p=1 is average pooling, p->inf max.
+    Computed in float32: x^3 of bf16 activations loses too much."""
+
+    def __init__(self, p=3.0, eps=1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(1) * p)
+        self.eps = eps
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float().clamp(min=self.eps).pow(self.p)
+            return x.mean(dim=(2, 3)).pow(1.0 / self.p)
+
+
+def build_backbone(enet_type, pretrained=False, pretrained_path=None, pool="avg", image_size=None):
     """A backbone whose forward returns pooled (B, C) features, and C.
 
     - tf_efficientnet_b0_ns..b7_ns (timm; state dicts identical to geffnet's,
@@ -196,10 +239,17 @@ def build_backbone(enet_type, pretrained=False, pretrained_path=None):
     - nest101: ResNeSt-101 (timm's resnest101e: same keys as the `resnest`
       package's resnest101, which the original used);
     - rex20: ReXNet-V1 2.0x in clovaai's layout (the original's key names).
+
+    pool='gem' returns the unpooled (B, C, H, W) map of a CNN (Net pools it);
+    a transformer (ViT, Swin, ...) is built for `image_size` when given.
     """
     import timm
 
+    if pool not in ("avg", "gem"):
+        raise UserError(f"--pool {pool}: expected avg or gem")
     if enet_type == "rex20":
+        if pool != "avg":
+            raise UserError("--pool gem: rex20 pools inside its own layout; use --pool avg")
         net = ReXNetV1(width_mult=2.0)
         if pretrained_path is None and pretrained and os.path.exists(REXNET_ORIGINAL_FILE):
             pretrained_path = REXNET_ORIGINAL_FILE  # the original's location
@@ -230,14 +280,39 @@ def build_backbone(enet_type, pretrained=False, pretrained_path=None):
         if not _weights_reachable(name):
             raise _pretrained_error(enet_type, "not in the cache, and the hub is unreachable")
         kw = {"pretrained": True}
+    if pool == "gem":
+        if _is_transformer(name):
+            raise UserError(f"--pool gem: {enet_type} pools its own tokens (a transformer); use --pool avg")
+        kw["global_pool"] = ""
+    if image_size is not None and _is_transformer(name):
+        kw["img_size"] = image_size  # position embeddings for this size (timm resamples pretrained ones)
     try:
         net = timm.create_model(name, num_classes=0, **kw)
     except Exception as e:
-        if kw:
+        if "pretrained" in kw:
             raise _pretrained_error(enet_type, e) from e
         raise
+    if pool == "gem":
+        net.eval()
+        with torch.no_grad():
+            probe = net(torch.zeros(1, 3, image_size or 64, image_size or 64))
+        net.train()
+        if probe.ndim != 4:
+            raise UserError(f"--pool gem: {enet_type} does not give a spatial feature map; use --pool avg")
+        return net, probe.shape[1]
     # the width of forward()'s output: after timm's head conv where a model has one (MobileNetV3)
     return net, getattr(net, "head_hidden_size", None) or net.num_features
+
+
+def _is_transformer(timm_name):
+    """Models whose patch embedding fixes an input size (ViT, DeiT, Swin, BEiT, EVA, ...)."""
+    import timm
+    try:
+        cls = timm.models.get_arch_name(timm_name)
+    except Exception:
+        return False
+    return cls.split("_")[0] in ("vit", "deit", "deit3", "swin", "swinv2", "beit", "beitv2", "eva", "eva02",
+                                  "cait", "xcit", "flexivit", "vit5")
 
 
 # ---------------------------------------------------------------- head
@@ -268,29 +343,38 @@ class ArcMarginProductSubcenter(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self, enet_type, out_dim, pretrained=False, pretrained_path=None, k=3):
+    def __init__(self, enet_type, out_dim, pretrained=False, pretrained_path=None, k=3, pool="avg",
+                 preprocessing=None, image_size=None):
         super().__init__()
         self.enet_type = enet_type
-        self.enet, dim = build_backbone(enet_type, pretrained, pretrained_path)
+        self.enet, dim = build_backbone(enet_type, pretrained, pretrained_path, pool, image_size)
+        # avg: the backbone's own pooling (the original's layout and keys); gem: a learnt p, key `pool.p`
+        self.pool = GeM() if pool == "gem" else None
         self.feat = nn.Linear(dim, EMBED_DIM)
         self.swish = nn.SiLU()  # Swish (x * sigmoid x); the original's custom autograd version
         self.metric_classify = ArcMarginProductSubcenter(EMBED_DIM, out_dim, k)
-        # ImageNet mean/std on the 0-255 scale, for uint8 input (dataset.get_transforms):
-        # normalised on the device, 4x fewer bytes through the loader, pinning and
-        # the host-to-device copy. Not persistent: checkpoints keep the original's keys.
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        # The backbone's mean/std on the 0-255 scale, for uint8 input (dataset.get_transforms):
+        # normalised on the device, 4x fewer bytes through the loader, pinning and the
+        # host-to-device copy. Not persistent: checkpoints keep the original's keys (the values
+        # travel in the checkpoint's args["preprocessing"]).
+        self.preprocessing = preprocessing or preprocessing_for(enet_type)
+        self.register_buffer("pixel_mean", torch.tensor(self.preprocessing["mean"]).view(1, 3, 1, 1) * 255,
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.preprocessing["std"]).view(1, 3, 1, 1) * 255,
+                             persistent=False)
 
     def normalize_input(self, x):
-        """uint8 RGB images -> float32 normalised as A.Normalize(); float input
-        (already normalised, the original's way) passes through."""
+        """uint8 RGB images -> float32 normalised with the backbone's mean/std (as
+        A.Normalize() for the original's backbones); float input (already
+        normalised, the original's way) passes through."""
         if x.dtype != torch.uint8:
             return x
         return (x.float() - self.pixel_mean) / self.pixel_std
 
     def extract(self, x):
         """Pooled backbone features, as the original's `extract`."""
-        return self.enet(self.normalize_input(x))
+        f = self.enet(self.normalize_input(x))
+        return f if self.pool is None else self.pool(f)
 
     def neck(self, x):
         return self.swish(self.feat(self.extract(x)))
@@ -309,5 +393,7 @@ class Net(nn.Module):
         return F.normalize(z.float()), self.metric_classify(z)
 
 
-def build_model(enet_type, out_dim, pretrained=False, pretrained_path=None):
-    return Net(enet_type, out_dim, pretrained=pretrained, pretrained_path=pretrained_path)
+def build_model(enet_type, out_dim, pretrained=False, pretrained_path=None, pool="avg", preprocessing=None,
+                image_size=None):
+    return Net(enet_type, out_dim, pretrained=pretrained, pretrained_path=pretrained_path, pool=pool,
+               preprocessing=preprocessing, image_size=image_size)

@@ -26,7 +26,8 @@ from dataset import (LandmarkDataset, collate, drop_excluded, get_transforms, im
                      worker_init)
 from models import build_model, check_enet_type
 from preprocess import read_clean_list
-from util import UserError, load_fitting, load_state_dict_file, memory_format, read_label_map, run_main
+from util import (UserError, load_checkpoint, load_fitting, load_state_dict_file, memory_format, read_label_map,
+                  run_main)
 
 TOP_K = 5        # gallery neighbours per query
 CLS_TOP_K = 5    # classifier candidates per query
@@ -65,12 +66,17 @@ def resolve_checkpoint(path, base):
     raise UserError(f"checkpoint {path} not found (looked in {base} and {os.getcwd()})")
 
 
-def load_model(enet_type, checkpoint, device="cpu", trust=False):
-    """A model from a checkpoint of ours or of the original code (strict)."""
-    sd = load_state_dict_file(checkpoint, trust=trust)
+def load_model(enet_type, checkpoint, device="cpu", trust=False, image_size=None):
+    """A model from a checkpoint of ours or of the original code (strict), fed
+    as it was trained: the pooling and preprocessing recorded in our
+    checkpoints' args, else the original's (avg, or GeM where the weights hold
+    `pool.p`; the backbone's mean/std)."""
+    sd, trained = load_checkpoint(checkpoint, trust=trust)
     if "metric_classify.weight" not in sd:
         raise UserError(f"{checkpoint}: no 'metric_classify.weight': not a checkpoint of this model")
-    model = build_model(enet_type, sd["metric_classify.weight"].shape[0] // 3, pretrained=False)
+    pool = trained.get("pool") or ("gem" if "pool.p" in sd else "avg")
+    model = build_model(enet_type, sd["metric_classify.weight"].shape[0] // 3, pretrained=False, pool=pool,
+                        preprocessing=trained.get("preprocessing"), image_size=image_size)
     load_fitting(model, sd, checkpoint)
     return model.to(device, memory_format=memory_format(torch.device(device))).eval()
 
@@ -137,8 +143,8 @@ def extract_features(model, paths, image_size, device, batch_size=64, num_worker
     of NaN, in the cache too: `unreadable_rows` finds them.
     """
     n = len(paths)
-    ds = LandmarkDataset(pd.DataFrame({"filepath": paths}), "", "test", transform=get_transforms(image_size)[1],
-                         skip_bad=True)
+    val = get_transforms(image_size, model.preprocessing["interpolation"])[1]  # as the model was validated
+    ds = LandmarkDataset(pd.DataFrame({"filepath": paths}), "", "test", transform=val, skip_bad=True)
     done, out = 0, None
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
@@ -376,7 +382,7 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
 
     g_emb, q_emb, nl_emb, zqs, heads, out_dim = [], [], [], [], [], None
     for m, ckpt in zip(models, ckpts):
-        model = load_model(m["enet_type"], ckpt, device, trust_checkpoint)
+        model = load_model(m["enet_type"], ckpt, device, trust_checkpoint, image_size=int(m["image_size"]))
         if compile:  # the backbone and neck; a ragged last batch compiles once more
             model.neck = torch.compile(model.neck)
         out_dim = model.metric_classify.out_features

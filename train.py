@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dataset import EpochSampler, LandmarkDataset, collate, drop_excluded, get_df, get_transforms, worker_init
 from losses import ArcFaceLossAdaptiveMargin, dynamic_margins
-from models import build_model, check_enet_type
+from models import build_model, check_enet_type, preprocessing_for
 from plot_logs import read_log
 from util import (UserError, cleanup_distributed, cpu_budget, get_lr, global_average_precision_score, is_main,
                   load_fitting, load_state_dict_file, memory_format, print0, run_main, save_checkpoint,
@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from ImageNet weights (the original always did at step 0)")
     p.add_argument("--pretrained-path", type=str, default=None, help="ImageNet weights file for the backbone")
+    p.add_argument("--pool", choices=["avg", "gem"], default="avg",
+                   help="global pooling of CNN backbones: avg (the original) or GeM with a learnt p (init 3)")
     p.add_argument("--folds-csv", type=str, default="train_0.csv", help="clean list with folds (preprocess.py)")
     p.add_argument("--save-epochs", type=str, default="", help="e.g. 28,36: also keep _ep28.pth, _ep36.pth")
     p.add_argument("--resume", type=str, default="",
@@ -355,7 +357,9 @@ def main(argv=None):
     # margins from the whole frame of the stage, validation rows included (as the original)
     margins = dynamic_margins(np.bincount(df["landmark_id"].to_numpy(), minlength=out_dim))
 
-    transforms_train, transforms_val = get_transforms(args.image_size)
+    # the input the backbone's weights expect (the original's backbones: exactly the original's)
+    args.preprocessing = preprocessing_for(args.enet_type)
+    transforms_train, transforms_val = get_transforms(args.image_size, args.preprocessing["interpolation"])
     # --exclude after the margins and labels: they stay those of the whole list, as the original's
     df, n_excluded = drop_excluded(df, args.exclude)
     if n_excluded:
@@ -380,7 +384,8 @@ def main(argv=None):
         args.resume = f"{stem}.pth" if os.path.isfile(f"{stem}.pth") else ""
         print0(f"--resume auto: {'continuing from ' + args.resume if args.resume else 'no checkpoint yet, starting'}")
     pretrained = args.pretrained and not args.load_from and not args.resume
-    model = build_model(args.enet_type, out_dim, pretrained=pretrained, pretrained_path=args.pretrained_path)
+    model = build_model(args.enet_type, out_dim, pretrained=pretrained, pretrained_path=args.pretrained_path,
+                        pool=args.pool, preprocessing=args.preprocessing, image_size=args.image_size)
     if args.load_from and not args.resume:  # a resumed run has its own weights
         load_weights(model, args.load_from, args.train_step, args.trust_checkpoint)
     t = build_training(args, model, margins, device)

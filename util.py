@@ -134,6 +134,14 @@ def torch_load(path, map_location="cpu", trust=False):
                         f"{str(e).splitlines()[0][:120]})") from e
 
 
+def load_checkpoint(path, map_location="cpu", trust=False):
+    """(state dict, the training args recorded with it or {}): load_state_dict_file plus
+    what train.py wrote beside the weights (pool, preprocessing, ...)."""
+    ckpt = torch_load(path, map_location, trust)
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    return _state_dict_of(ckpt, path), (args if isinstance(args, dict) else {})
+
+
 def load_state_dict_file(path, map_location="cpu", trust=False):
     """Model weights from any checkpoint this project meets.
 
@@ -142,7 +150,10 @@ def load_state_dict_file(path, map_location="cpu", trust=False):
     and a bare state dict. Loaded by torch_load: never runs code from the file
     unless trust is set.
     """
-    ckpt = torch_load(path, map_location, trust)
+    return _state_dict_of(torch_load(path, map_location, trust), path)
+
+
+def _state_dict_of(ckpt, path):
     sd = ckpt.get("model_state_dict", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else ckpt
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path}: holds no model weights (expected a state dict of tensors)")

@@ -202,3 +202,77 @@ def test_original_ns_names_build_timms_current_models_without_warnings():
         warnings.simplefilter("error")  # timm's deprecation warning for *_ns would fail this
         m = build_model("tf_efficientnet_b0_ns", out_dim=3)
     assert m.feat.in_features == 1280
+
+
+def test_original_backbones_keep_the_original_input():
+    import cv2
+
+    import dataset
+    from models import preprocessing_for
+    for name in ("tf_efficientnet_b0_ns", "tf_efficientnet_b7_ns", "nest101", "rex20"):
+        p = preprocessing_for(name)
+        assert p == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"}
+    tt, tv = dataset.get_transforms(64, preprocessing_for("tf_efficientnet_b3_ns")["interpolation"])
+    assert tt.transforms[0].interpolation == cv2.INTER_LINEAR and tv.transforms[0].interpolation == cv2.INTER_LINEAR
+    # another timm model gets its own statistics and interpolation
+    lite = preprocessing_for("tf_efficientnet_lite0")
+    assert lite == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}
+    m = build_model("tf_efficientnet_lite0", 3)
+    x = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
+    torch.testing.assert_close(m.normalize_input(x), torch.ones(1, 3, 4, 4))  # (1 - 0.5) / 0.5
+    assert dataset.get_transforms(64, "bicubic")[1].transforms[0].interpolation == cv2.INTER_CUBIC
+
+
+def test_gem_pooling_closed_form_and_learnt_p():
+    from models import GeM
+    g = GeM()
+    x = torch.rand(2, 5, 3, 4) + 0.1
+    torch.testing.assert_close(g(x), x.pow(3).mean((2, 3)).pow(1 / 3))
+    torch.testing.assert_close(g(torch.full((1, 2, 3, 3), 0.7)), torch.full((1, 2), 0.7))
+    g.p.data.fill_(1.0)
+    torch.testing.assert_close(g(x), x.mean((2, 3)))
+    m = build_model(TINY_BACKBONE, 4, pool="gem")
+    assert "pool.p" in m.state_dict() and m.pool.p.item() == 3.0
+    m(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert m.pool.p.grad is not None and m.pool.p.grad.abs().item() > 0
+    assert "pool.p" not in build_model(TINY_BACKBONE, 4).state_dict()  # avg keeps the original's keys
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "convnext_atto"])
+def test_transformer_and_convnext_backbones_train_a_step(name):
+    from losses import ArcFaceLossAdaptiveMargin
+    torch.manual_seed(0)
+    m = build_model(name, 6, image_size=32)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    y = torch.tensor([1, 4])
+    crit = ArcFaceLossAdaptiveMargin(torch.linspace(0.05, 0.5, 6))
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    before = m.metric_classify.weight.detach().clone()
+    loss = crit(m(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(before, m.metric_classify.weight)
+    assert m.embed(x).shape == (2, 512)
+
+
+def test_gem_refused_for_token_pooling_backbones():
+    from util import UserError
+    with pytest.raises(UserError, match="--pool gem"):
+        build_model("vit_tiny_patch16_224", 3, pool="gem", image_size=32)
+
+
+def test_predict_feeds_a_model_as_it_was_trained(tmp_path):
+    import predict
+    torch.manual_seed(0)
+    pre = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "interpolation": "bicubic"}
+    m = build_model(TINY_BACKBONE, 5, pool="gem", preprocessing=pre)
+    torch.save({"model_state_dict": m.state_dict(), "args": {"pool": "gem", "preprocessing": pre}}, tmp_path / "c.pth")
+    got = predict.load_model(TINY_BACKBONE, str(tmp_path / "c.pth"))
+    assert got.preprocessing == pre and got.pool is not None
+    torch.testing.assert_close(got.pixel_mean.flatten(), torch.tensor(pre["mean"]) * 255)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(got.embed(x), m.eval().embed(x))
+    # weights alone (the original's format): pooling from the keys, preprocessing from the backbone
+    torch.save({"model_state_dict": m.state_dict()}, tmp_path / "bare.pth")
+    assert predict.load_model(TINY_BACKBONE, str(tmp_path / "bare.pth")).pool is not None

@@ -123,7 +123,8 @@ def test_feature_cache_reuses_and_resumes(stage1, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1, rtol=1e-5)
     with torch.no_grad():
         x = torch.stack([predict.LandmarkDataset(pd.DataFrame({"filepath": paths[:2]}), "", "test",
-                                                 predict.get_transforms(40)[1])[i] for i in range(2)])
+                                                 predict.get_transforms(40, model.preprocessing["interpolation"])[1])[i]
+                         for i in range(2)])
         np.testing.assert_allclose(full[:2], model.embed(x).numpy(), rtol=1e-4, atol=1e-5)
     # an interrupted run: 12 rows done, the rest garbage -> resumed from row 12
     arr = np.load(tmp_path / "k.npy", mmap_mode="r+")
@@ -256,7 +257,8 @@ def test_extraction_precision(stage1, tmp_path):
     kw = dict(device=torch.device("cpu"), batch_size=4, num_workers=0)
     with torch.no_grad():
         x = torch.stack([predict.LandmarkDataset(pd.DataFrame({"filepath": paths}), "", "test",
-                                                 predict.get_transforms(40)[1])[i] for i in range(8)])
+                                                 predict.get_transforms(40, model.preprocessing["interpolation"])[1])[i]
+                         for i in range(8)])
         want = model.neck(x).numpy()
     fp32 = predict.extract_features(model, paths, 40, **kw)
     np.testing.assert_allclose(fp32, want, rtol=1e-5, atol=1e-6)

@@ -38,7 +38,10 @@ def test_ddp_validation_scores_each_row_once(ddp_run):
     df, out_dim = get_df(k, d, 0, os.path.join(d, "train_0.csv"))
     rows = df[df.fold == 0].reset_index(drop=True)
     rows = rows[rows.index % 15 == 0]
-    ds = LandmarkDataset(rows, "train", "val", get_transforms(32)[1])
+    ckpt = torch.load(os.path.join(d, "weights", f"{k}_fold0_final.pth"), weights_only=True)
+    # the input recorded with the weights: the backbone's mean/std and interpolation (timm's config here)
+    assert ckpt["args"]["preprocessing"]["interpolation"] == "bicubic" and ckpt["args"]["pool"] == "avg"
+    ds = LandmarkDataset(rows, "train", "val", get_transforms(32, "bicubic")[1])
     m = build_model(TINY_BACKBONE, out_dim)
     m.load_state_dict(torch.load(os.path.join(d, "weights", f"{k}_fold0_final.pth"), weights_only=True)
                       ["model_state_dict"])
