@@ -502,6 +502,15 @@ def drop_excluded(df, exclude_csv):
     return df[~drop], int(drop.sum())
 
 
+def resolve_paths(df, data_dir, split):
+    """Image paths of a frame's rows: its `filepath` column when it has one
+    (absolute, or relative to data_dir: preprocess.py --from-folder writes it),
+    else the GLDv2 layout data_dir/split/a/b/c/<id>.jpg."""
+    if "filepath" in df.columns:
+        return [p if os.path.isabs(p) else os.path.join(data_dir, p) for p in df["filepath"].astype(str)]
+    return [image_path(data_dir, split, i) for i in df["id"]]
+
+
 def get_df(kernel_type, data_dir, train_step, folds_csv="train_0.csv"):
     """The training frame of a stage, with the original's semantics.
 
@@ -528,7 +537,7 @@ def get_df(kernel_type, data_dir, train_step, folds_csv="train_0.csv"):
         df_full = df_full[df_full["landmark_id"].isin(cls)]
         order = np.argsort(rank.loc[df_full["landmark_id"]].to_numpy(), kind="stable")
         df_full = df_full.iloc[order].reset_index(drop=True)
-    df_full = df_full.assign(filepath=[image_path(data_dir, "train", i) for i in df_full["id"]])
+    df_full = df_full.assign(filepath=resolve_paths(df_full, data_dir, "train"))
     df = df_full.merge(df_folds[["id", "landmark_id", "fold"]], on=["id", "landmark_id"], how="left")
     landmark_ids = np.sort(pd.unique(df["landmark_id"]))
     df["landmark_id"] = df["landmark_id"].map(pd.Series(np.arange(len(landmark_ids)), index=landmark_ids))

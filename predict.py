@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from dataset import (LandmarkDataset, collate, drop_excluded, get_transforms, image_path, read_csv_checked,
-                     worker_init)
+                     resolve_paths, worker_init)
 from models import build_model, check_enet_type
 from preprocess import read_clean_list
 from util import (UserError, load_checkpoint, load_fitting, load_state_dict_file, memory_format, read_label_map,
@@ -360,8 +360,8 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
     idx2lid = read_label_map(idx2landmark)
     gallery = read_clean_list(train_csv)  # id,landmark_id or GLDv2's landmark_id,images; ids as text
     sub = read_csv_checked(sample_submission or os.path.join(data_dir, "sample_submission.csv"), ["id"])
-    gallery = gallery.assign(filepath=[image_path(data_dir, "train", i) for i in gallery["id"]])
-    queries = sub.assign(filepath=[image_path(data_dir, "test", i) for i in sub["id"]])
+    gallery = gallery.assign(filepath=resolve_paths(gallery, data_dir, "train"))
+    queries = sub.assign(filepath=resolve_paths(sub, data_dir, "test"))
     if exclude:  # listed images are not read: out of the gallery, and empty predictions for queries
         gallery, n_gallery_out = drop_excluded(gallery, exclude)
         kept, n_query_out = drop_excluded(queries, exclude)

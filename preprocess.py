@@ -14,6 +14,7 @@ writes the unusable ones to bad_images.csv (id, path, reason), for train.py's
 and predict.py's --exclude.
 """
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -57,6 +58,53 @@ def assign_folds(df, n_folds=5, seed=233):
 
 def idx2landmark_id(landmark_ids):
     return {i: lid for i, lid in enumerate(sorted(pd.unique(np.asarray(landmark_ids)).tolist()))}
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def from_folder(root, out_dir, n_folds=5, seed=233):
+    """A data set from one folder per landmark: root/<landmark name>/**/*.jpg|png|...
+
+    Writes out_dir/train.csv (id, landmark_id, filepath: every image; paths
+    relative to root's parent are made absolute), out_dir/train_0.csv (the same
+    with folds, the clean list of train.py's steps >= 1 and predict.py's
+    gallery), idx2landmark_id.json and landmark_names.json (landmark id ->
+    folder name). Landmark ids are the folders' ranks in sorted order; image ids
+    are hashes of the paths below root. Returns the frame."""
+    if not os.path.isdir(root):
+        raise UserError(f"--from-folder {root}: no such folder")
+    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    rows = []
+    for lid, name in enumerate(names):
+        for dirpath, _, files in os.walk(os.path.join(root, name)):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
+                    path = os.path.abspath(os.path.join(dirpath, f))
+                    rel = os.path.relpath(path, root)
+                    rows.append((hashlib.sha1(rel.encode()).hexdigest()[:16], lid, path))
+    if not rows:
+        raise UserError(f"--from-folder {root}: no images in its subfolders (one folder per landmark: "
+                        f"{root}/<landmark name>/*.jpg)")
+    df = pd.DataFrame(rows, columns=["id", "landmark_id", "filepath"])
+    used = sorted(set(df["landmark_id"]))
+    os.makedirs(out_dir, exist_ok=True)
+    df.to_csv(os.path.join(out_dir, "train.csv"), index=False)
+    assign_folds(df, n_folds, seed).to_csv(os.path.join(out_dir, "train_0.csv"), index=False)
+    write_label_map(idx2landmark_id(df["landmark_id"]), out_dir)
+    with open(os.path.join(out_dir, "landmark_names.json"), "w") as f:
+        json.dump({str(i): names[i] for i in used}, f, indent=1, ensure_ascii=False)
+    print(f"{len(df)} images, {len(used)} landmarks from {root} -> {out_dir} (train.csv, train_0.csv, "
+          f"idx2landmark_id.json, landmark_names.json)")
+    return df
+
+
+def write_label_map(mapping, out_dir):
+    """The original's pickle (its notebook reads it), and JSON, which predict.py prefers: it runs no code."""
+    with open(os.path.join(out_dir, "idx2landmark_id.pkl"), "wb") as f:
+        pickle.dump(mapping, f)
+    with open(os.path.join(out_dir, "idx2landmark_id.json"), "w") as f:
+        json.dump({str(k): int(v) for k, v in mapping.items()}, f)
 
 
 def check_image(path):
@@ -103,6 +151,8 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=".", help="where train_0.csv and idx2landmark_id.pkl go")
     p.add_argument("--n-folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=233)
+    p.add_argument("--from-folder", default=None, metavar="DIR",
+                   help="instead: a data set from DIR/<landmark name>/*.jpg (your own photos) -> OUT_DIR")
     p.add_argument("--check-images", action="store_true",
                    help="instead: scan every image DATA_DIR's CSVs name and write OUT_DIR/bad_images.csv")
     p.add_argument("--data-dir", default="./data", help="with --check-images: train.csv, train/, test/, ...")
@@ -114,15 +164,13 @@ def main(argv=None):
     args = parse_args(argv)
     if args.check_images:
         return check_images(args.data_dir, args.out_dir, max(1, args.workers))
+    if args.from_folder:
+        return from_folder(args.from_folder, args.out_dir, args.n_folds, args.seed)
     df = assign_folds(read_clean_list(args.train_csv), args.n_folds, args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     df.to_csv(os.path.join(args.out_dir, "train_0.csv"), index=False)
     mapping = idx2landmark_id(df["landmark_id"])
-    # the original's pickle (its notebook reads it), and JSON, which predict.py prefers: it runs no code
-    with open(os.path.join(args.out_dir, "idx2landmark_id.pkl"), "wb") as f:
-        pickle.dump(mapping, f)
-    with open(os.path.join(args.out_dir, "idx2landmark_id.json"), "w") as f:
-        json.dump({str(k): int(v) for k, v in mapping.items()}, f)
+    write_label_map(mapping, args.out_dir)
     print(f"{len(df)} images, {len(mapping)} classes, {args.n_folds} folds -> {args.out_dir}")
 
 

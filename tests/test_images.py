@@ -235,3 +235,46 @@ def test_all_digit_ids_run_end_to_end(tmp_path):
     sub = pd.read_csv(out, dtype=str, keep_default_na=False)
     assert sub["id"].iloc[0].startswith("09") and (sub["landmarks"] != "").all()
     evaluate.evaluate(str(out), os.path.join(d, "solution.csv"))
+
+
+def test_own_photos_from_folders(tmp_path):
+    """preprocess.py --from-folder: one folder per landmark (names kept), any image type,
+    train.py and predict.py run on it unchanged through the filepath column."""
+    import json
+
+    import predict
+    import preprocess
+    import synthetic
+    from util import read_label_map
+    d = str(tmp_path / "gld")
+    synthetic.generate(d, classes=6, clean_classes=6, test=6, min_size=40, max_size=64, seed=7)
+    full = pd.read_csv(os.path.join(d, "train.csv"), dtype={"id": str})
+    photos = tmp_path / "photos"
+    for k, (i, lid) in enumerate(zip(full["id"], full["landmark_id"])):
+        folder = photos / f"Place {lid} été"
+        (folder / "sub").mkdir(parents=True, exist_ok=True)
+        img = cv2.imread(os.path.join(d, "train", i[0], i[1], i[2], f"{i}.jpg"))
+        ext = (".jpg", ".png", ".JPEG")[k % 3]
+        cv2.imwrite(str((folder / "sub" if k % 4 == 0 else folder) / f"{i}{ext}"), img)
+    (photos / "Place x").mkdir()
+    (photos / "Place x" / "notes.txt").write_text("not an image")  # no images: not a landmark
+    out = str(tmp_path / "own")
+    df = preprocess.main(["--from-folder", str(photos), "--out-dir", out])
+    assert len(df) == len(full) and df["landmark_id"].nunique() == full["landmark_id"].nunique()
+    names = json.load(open(os.path.join(out, "landmark_names.json")))
+    assert sorted(names.values()) == sorted(f"Place {lid} été" for lid in full["landmark_id"].unique())
+    assert read_label_map(os.path.join(out, "idx2landmark_id.json")) == {int(k): int(k) for k in names}
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    common = ["--data-dir", out, "--folds-csv", os.path.join(out, "train_0.csv"), "--model-dir", out, "--log-dir", out,
+              "--enet-type", "mobilenetv3_small_050", "--no-pretrained", "--num-workers", "0", "--batch-size", "8",
+              "--image-size", "32", "--n-epochs", "1"]
+    for step, extra in ((0, []), (1, ["--load-from", os.path.join(out, "own0_fold0_final.pth")])):
+        p = subprocess.run([sys.executable, "train.py", "--kernel-type", f"own{step}", "--train-step", str(step),
+                            *common, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"models": [{"enet_type": "mobilenetv3_small_050",
+                                            "checkpoint": os.path.join(out, "own1_fold0_final.pth"), "image_size": 32}]}))
+    res = predict.run(d, os.path.join(out, "train_0.csv"), os.path.join(out, "idx2landmark_id.json"), str(spec),
+                      device="cpu", num_workers=0, cache_dir=None)
+    assert set(res["ensemble"][0]) <= {int(k) for k in names} and not res["unreadable"][1].any()
