@@ -379,52 +379,79 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
     gallery_digest = hashlib.sha1("\n".join(gallery["id"]).encode()).hexdigest()  # once, not per model
 
     ckpts = check_models(models, base, len(idx2lid), idx2landmark, trust_checkpoint)  # before any image is read
+    kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision=precision, compile=compile,
+              trust=trust_checkpoint)
+    g_emb, zqs, heads, nl_emb = embed_all(models, ckpts, g_paths, q_paths, nl_paths, gallery_dtype=dtype,
+                                          cache_dir=cache_dir, gallery_digest=gallery_digest, **kw)
+    res = recognize(zqs, g_emb, heads, gallery["landmark_id"].to_numpy(), idx2lid, device=device,
+                    non_landmark=non_landmark, nl_emb=nl_emb)
+    res["ids"] = list(sub["id"])
+    return res
 
-    g_emb, q_emb, nl_emb, zqs, heads, out_dim = [], [], [], [], [], None
-    for m, ckpt in zip(models, ckpts):
-        model = load_model(m["enet_type"], ckpt, device, trust_checkpoint, image_size=int(m["image_size"]))
+
+def embed_all(models, ckpts, g_paths, q_paths, nl_paths=None, device="cpu", batch_size=64, num_workers=2,
+              precision="fp32", compile=False, trust=False, gallery_dtype=np.float32, cache_dir=None,
+              gallery_digest="", gallery=None):
+    """Per model of the spec: the gallery's embeddings (N, 512) (unless `gallery`,
+    embeddings from a saved index, is given), the queries' neck outputs (Q, 512),
+    its ArcFace head, and the non-landmark set's embeddings. One model on the
+    device at a time. Returns (g_emb, zqs, heads, nl_emb) as lists over models."""
+    g_emb, zqs, heads, nl_emb = [], [], [], []
+    for i, (m, ckpt) in enumerate(zip(models, ckpts)):
+        size = int(m["image_size"])
+        model = load_model(m["enet_type"], ckpt, device, trust, image_size=size)
         if compile:  # the backbone and neck; a ragged last batch compiles once more
             model.neck = torch.compile(model.neck)
-        out_dim = model.metric_classify.out_features
-        size = int(m["image_size"])
-        kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, dtype=dtype, precision=precision)
-        g_emb.append(extract_features(model, g_paths, size, cache_dir=cache_dir, normalize=True,
-                                      key=_cache_key(ckpt, size, gallery_digest, precision),
-                                      desc=f"gallery {os.path.basename(ckpt)}@{size}", **kw))
-        zq = extract_features(model, q_paths, size, desc=f"queries {os.path.basename(ckpt)}@{size}",
-                              **(kw | {"dtype": np.float32}))
-        zqs.append(zq)
+        kw = dict(device=torch.device(device), batch_size=batch_size, num_workers=num_workers, precision=precision)
+        if gallery is None:
+            g_emb.append(extract_features(model, g_paths, size, cache_dir=cache_dir, normalize=True,
+                                          key=_cache_key(ckpt, size, gallery_digest, precision),
+                                          desc=f"gallery {os.path.basename(ckpt)}@{size}", dtype=gallery_dtype, **kw))
+        zqs.append(extract_features(model, q_paths, size, desc=f"queries {os.path.basename(ckpt)}@{size}", **kw))
         heads.append(model.metric_classify)  # the head alone is kept: (out_dim * 3, 512)
-        q_emb.append(F.normalize(torch.as_tensor(zq), dim=1).numpy())
         if nl_paths is not None:
             nl_emb.append(extract_features(model, nl_paths, size, normalize=True, desc=f"non-landmarks @{size}",
-                                           **(kw | {"dtype": np.float32})))
+                                           **kw))
         del model
+    return (g_emb if gallery is None else gallery), zqs, heads, nl_emb
+
+
+def recognize(zqs, g_emb, heads, g_labels, idx2lid, device="cpu", non_landmark=None, nl_emb=None):
+    """Classifier, retrieval and their re-ranked ensemble for the queries.
+
+    zqs: per model, the queries' neck outputs; g_emb: per model, the gallery's
+    embeddings; g_labels: the gallery's landmark ids (ids beyond the label map
+    are fine: retrieval can predict them, the classifier cannot).
+    Returns {'classifier', 'retrieval', 'ensemble': (landmarks, confidences),
+    'neighbours': (sims, gallery rows), 'cls_top', 'unreadable': (queries,
+    gallery)}, and with non_landmark also 'ensemble_nl', 'nl_flags', 'nl_similarity'."""
     # unreadable images: left out of the gallery; a query gets an empty prediction
     g_bad, q_bad = unreadable_rows(*g_emb), unreadable_rows(*zqs)
     if g_bad.any() or q_bad.any():
         print(f"unreadable images: {int(g_bad.sum())} of {len(g_bad)} gallery images (left out of retrieval), "
               f"{int(q_bad.sum())} of {len(q_bad)} queries (empty predictions)", flush=True)
-        for z, e in zip(zqs, q_emb):
-            z[q_bad], e[q_bad] = 0.0, 0.0
-    lid_of = np.array([idx2lid[i] for i in range(out_dim)])
-    present = np.isin(lid_of, gallery["landmark_id"].unique())
+        for z in zqs:
+            z[q_bad] = 0.0
+    q_emb = [F.normalize(torch.as_tensor(z), dim=1).numpy() for z in zqs]
+    lid_of = np.array([idx2lid[i] for i in range(len(idx2lid))])
+    present = np.isin(lid_of, np.unique(g_labels))
     cls_s, cls_i = classifier_topk(zqs, heads, present, device=device)
     cls_l = lid_of[cls_i]
     # The original normalised only its last query batch, so its gallery rows had
     # norm 3 and its similarities were 3x the cosine; rankings and GAP are the
     # same. Here both sides are unit vectors: sims are cosines.
     sims, nn = topk_cosine(q_emb, g_emb, TOP_K, device=device, exclude=g_bad if g_bad.any() else None)
-    nn_l = gallery["landmark_id"].to_numpy()[nn]
+    nn_l = np.asarray(g_labels)[nn]
+
     def blank(part):  # an unreadable query: no prediction
         landmarks, conf = part
         return (np.where(q_bad, None, landmarks.astype(object)), np.where(q_bad, 0.0, conf))
 
-    res = {"ids": list(sub["id"]),
-           "classifier": blank((cls_l[:, 0], cls_s[:, 0])),
+    res = {"classifier": blank((cls_l[:, 0], cls_s[:, 0])),
            "retrieval": blank((nn_l[:, 0], sims[:, 0])),
            "ensemble": blank(rerank(sims, nn_l, cls_s, cls_l)),
-           "neighbours": (sims, nn_l), "cls_top": (cls_s, cls_l), "unreadable": (q_bad, g_bad)}
+           "neighbours": (sims, nn), "neighbour_landmarks": nn_l, "cls_top": (cls_s, cls_l),
+           "unreadable": (q_bad, g_bad)}
     if non_landmark is not None:
         flags, s_nl = non_landmark_flags(q_emb, sims[:, 0], nl_emb or None, device=device)
         res["nl_flags"], res["nl_similarity"] = flags, s_nl
