@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from dataset import (LandmarkDataset, collate, drop_excluded, get_transforms, image_path, read_csv_checked,
                      resolve_paths, worker_init)
-from models import build_model, check_enet_type
+from models import build_model, check_enet_type, preprocessing_for
 from preprocess import read_clean_list
 from util import (UserError, load_checkpoint, load_fitting, load_state_dict_file, memory_format, read_label_map,
                   run_main)
@@ -82,6 +82,7 @@ def load_model(enet_type, checkpoint, device="cpu", trust=False, image_size=None
 
 
 def check_models(models, base, n_classes, label_map, trust=False):
+    """n_classes None (no label map): the models must agree among themselves."""
     """Every model of the spec, checked before any image is read (an ensemble's
     extraction takes hours): its checkpoint exists and loads, its backbone name
     is known, its image size is a positive integer, its head has one class per
@@ -96,6 +97,8 @@ def check_models(models, base, n_classes, label_map, trust=False):
         if "metric_classify.weight" not in sd:
             raise UserError(f"{ckpt}: no 'metric_classify.weight': not a checkpoint of this model")
         n = sd["metric_classify.weight"].shape[0] // 3
+        if n_classes is None:
+            n_classes, label_map = n, paths[0] if paths else ckpt
         if n != n_classes:
             raise UserError(f"{ckpt}: the model has {n} classes but {label_map} maps {n_classes}")
         paths.append(ckpt)
@@ -368,13 +371,7 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
         queries.loc[~queries.index.isin(kept.index), "filepath"] = f"(excluded by {exclude})"  # never read
         print(f"{exclude}: left out {n_gallery_out} gallery images and {n_query_out} queries", flush=True)
     g_paths, q_paths = list(gallery["filepath"]), list(queries["filepath"])
-    nl_paths = None
-    if non_landmark not in (None, "auto"):
-        nl = read_csv_checked(non_landmark, [])
-        if "filepath" not in nl.columns and "id" not in nl.columns:
-            raise UserError(f"--non-landmark {non_landmark}: expected a column id or filepath")
-        nl_paths = (list(nl["filepath"]) if "filepath" in nl.columns
-                    else [image_path(data_dir, "non_landmark", i) for i in nl["id"]])
+    nl_paths = _non_landmark_paths(non_landmark, data_dir)
     dtype = np.float16 if fp16_cache else np.float32
     gallery_digest = hashlib.sha1("\n".join(gallery["id"]).encode()).hexdigest()  # once, not per model
 
@@ -459,14 +456,108 @@ def recognize(zqs, g_emb, heads, g_labels, idx2lid, device="cpu", non_landmark=N
     return res
 
 
+def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=None, add_to_index=False,
+                idx2landmark=None, device=None, batch_size=64, num_workers=2, precision="fp32", compile=False,
+                trust_checkpoint=False, non_landmark=None):
+    """Recognition on your own photos (see gallery.py): a gallery from folders or
+    a saved index, queries from a folder. Returns (predictions frame or None,
+    the recognize() result or None)."""
+    from gallery import (folder_gallery, ids_for_names, landmark_names, list_images, load_index, model_signature,
+                         save_index as write_index)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models, base = load_spec(spec) if isinstance(spec, str) else (spec, os.getcwd())
+    if index is None and gallery_dir is None:
+        raise UserError("give --gallery-dir (one folder per landmark) or --index (a saved one)")
+    if add_to_index and (index is None or gallery_dir is None):
+        raise UserError("--add-to-index needs --index (the one to grow) and --gallery-dir (where the new files are)")
+    if query_dir is not None and not os.path.isdir(query_dir):
+        raise UserError(f"--query-dir {query_dir}: no such folder")
+    q_rel = list_images(query_dir) if query_dir else []
+    if query_dir and not q_rel:
+        raise UserError(f"--query-dir {query_dir}: no images in it")
+    idx2lid = read_label_map(idx2landmark) if idx2landmark else None
+    # the classes' names: landmark_names.json beside the label map, else the landmark ids themselves
+    # (GLDv2's landmarks have no other name): a gallery folder named so is a class the classifier knows
+    known = landmark_names(idx2landmark) or ({lid: str(lid) for lid in idx2lid.values()} if idx2lid else {})
+    ckpts = check_models(models, base, len(idx2lid) if idx2lid else None, idx2landmark, trust_checkpoint)
+    if idx2lid is None:  # anonymous classes: the classifier can name no gallery landmark
+        n = load_state_dict_file(ckpts[0], trust=trust_checkpoint)["metric_classify.weight"].shape[0] // 3
+        idx2lid = {i: -1 - i for i in range(n)}
+    pres = [load_checkpoint(c, trust=trust_checkpoint)[1].get("preprocessing") or preprocessing_for(m["enet_type"])
+            for m, c in zip(models, ckpts)]
+    signature = model_signature(models, ckpts, pres)
+    kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision=precision, compile=compile,
+              trust=trust_checkpoint)
+
+    g_rel, g_labels, g_emb, names = [], np.zeros(0, np.int64), None, dict(known)
+    if index is not None:
+        idx = load_index(index, signature)
+        g_rel, g_labels, g_emb, names = idx["paths"], idx["labels"], idx["emb"], known | idx["names"]
+    todo = []
+    if gallery_dir is not None:
+        have = set(g_rel)
+        todo = [(p, n) for p, n in folder_gallery(gallery_dir) if p not in have]
+        if index is not None and not add_to_index:
+            todo = []  # an index answers the queries; --add-to-index grows it
+    q_paths = [os.path.join(query_dir, p) for p in q_rel]
+    new_paths = [os.path.join(gallery_dir, p) for p, _ in todo]
+    new_emb, zqs, heads, nl_emb = embed_all(models, ckpts, new_paths, q_paths, _non_landmark_paths(non_landmark),
+                                            **kw)
+    if todo:
+        new_ids, by_id = ids_for_names([n for _, n in todo], {i: v for i, v in names.items()})
+        names |= by_id
+        good = ~unreadable_rows(*new_emb)
+        if not good.all():
+            print(f"unreadable gallery images: {int((~good).sum())} of {len(good)} (not indexed)", flush=True)
+        keep = [p for (p, _), g in zip(todo, good) if g]
+        g_rel = list(g_rel) + keep
+        g_labels = np.concatenate([g_labels, new_ids[good]])
+        g_emb = [np.asarray(e[good], np.float16) if g_emb is None else
+                 np.concatenate([g_emb[i], np.asarray(e[good], np.float16)]) for i, e in enumerate(new_emb)]
+        print(f"embedded {len(keep)} gallery images ({len(g_rel)} in all, {len(set(g_labels.tolist()))} landmarks)",
+              flush=True)
+    if g_emb is None or not len(g_rel):
+        raise UserError("the gallery is empty: nothing to retrieve from")
+    if save_index or add_to_index:
+        stem = write_index(save_index or index, g_emb, g_labels, g_rel, names, signature)
+        print(f"index: {stem}.npz, {stem}.json ({len(g_rel)} images)", flush=True)
+    if not q_paths:
+        return None, None
+    res = recognize(zqs, g_emb, heads, g_labels, idx2lid, device=device, non_landmark=non_landmark,
+                    nl_emb=nl_emb)
+    final = "ensemble_nl" if non_landmark is not None else "ensemble"
+    sims, nn = res["neighbours"]
+    from gallery import predictions_frame
+    return predictions_frame(q_rel, *res[final], sims, nn, g_rel, names), res
+
+
+def _non_landmark_paths(non_landmark, data_dir=""):
+    """Paths of a known non-landmark set (a CSV: column filepath, or id under
+    DATA_DIR/non_landmark/), None for 'auto' or no set."""
+    if non_landmark in (None, "auto"):
+        return None
+    nl = read_csv_checked(non_landmark, [])
+    if "filepath" not in nl.columns and "id" not in nl.columns:
+        raise UserError(f"--non-landmark {non_landmark}: expected a column id or filepath")
+    return (list(nl["filepath"]) if "filepath" in nl.columns
+            else [image_path(data_dir, "non_landmark", i) for i in nl["id"]])
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--data-dir", required=True, help="holds train/, test/ and sample_submission.csv")
-    p.add_argument("--train-csv", required=True, help="the gallery: clean train list (id,landmark_id)")
-    p.add_argument("--idx2landmark", required=True,
-                   help="idx2landmark_id.json (or the original's .pkl) from preprocess.py")
+    p.add_argument("--data-dir", help="GLDv2 layout: holds train/, test/ and sample_submission.csv")
+    p.add_argument("--train-csv", help="GLDv2 layout: the gallery, the clean train list (id,landmark_id)")
+    p.add_argument("--idx2landmark",
+                   help="idx2landmark_id.json (or the original's .pkl) from preprocess.py; with folders, optional "
+                        "(landmark_names.json beside it names the classes)")
+    p.add_argument("--gallery-dir", help="your photos: one folder per landmark, GALLERY_DIR/<name>/*.jpg")
+    p.add_argument("--query-dir", help="your photos: the images to recognise (recursive)")
+    p.add_argument("--index", help="a saved gallery index (PATH.npz + PATH.json) to answer from")
+    p.add_argument("--save-index", help="save the gallery's embeddings as an index at PATH")
+    p.add_argument("--add-to-index", action="store_true",
+                   help="with --index and --gallery-dir: embed only the gallery files the index lacks, and save it")
     p.add_argument("--spec", required=True, help='JSON: {"models": [{"enet_type", "checkpoint", "image_size"}]}')
-    p.add_argument("--out", default="submission.csv")
+    p.add_argument("--out", default=None, help="default submission.csv (GLDv2), predictions.csv (folders)")
     p.add_argument("--sample-submission", default=None, help="query ids (default DATA_DIR/sample_submission.csv)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--batch-size", type=int, default=64)
@@ -488,11 +579,25 @@ def parse_args(argv=None):
     p.add_argument("--write-parts", action="store_true",
                    help="also write OUT's classifier-only, retrieval-only (and, with --non-landmark, plain "
                         "re-ranked) submissions: *_classifier.csv, *_retrieval.csv, *_ensemble.csv")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.folders = any(v is not None for v in (a.gallery_dir, a.query_dir, a.index))
+    if not a.folders and not (a.data_dir and a.train_csv and a.idx2landmark):
+        p.error("give --data-dir, --train-csv and --idx2landmark (GLDv2 layout), or --gallery-dir/--index and "
+                "--query-dir (your photos)")
+    a.out = a.out or ("predictions.csv" if a.folders else "submission.csv")
+    return a
 
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.folders:
+        frame, res = run_folders(a.spec, a.query_dir, a.gallery_dir, a.index, a.save_index, a.add_to_index,
+                                 a.idx2landmark, a.device, a.batch_size, a.num_workers, a.precision, a.compile,
+                                 a.trust_checkpoint, a.non_landmark)
+        if frame is not None:
+            frame.to_csv(a.out, index=False)
+            print(f"wrote {a.out} ({len(frame)} rows, {int((frame['landmark'] != '').sum())} with a landmark)")
+        return res
     res = run(a.data_dir, a.train_csv, a.idx2landmark, a.spec, a.device, a.batch_size, a.num_workers,
               a.cache_dir or None, a.sample_submission, a.fp16_cache, a.non_landmark, a.precision, a.compile,
               a.trust_checkpoint, a.exclude)

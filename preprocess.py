@@ -26,6 +26,7 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
 from dataset import BadImage, image_path, read_csv_checked, read_rgb, worker_init
+from gallery import list_images
 from util import UserError, run_main
 
 
@@ -60,9 +61,6 @@ def idx2landmark_id(landmark_ids):
     return {i: lid for i, lid in enumerate(sorted(pd.unique(np.asarray(landmark_ids)).tolist()))}
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
 def from_folder(root, out_dir, n_folds=5, seed=233):
     """A data set from one folder per landmark: root/<landmark name>/**/*.jpg|png|...
 
@@ -75,14 +73,9 @@ def from_folder(root, out_dir, n_folds=5, seed=233):
     if not os.path.isdir(root):
         raise UserError(f"--from-folder {root}: no such folder")
     names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    rows = []
-    for lid, name in enumerate(names):
-        for dirpath, _, files in os.walk(os.path.join(root, name)):
-            for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-                    path = os.path.abspath(os.path.join(dirpath, f))
-                    rel = os.path.relpath(path, root)
-                    rows.append((hashlib.sha1(rel.encode()).hexdigest()[:16], lid, path))
+    rows = [(hashlib.sha1(os.path.join(name, rel).encode()).hexdigest()[:16], lid,
+             os.path.abspath(os.path.join(root, name, rel)))
+            for lid, name in enumerate(names) for rel in list_images(os.path.join(root, name))]
     if not rows:
         raise UserError(f"--from-folder {root}: no images in its subfolders (one folder per landmark: "
                         f"{root}/<landmark name>/*.jpg)")

@@ -57,9 +57,15 @@ pred=(--data-dir "$D" --train-csv "$D/train_competition.csv" --idx2landmark "$D/
 # beyond the original: sink queries that look like non-landmarks, with a known set, then mined from the queries
 $PY predict.py "${pred[@]}" --out "$OUT/submission_nl_auto.csv" --non-landmark auto 2>/dev/null
 $PY predict.py "${pred[@]}" --out "$OUT/submission_nl.csv" --non-landmark "$D/non_landmark.csv" --write-parts 2>/dev/null
+# your-own-photos path: the same images as folders (gallery/<landmark id>/, queries/), predictions.csv
+$PY scripts/as_folders.py split "$D" "$D/train_competition.csv" "$OUT/photos"
+$PY predict.py --spec "$OUT/spec.json" --gallery-dir "$OUT/photos/gallery" --query-dir "$OUT/photos/queries" \
+    --idx2landmark "$D/idx2landmark_id.json" --num-workers 0 --out "$OUT/photos/predictions.csv" 2>/dev/null
+$PY scripts/as_folders.py submission "$OUT/photos/predictions.csv" "$OUT/submission_folders.csv"
 gap() { $PY evaluate.py --submission "$OUT/$1" --solution "$D/solution.csv" --label "$2"; }
 gap submission_nl_auto.csv "ensemble + mined non-landmarks"
 gap submission_nl.csv "ensemble + known non-landmarks"
 gap submission_nl_classifier.csv classifier
 gap submission_nl_retrieval.csv retrieval
 gap submission_nl_ensemble.csv ensemble
+gap submission_folders.csv "folders (own photos)"

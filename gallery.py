@@ -1,0 +1,130 @@
+"""Your own photos: a gallery from folders, queries from a folder, and a saved index.
+
+    python predict.py --spec S --gallery-dir G --query-dir Q --out predictions.csv [--save-index I]
+    python predict.py --spec S --index I --query-dir Q --out predictions.csv
+    python predict.py --spec S --index I --gallery-dir G --add-to-index    # embed only G's new files
+
+G holds one folder per landmark (G/<landmark name>/**/*.jpg, .png, ...), Q any
+images (searched recursively). predictions.csv has one row per query file:
+path (as found under Q), landmark (the name, empty when none), confidence, and
+neighbours (JSON: the 5 nearest gallery images, paths under G, with their
+cosine similarities).
+
+A saved index is two files that never run code: I.npz (per model, the
+gallery's L2-normalised embeddings in float16; the landmark ids) and I.json
+(the gallery paths and landmark names, and for each model its backbone, image
+size, preprocessing and the SHA-1 of its checkpoint file). An index is used
+only with the models it was built with.
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pandas as pd
+
+from util import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+NEW_LANDMARK_ID = 10**9  # ids of gallery landmarks the classifier does not know start here
+
+
+def list_images(root):
+    """Image files below root, recursively, as paths relative to root, sorted."""
+    out = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [os.path.relpath(os.path.join(dirpath, f), root) for f in files
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return sorted(out)
+
+
+def folder_gallery(root):
+    """[(path under root, landmark name)] of root/<name>/**/images."""
+    if not os.path.isdir(root):
+        raise UserError(f"--gallery-dir {root}: no such folder")
+    rows = [(p, p.split(os.sep)[0]) for p in list_images(root) if os.sep in p]
+    if not rows:
+        raise UserError(f"--gallery-dir {root}: no images in its subfolders (one folder per landmark: "
+                        f"{root}/<landmark name>/*.jpg)")
+    return rows
+
+
+def landmark_names(label_map_path):
+    """{landmark id: name} from landmark_names.json beside the label map (preprocess.py
+    --from-folder writes both), else {}."""
+    if not label_map_path:
+        return {}
+    path = os.path.join(os.path.dirname(os.path.abspath(label_map_path)), "landmark_names.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return {int(k): str(v) for k, v in json.load(f).items()}
+
+
+def ids_for_names(names, known):
+    """Landmark ids of gallery folder names: the id of a name the classifier knows
+    (`known`: id -> name), else a new id from NEW_LANDMARK_ID on (retrieval alone
+    can predict those). Returns (ids, id -> name for all)."""
+    by_name = {v: k for k, v in known.items()}
+    new = sorted({n for n in names if n not in by_name})
+    by_name |= {n: NEW_LANDMARK_ID + i for i, n in enumerate(new)}
+    return np.array([by_name[n] for n in names], np.int64), {i: n for n, i in by_name.items()}
+
+
+def file_digest(path, chunk=1 << 20):
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_signature(models, ckpts, preprocessing):
+    """What an index's embeddings depend on, per model of the spec."""
+    return [{"enet_type": m["enet_type"], "image_size": int(m["image_size"]), "checkpoint_sha1": file_digest(c),
+             "preprocessing": p} for m, c, p in zip(models, ckpts, preprocessing)]
+
+
+def save_index(path, embeddings, labels, paths, names, signature):
+    """path.npz + path.json (see the module's docstring)."""
+    stem = path[:-4] if path.endswith(".npz") else path
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    np.savez(stem + ".npz", labels=np.asarray(labels, np.int64),
+             **{f"emb{i}": np.asarray(e, np.float16) for i, e in enumerate(embeddings)})
+    with open(stem + ".json", "w", encoding="utf-8") as f:
+        json.dump({"format": "glr2020-index-1", "models": signature, "paths": list(paths),
+                   "names": {str(k): v for k, v in names.items()}}, f, ensure_ascii=False)
+    return stem
+
+
+def load_index(path, signature):
+    """The index at path, checked against the current models' signature."""
+    stem = path[:-4] if path.endswith(".npz") else path
+    if not (os.path.isfile(stem + ".npz") and os.path.isfile(stem + ".json")):
+        raise UserError(f"--index {path}: no {stem}.npz and {stem}.json (written by --save-index)")
+    try:
+        with open(stem + ".json", encoding="utf-8") as f:
+            meta = json.load(f)
+        with np.load(stem + ".npz", allow_pickle=False) as z:
+            emb = [z[f"emb{i}"] for i in range(len(meta["models"]))]
+            labels = z["labels"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"--index {path}: not a readable index ({e})") from e
+    if meta.get("models") != signature:
+        raise UserError(f"--index {path}: built with other models than this spec (backbones, sizes, "
+                        f"preprocessing or checkpoint files differ); build it again with --save-index")
+    return {"emb": emb, "labels": labels, "paths": meta["paths"],
+            "names": {int(k): v for k, v in meta["names"].items()}}
+
+
+def predictions_frame(q_paths, landmarks, confidences, sims, nn, g_paths, names):
+    """One row per query: path, landmark (name), confidence, neighbours (JSON)."""
+    rows = []
+    for i, q in enumerate(q_paths):
+        lid = landmarks[i]
+        named = lid is not None and lid == lid
+        nb = [[g_paths[j], round(float(s), 6)] for s, j in zip(sims[i], nn[i]) if np.isfinite(s)]
+        rows.append((q, names.get(int(lid), str(lid)) if named else "", float(confidences[i]) if named else 0.0,
+                     json.dumps(nb if named else [], ensure_ascii=False)))
+    return pd.DataFrame(rows, columns=["path", "landmark", "confidence", "neighbours"])

@@ -1,0 +1,117 @@
+"""Your own photos: folders in, predictions.csv out, a saved index reused and grown."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT, TINY_BACKBONE
+import predict
+from util import UserError
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Gallery folders (clean classes, one folder per landmark), a query folder, and a model trained on them."""
+    import preprocess
+    import synthetic
+    t = tmp_path_factory.mktemp("photos")
+    d = str(t / "gld")
+    synthetic.generate(d, classes=8, clean_classes=6, test=12, min_size=40, max_size=64, seed=9)
+    clean = pd.read_csv(os.path.join(d, "train_competition.csv"), dtype={"id": str})
+    g = t / "gallery"
+    for i, lid in zip(clean["id"], clean["landmark_id"]):
+        (g / f"Place {lid}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(d, "train", i[0], i[1], i[2], f"{i}.jpg"), g / f"Place {lid}" / f"{i}.jpg")
+    q = t / "queries"
+    for k, i in enumerate(pd.read_csv(os.path.join(d, "sample_submission.csv"), dtype={"id": str})["id"]):
+        (q / f"day{k % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(d, "test", i[0], i[1], i[2], f"{i}.jpg"), q / f"day{k % 2}" / f"{i}.jpg")
+    out = str(t / "model")
+    preprocess.main(["--from-folder", str(g), "--out-dir", out])
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "train.py", "--kernel-type", "p", "--train-step", "0", "--data-dir", out,
+                        "--folds-csv", os.path.join(out, "train_0.csv"), "--model-dir", out, "--log-dir", out,
+                        "--enet-type", TINY_BACKBONE, "--no-pretrained", "--num-workers", "0", "--batch-size", "8",
+                        "--image-size", "32", "--n-epochs", "2"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    spec = t / "spec.json"
+    spec.write_text(json.dumps({"models": [{"enet_type": TINY_BACKBONE, "checkpoint": os.path.join(out, "p_fold0_final.pth"),
+                                            "image_size": 32}]}))
+    return {"t": t, "gallery": str(g), "queries": str(q), "labels": os.path.join(out, "idx2landmark_id.json"),
+            "spec": str(spec), "n_queries": len(list(q.rglob("*.jpg")))}
+
+
+def _predict(ph, *extra, out="pred.csv"):
+    path = str(ph["t"] / out)
+    predict.main(["--spec", ph["spec"], "--query-dir", ph["queries"], "--idx2landmark", ph["labels"],
+                  "--out", path, "--device", "cpu", "--num-workers", "0", *extra])
+    return pd.read_csv(path, keep_default_na=False)
+
+
+def test_predictions_from_folders(photos):
+    df = _predict(photos, "--gallery-dir", photos["gallery"], "--save-index", str(photos["t"] / "idx"))
+    assert list(df.columns) == ["path", "landmark", "confidence", "neighbours"]
+    assert len(df) == photos["n_queries"] and df["path"].str.match(r"day[01]/[0-9a-f]+\.jpg").all()
+    names = set(os.listdir(photos["gallery"]))
+    assert set(df["landmark"]) <= names and (df["landmark"] != "").all()
+    for row in df.itertuples():
+        nb = json.loads(row.neighbours)
+        assert len(nb) == 5 and all(os.path.exists(os.path.join(photos["gallery"], p)) for p, _ in nb)
+        sims = [s for _, s in nb]
+        assert sims == sorted(sims, reverse=True) and -1 <= sims[-1] <= sims[0] <= 1 + 1e-5
+    # a saved index answers the same, without the gallery
+    again = _predict(photos, "--index", str(photos["t"] / "idx"), out="pred2.csv")
+    assert list(again["landmark"]) == list(df["landmark"])
+    np.testing.assert_allclose(again["confidence"], df["confidence"], rtol=0.05)
+    with open(photos["t"] / "idx.json") as f:
+        meta = json.load(f)
+    assert meta["models"][0]["enet_type"] == TINY_BACKBONE and len(meta["models"][0]["checkpoint_sha1"]) == 40
+    assert meta["models"][0]["preprocessing"]["interpolation"] == "bicubic"
+
+
+def test_index_refuses_other_models_and_grows_with_new_files(photos, tmp_path, capsys):
+    # other weights: refused
+    import torch
+    ck = json.load(open(photos["spec"]))["models"][0]["checkpoint"]
+    other = torch.load(ck, weights_only=True)
+    other["model_state_dict"]["feat.bias"] += 1
+    torch.save(other, tmp_path / "other.pth")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"models": [{"enet_type": TINY_BACKBONE, "checkpoint": str(tmp_path / "other.pth"),
+                                            "image_size": 32}]}))
+    with pytest.raises(UserError, match="other models"):
+        predict.run_folders(str(spec), photos["queries"], index=str(photos["t"] / "idx"), device="cpu", num_workers=0)
+    # an index of all but one landmark, then --add-to-index embeds that landmark's files alone
+    part = tmp_path / "gallery"
+    shutil.copytree(photos["gallery"], part)
+    last = sorted(os.listdir(part))[-1]
+    n_last = len(os.listdir(part / last))
+    shutil.rmtree(part / last)
+    base = ["--spec", photos["spec"], "--device", "cpu", "--num-workers", "0", "--idx2landmark", photos["labels"]]
+    predict.main([*base, "--gallery-dir", str(part), "--save-index", str(tmp_path / "grow")])
+    capsys.readouterr()
+    predict.main([*base, "--gallery-dir", photos["gallery"], "--index", str(tmp_path / "grow"), "--add-to-index"])
+    assert f"embedded {n_last} gallery images" in capsys.readouterr().out
+    full = json.load(open(photos["t"] / "idx.json"))
+    grown = json.load(open(tmp_path / "grow.json"))
+    assert sorted(grown["paths"]) == sorted(full["paths"]) and grown["names"] == full["names"]
+    a, b = np.load(photos["t"] / "idx.npz"), np.load(tmp_path / "grow.npz")
+    order = [grown["paths"].index(p) for p in full["paths"]]
+    np.testing.assert_array_equal(b["labels"][order], a["labels"])
+    np.testing.assert_allclose(b["emb0"][order].astype(np.float32), a["emb0"].astype(np.float32), atol=2e-3)
+
+
+def test_folder_mode_user_mistakes(photos, tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        predict.run_folders(photos["spec"], str(tmp_path / "nope"), photos["gallery"], device="cpu")
+    with pytest.raises(UserError, match="--gallery-dir"):
+        predict.run_folders(photos["spec"], photos["queries"], device="cpu")
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(UserError, match="one folder per landmark"):
+        predict.run_folders(photos["spec"], photos["queries"], str(tmp_path / "flat"), device="cpu")
