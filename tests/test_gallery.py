@@ -106,6 +106,21 @@ def test_index_refuses_other_models_and_grows_with_new_files(photos, tmp_path, c
     np.testing.assert_allclose(b["emb0"][order].astype(np.float32), a["emb0"].astype(np.float32), atol=2e-3)
 
 
+def test_non_landmark_handling_with_folders(photos, tmp_path):
+    """A known non-landmark set that holds each query three times: every query's 3 nearest
+    non-landmarks are itself (cosine 1), closer than any gallery image, so every confidence is
+    sunk by the factor 1e-100."""
+    import glob
+    kw = dict(idx2landmark=photos["labels"], device="cpu", num_workers=0)
+    plain, _ = predict.run_folders(photos["spec"], photos["queries"], photos["gallery"], **kw)
+    qs = sorted(glob.glob(os.path.join(photos["queries"], "**", "*.jpg"), recursive=True))
+    pd.DataFrame({"filepath": qs * 3}).to_csv(tmp_path / "nl.csv", index=False)  # its 3 nearest: itself
+    frame, res = predict.run_folders(photos["spec"], photos["queries"], photos["gallery"],
+                                     non_landmark=str(tmp_path / "nl.csv"), **kw)
+    assert res["nl_flags"].all() and list(frame["landmark"]) == list(plain["landmark"])
+    np.testing.assert_allclose(frame["confidence"], plain["confidence"] * predict.NL_FACTOR, rtol=1e-6)
+
+
 def test_folder_mode_user_mistakes(photos, tmp_path):
     with pytest.raises(UserError, match="no such folder"):
         predict.run_folders(photos["spec"], str(tmp_path / "nope"), photos["gallery"], device="cpu")

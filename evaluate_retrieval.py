@@ -1,0 +1,195 @@
+"""Revisited Oxford and Paris (Radenovic, Iscen, Tolias, Avrithis, Chum, CVPR 2018): mAP and mP@k
+for the Easy, Medium and Hard protocols.
+
+    python evaluate_retrieval.py --gnd gnd_roxford5k.pkl --features feats.npz   # arrays `db` (N, D), `queries` (Q, D)
+    python evaluate_retrieval.py --gnd gnd_roxford5k.pkl --ranks ranks.npy      # (Q, N) database indices, best first
+    python evaluate_retrieval.py --gnd gnd_roxford5k.pkl --images roxford5k/jpg --spec S [--device cuda]
+
+The ground truth is the protocol's file (a pickle of dicts of lists and arrays,
+read by an unpickler that builds nothing else) or the same structure as JSON:
+{"imlist": [...], "qimlist": [...], "gnd": [{"bbx": [x1, y1, x2, y2], "easy": [...],
+"hard": [...], "junk": [...]}, ...]}. With --images and --spec, the models of
+the spec embed DIR/<name>.jpg for the database and the queries cropped to
+their bounding boxes, as the protocol says; similarities are the mean of the
+models' cosines.
+
+Protocols: Easy counts the easy images as positives and ignores hard and junk
+ones; Medium counts easy and hard, ignores junk; Hard counts hard, ignores easy
+and junk. Ignored images are taken out of the ranking before scoring. AP is the
+protocol's (trapezoidal over the recall steps); mP@k is the precision at
+min(k, rank of the last positive). Queries without a positive in a protocol do
+not count in its means.
+"""
+import argparse
+import json
+import os
+import pickle
+import tempfile
+
+import numpy as np
+
+from util import UserError, run_main
+
+PROTOCOLS = {"easy": (("easy",), ("junk", "hard")),
+             "medium": (("easy", "hard"), ("junk",)),
+             "hard": (("hard",), ("junk", "easy"))}
+KAPPAS = (1, 5, 10)
+
+
+class _GroundTruthUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, strings, numbers and numpy arrays; refuses every other global."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return getattr(np._core.multiarray, name) if module.endswith("multiarray") else getattr(np, name)
+        if module == "numpy.dtypes" and name.endswith("DType"):
+            return getattr(np.dtypes, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a ground-truth file")
+
+
+def read_gnd(path):
+    """The protocol's ground truth: {'imlist', 'qimlist', 'gnd'} from its pickle or a JSON equivalent."""
+    if not os.path.isfile(path):
+        raise UserError(f"--gnd {path}: no such file")
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                cfg = json.load(f)
+        else:
+            with open(path, "rb") as f:
+                cfg = _GroundTruthUnpickler(f, encoding="latin1").load()
+        gnd = [{k: np.asarray(v).ravel().tolist() for k, v in g.items()} for g in cfg["gnd"]]
+        return {"imlist": list(cfg.get("imlist", [])), "qimlist": list(cfg.get("qimlist", [])), "gnd": gnd}
+    except (pickle.UnpicklingError, json.JSONDecodeError, KeyError, TypeError, ValueError, EOFError) as e:
+        raise UserError(f"--gnd {path}: not a revisited Oxford/Paris ground truth ({e})") from e
+
+
+def average_precision(pos, n_positives):
+    """The protocol's AP: pos are the 0-based ranks of the positives found, ignored
+    images taken out, ascending; trapezoids between the precisions before and at
+    each positive, over recall steps of 1/n_positives."""
+    ap = 0.0
+    for j, r in enumerate(pos):
+        before = j / r if r > 0 else 1.0
+        at = (j + 1) / (r + 1)
+        ap += (before + at) / 2 / n_positives
+    return ap
+
+
+def evaluate(ranks, gnd, kappas=KAPPAS):
+    """{protocol: {'map', 'mp@k': [...], 'aps': per query (NaN: no positive)}}; ranks (Q, N) best first."""
+    out = {}
+    for name, (ok_keys, junk_keys) in PROTOCOLS.items():
+        aps, prs = [], []
+        for order, g in zip(ranks, gnd):
+            ok = {i for k in ok_keys for i in g.get(k, [])}
+            if not ok:
+                aps.append(float("nan"))
+                prs.append([float("nan")] * len(kappas))
+                continue
+            junk = {i for k in junk_keys for i in g.get(k, [])} - ok
+            order = [i for i in np.asarray(order).tolist() if i not in junk]
+            pos = np.flatnonzero(np.isin(order, list(ok)))
+            aps.append(average_precision(pos, len(ok)))
+            if len(pos):
+                last = pos.max() + 1
+                prs.append([float((pos + 1 <= min(last, k)).sum() / min(last, k)) for k in kappas])
+            else:
+                prs.append([0.0] * len(kappas))
+        aps, prs = np.array(aps), np.array(prs)
+        out[name] = {"map": float(np.nanmean(aps)) if np.isfinite(aps).any() else float("nan"),
+                     "mp@k": np.nanmean(prs, axis=0).tolist() if np.isfinite(aps).any() else [float("nan")] * len(kappas),
+                     "aps": aps}
+    return out
+
+
+def ranks_from_features(db, queries):
+    """(Q, N) database indices by decreasing cosine similarity."""
+    db = db / np.linalg.norm(db, axis=1, keepdims=True)
+    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    return np.argsort(-(queries @ db.T), axis=1, kind="stable")
+
+
+def features_from_images(image_dir, cfg, spec, device=None, batch_size=32, num_workers=2, ext=".jpg"):
+    """Each model's L2-normalised embeddings of the database and of the queries cropped
+    to their bounding boxes, concatenated over the models and scaled by 1/sqrt(M), so
+    that inner products are the mean of the models' cosines."""
+    import cv2
+    import torch
+
+    import predict
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models, base = predict.load_spec(spec)
+    db_paths = [os.path.join(image_dir, n + ext) for n in cfg["imlist"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        q_paths = []
+        for n, g in zip(cfg["qimlist"], cfg["gnd"]):
+            img = cv2.imread(os.path.join(image_dir, n + ext), cv2.IMREAD_COLOR)
+            if img is None:
+                raise UserError(f"{os.path.join(image_dir, n + ext)}: cannot read the query image")
+            x1, y1, x2, y2 = (int(round(v)) for v in g["bbx"])  # the protocol's crop (PIL rounds)
+            q_paths.append(os.path.join(tmp, f"{len(q_paths)}.png"))  # lossless: no second compression
+            cv2.imwrite(q_paths[-1], img[max(y1, 0):y2, max(x1, 0):x2])
+        dbs, qs = [], []
+        for m in models:
+            ckpt = predict.resolve_checkpoint(m["checkpoint"], base)
+            size = int(m["image_size"])
+            model = predict.load_model(m["enet_type"], ckpt, device, image_size=size)
+            kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, normalize=True)
+            dbs.append(predict.extract_features(model, db_paths, size, desc="database", **kw))
+            qs.append(predict.extract_features(model, q_paths, size, desc="queries", **kw))
+    scale = 1 / np.sqrt(len(models))
+    return np.concatenate(dbs, 1) * scale, np.concatenate(qs, 1) * scale
+
+
+def format_results(res, kappas=KAPPAS):
+    lines = [f"mAP  E: {100 * res['easy']['map']:.2f}, M: {100 * res['medium']['map']:.2f}, "
+             f"H: {100 * res['hard']['map']:.2f}"]
+    for name in PROTOCOLS:
+        mp = ", ".join(f"@{k}: {100 * v:.2f}" for k, v in zip(kappas, res[name]["mp@k"]))
+        lines.append(f"mP@k {name[0].upper()}: {mp}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--gnd", required=True, help="gnd_roxford5k.pkl / gnd_rparis6k.pkl, or the same as JSON")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--features", help=".npz with arrays db (N, D) and queries (Q, D)")
+    src.add_argument("--ranks", help=".npy (Q, N): database indices per query, best first")
+    src.add_argument("--images", help="folder of <name>.jpg for imlist and qimlist (with --spec)")
+    p.add_argument("--spec", help="with --images: the models, as predict.py's spec")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=2)
+    a = p.parse_args(argv)
+    cfg = read_gnd(a.gnd)
+    if a.features:
+        if not os.path.isfile(a.features):
+            raise UserError(f"--features {a.features}: no such file")
+        with np.load(a.features, allow_pickle=False) as z:
+            if not {"db", "queries"} <= set(z.files):
+                raise UserError(f"--features {a.features}: expected arrays db and queries, got {z.files}")
+            ranks = ranks_from_features(z["db"], z["queries"])
+    elif a.ranks:
+        if not os.path.isfile(a.ranks):
+            raise UserError(f"--ranks {a.ranks}: no such file")
+        ranks = np.load(a.ranks, allow_pickle=False)
+    else:
+        if not a.spec:
+            p.error("--images needs --spec")
+        ranks = ranks_from_features(*features_from_images(a.images, cfg, a.spec, a.device, a.batch_size,
+                                                          a.num_workers))
+    if len(ranks) != len(cfg["gnd"]):
+        raise UserError(f"{len(ranks)} ranked queries, but the ground truth has {len(cfg['gnd'])}")
+    res = evaluate(ranks, cfg["gnd"])
+    print(format_results(res))
+    return res
+
+
+if __name__ == "__main__":
+    run_main(main)
