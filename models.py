@@ -197,7 +197,23 @@ def is_original_backbone(enet_type):
     return enet_type in ("nest101", "rex20") or re.fullmatch(r"tf_efficientnet_b[0-7]_ns", enet_type) is not None
 
 
-def preprocessing_for(enet_type):
+def _config_beside(pretrained_path):
+    """timm's config.json of a weights file (its Hugging Face hub layout): beside the file, or in the folder."""
+    if not pretrained_path:
+        return None
+    folder = pretrained_path if os.path.isdir(pretrained_path) else os.path.dirname(os.path.abspath(pretrained_path))
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return None
+    import json
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def preprocessing_for(enet_type, pretrained_path=None):
     """{mean, std, interpolation} the backbone's ImageNet weights expect.
 
     The original's backbones keep exactly the original's input: ImageNet
@@ -208,11 +224,21 @@ def preprocessing_for(enet_type):
     if is_original_backbone(enet_type):
         return dict(ORIGINAL_PREPROCESSING)
     from timm.models import get_pretrained_cfg
-    cfg = get_pretrained_cfg(_timm_name(enet_type))
+    cfg = None
+    conf = _config_beside(pretrained_path)  # a --pretrained-path file's own config wins over the name's
+    if conf:
+        cfg = conf.get("pretrained_cfg") or None
+        if cfg is None and conf.get("architecture"):
+            c = get_pretrained_cfg(conf["architecture"])
+            cfg = c.to_dict() if c is not None else None
     if cfg is None:
+        c = get_pretrained_cfg(_timm_name(enet_type))
+        cfg = c.to_dict() if c is not None else None
+    if cfg is None or "mean" not in cfg or "std" not in cfg:
         return dict(ORIGINAL_PREPROCESSING)
-    interp = cfg.interpolation if cfg.interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
-    return {"mean": [float(v) for v in cfg.mean], "std": [float(v) for v in cfg.std], "interpolation": interp}
+    interp = cfg.get("interpolation")
+    interp = interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear"
+    return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]], "interpolation": interp}
 
 
 class GeM(nn.Module):
@@ -357,7 +383,7 @@ class Net(nn.Module):
         # normalised on the device, 4x fewer bytes through the loader, pinning and the
         # host-to-device copy. Not persistent: checkpoints keep the original's keys (the values
         # travel in the checkpoint's args["preprocessing"]).
-        self.preprocessing = preprocessing or preprocessing_for(enet_type)
+        self.preprocessing = preprocessing or preprocessing_for(enet_type, pretrained_path)
         self.register_buffer("pixel_mean", torch.tensor(self.preprocessing["mean"]).view(1, 3, 1, 1) * 255,
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.preprocessing["std"]).view(1, 3, 1, 1) * 255,

@@ -358,7 +358,7 @@ def main(argv=None):
     margins = dynamic_margins(np.bincount(df["landmark_id"].to_numpy(), minlength=out_dim))
 
     # the input the backbone's weights expect (the original's backbones: exactly the original's)
-    args.preprocessing = preprocessing_for(args.enet_type)
+    args.preprocessing = preprocessing_for(args.enet_type, args.pretrained_path)
     transforms_train, transforms_val = get_transforms(args.image_size, args.preprocessing["interpolation"])
     # --exclude after the margins and labels: they stay those of the whole list, as the original's
     df, n_excluded = drop_excluded(df, args.exclude)

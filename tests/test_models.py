@@ -276,3 +276,18 @@ def test_predict_feeds_a_model_as_it_was_trained(tmp_path):
     # weights alone (the original's format): pooling from the keys, preprocessing from the backbone
     torch.save({"model_state_dict": m.state_dict()}, tmp_path / "bare.pth")
     assert predict.load_model(TINY_BACKBONE, str(tmp_path / "bare.pth")).pool is not None
+
+
+def test_preprocessing_from_a_pretrained_files_config(tmp_path):
+    import json
+
+    from models import preprocessing_for
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_clip_224",
+        "pretrained_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+                           "interpolation": "bicubic"}}))
+    w = tmp_path / "open_clip_pytorch_model.bin"
+    w.write_bytes(b"")
+    p = preprocessing_for("vit_base_patch16_224", str(w))
+    assert p["mean"][0] == pytest.approx(0.48145466) and p["interpolation"] == "bicubic"
+    assert preprocessing_for("vit_base_patch16_224")["mean"] == [0.5, 0.5, 0.5]  # the name's own config
+    assert preprocessing_for("tf_efficientnet_b3_ns", str(w))["mean"] == [0.485, 0.456, 0.406]  # the original's stay
