@@ -6,7 +6,7 @@ for the Easy, Medium and Hard protocols.
     python evaluate_retrieval.py --gnd gnd_roxford5k.pkl --images roxford5k/jpg --spec S [--device cuda]
 
 The ground truth is the protocol's file (a pickle of dicts of lists and arrays,
-read by an unpickler that builds nothing else) or the same structure as JSON:
+read by util.DataUnpickler, which builds nothing else) or the same structure as JSON:
 {"imlist": [...], "qimlist": [...], "gnd": [{"bbx": [x1, y1, x2, y2], "easy": [...],
 "hard": [...], "junk": [...]}, ...]}. With --images and --spec, the models of
 the spec embed DIR/<name>.jpg for the database and the queries cropped to
@@ -28,7 +28,7 @@ import tempfile
 
 import numpy as np
 
-from util import UserError, run_main
+from util import UserError, load_data_file, run_main
 
 PROTOCOLS = {"easy": (("easy",), ("junk", "hard")),
              "medium": (("easy", "hard"), ("junk",)),
@@ -36,32 +36,12 @@ PROTOCOLS = {"easy": (("easy",), ("junk", "hard")),
 KAPPAS = (1, 5, 10)
 
 
-class _GroundTruthUnpickler(pickle.Unpickler):
-    """Builds dicts, lists, strings, numbers and numpy arrays; refuses every other global."""
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
-
-    def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return getattr(np._core.multiarray, name) if module.endswith("multiarray") else getattr(np, name)
-        if module == "numpy.dtypes" and name.endswith("DType"):
-            return getattr(np.dtypes, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a ground-truth file")
-
-
 def read_gnd(path):
     """The protocol's ground truth: {'imlist', 'qimlist', 'gnd'} from its pickle or a JSON equivalent."""
     if not os.path.isfile(path):
         raise UserError(f"--gnd {path}: no such file")
     try:
-        if path.endswith(".json"):
-            with open(path) as f:
-                cfg = json.load(f)
-        else:
-            with open(path, "rb") as f:
-                cfg = _GroundTruthUnpickler(f, encoding="latin1").load()
+        cfg = load_data_file(path)  # plain data only: a planted payload cannot run
         gnd = [{k: np.asarray(v).ravel().tolist() for k, v in g.items()} for g in cfg["gnd"]]
         return {"imlist": list(cfg.get("imlist", [])), "qimlist": list(cfg.get("qimlist", [])), "gnd": gnd}
     except (pickle.UnpicklingError, json.JSONDecodeError, KeyError, TypeError, ValueError, EOFError) as e:

@@ -160,18 +160,31 @@ def _state_dict_of(ckpt, path):
     return strip_prefix(sd)
 
 
-class _LabelMapUnpickler(pickle.Unpickler):
-    """Unpickles a dict of ints and nothing else: numpy integer scalars (the
-    original's map held numpy.int64 values) are the only globals it resolves."""
+class DataUnpickler(pickle.Unpickler):
+    """Unpickles plain data and nothing else: dicts, lists, strings, numbers, and
+    numpy scalars and arrays (the original's label map held numpy.int64 values, the
+    revisited Oxford/Paris ground truth numpy arrays). Any other global is refused,
+    so a planted payload cannot run."""
 
-    ALLOWED = {("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"), ("numpy", "dtype")}
+    ALLOWED = {("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy", "dtype"), ("numpy", "ndarray")}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
-            return np._core.multiarray.scalar if name == "scalar" else np.dtype
+            return getattr(np._core.multiarray, name) if module.endswith("multiarray") else getattr(np, name)
         if module == "numpy.dtypes" and name.endswith("DType"):
             return getattr(np.dtypes, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a label map")
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a data file")
+
+
+def load_data_file(path):
+    """JSON (path ending in .json) or a pickle of plain data read by DataUnpickler."""
+    if path.endswith(".json"):
+        with open(path) as f:
+            return json.load(f)
+    with open(path, "rb") as f:
+        return DataUnpickler(f, encoding="latin1").load()  # latin1: pickles written by Python 2 too
 
 
 def read_label_map(path):
@@ -184,12 +197,7 @@ def read_label_map(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such label map (idx2landmark_id.json or .pkl from preprocess.py)")
     try:
-        if path.endswith(".json"):
-            with open(path) as f:
-                raw = json.load(f)
-        else:
-            with open(path, "rb") as f:
-                raw = _LabelMapUnpickler(f).load()
+        raw = load_data_file(path)
         if not isinstance(raw, dict):
             raise ValueError(f"a {type(raw).__name__}, not a dict")
         m = {int(k): int(v) for k, v in raw.items()}

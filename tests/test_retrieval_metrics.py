@@ -1,7 +1,6 @@
 """Retrieval metrics against hand-worked examples: mAP@100 of the Landmark Retrieval challenges,
 and the revisited Oxford/Paris protocol (junk, queries without positives)."""
 import json
-import os
 import pickle
 
 import numpy as np
