@@ -3,6 +3,7 @@ for the Easy, Medium and Hard protocols.
 
     python evaluate_retrieval.py --gnd gnd_roxford5k.pkl --features feats.npz   # arrays `db` (N, D), `queries` (Q, D)
     python evaluate_retrieval.py --gnd gnd_roxford5k.pkl --ranks ranks.npy      # (Q, N) database indices, best first
+    python evaluate_retrieval.py --gnd gnd_roxford5k.pkl --ranks ranks.csv      # predict.py --retrieval-ranks
     python evaluate_retrieval.py --gnd gnd_roxford5k.pkl --images roxford5k/jpg --spec S [--device cuda]
 
 The ground truth is the protocol's file (a pickle of dicts of lists and arrays,
@@ -87,6 +88,29 @@ def evaluate(ranks, gnd, kappas=KAPPAS):
     return out
 
 
+def ranks_from_csv(path, cfg):
+    """(Q, N) database indices from predict.py --retrieval-ranks' CSV (path,ranked):
+    files are matched to qimlist and imlist by their names without folder and
+    extension; images the ranking lacks are appended at its end."""
+    import pandas as pd
+
+    def stem(p):
+        return os.path.splitext(os.path.basename(p))[0]
+    df = pd.read_csv(path, keep_default_na=False, dtype=str)
+    if list(df.columns[:2]) != ["path", "ranked"]:
+        raise UserError(f"--ranks {path}: expected columns path,ranked (predict.py --retrieval-ranks)")
+    by_query = {stem(q): r.split() for q, r in zip(df["path"], df["ranked"])}
+    db = {n: i for i, n in enumerate(cfg["imlist"])}
+    ranks = []
+    for q in cfg["qimlist"]:
+        if q not in by_query:
+            raise UserError(f"--ranks {path}: no row for query {q}")
+        row = [db[stem(p)] for p in by_query[q] if stem(p) in db]
+        seen = set(row)
+        ranks.append(row + [i for i in range(len(db)) if i not in seen])
+    return np.array(ranks)
+
+
 def ranks_from_features(db, queries):
     """(Q, N) database indices by decreasing cosine similarity."""
     db = db / np.linalg.norm(db, axis=1, keepdims=True)
@@ -140,7 +164,8 @@ def main(argv=None):
     p.add_argument("--gnd", required=True, help="gnd_roxford5k.pkl / gnd_rparis6k.pkl, or the same as JSON")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--features", help=".npz with arrays db (N, D) and queries (Q, D)")
-    src.add_argument("--ranks", help=".npy (Q, N): database indices per query, best first")
+    src.add_argument("--ranks", help=".npy (Q, N): database indices per query, best first; or the CSV of "
+                                     "predict.py --retrieval-ranks")
     src.add_argument("--images", help="folder of <name>.jpg for imlist and qimlist (with --spec)")
     p.add_argument("--spec", help="with --images: the models, as predict.py's spec")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -158,7 +183,7 @@ def main(argv=None):
     elif a.ranks:
         if not os.path.isfile(a.ranks):
             raise UserError(f"--ranks {a.ranks}: no such file")
-        ranks = np.load(a.ranks, allow_pickle=False)
+        ranks = ranks_from_csv(a.ranks, cfg) if a.ranks.endswith(".csv") else np.load(a.ranks, allow_pickle=False)
     else:
         if not a.spec:
             p.error("--images needs --spec")

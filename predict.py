@@ -458,10 +458,12 @@ def recognize(zqs, g_emb, heads, g_labels, idx2lid, device="cpu", non_landmark=N
 
 def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=None, add_to_index=False,
                 idx2landmark=None, device=None, batch_size=64, num_workers=2, precision="fp32", compile=False,
-                trust_checkpoint=False, non_landmark=None):
+                trust_checkpoint=False, non_landmark=None, retrieval_ranks=None, ranks_k=10000):
     """Recognition on your own photos (see gallery.py): a gallery from folders or
-    a saved index, queries from a folder. Returns (predictions frame or None,
-    the recognize() result or None)."""
+    a saved index, queries from a folder. With retrieval_ranks, also a CSV of
+    each query's gallery images by decreasing similarity (the first ranks_k),
+    for evaluate_retrieval.py --ranks. Returns (predictions frame or None, the
+    recognize() result or None)."""
     from gallery import (folder_gallery, ids_for_names, landmark_names, list_images, load_index, model_signature,
                          save_index as write_index)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -526,6 +528,14 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
     res = recognize(zqs, g_emb, heads, g_labels, idx2lid, device=device, non_landmark=non_landmark,
                     nl_emb=nl_emb)
     final = "ensemble_nl" if non_landmark is not None else "ensemble"
+    if retrieval_ranks:
+        q_emb = [F.normalize(torch.as_tensor(z), dim=1).numpy() for z in zqs]
+        g_bad = res["unreadable"][1]
+        _, order = topk_cosine(q_emb, g_emb, min(ranks_k, len(g_rel)), device=device,
+                               exclude=g_bad if g_bad.any() else None)
+        pd.DataFrame({"path": q_rel, "ranked": [" ".join(g_rel[j] for j in row if not g_bad[j]) for row in order]}
+                     ).to_csv(retrieval_ranks, index=False)
+        print(f"wrote {retrieval_ranks} (the first {order.shape[1]} gallery images of each query)", flush=True)
     sims, nn = res["neighbours"]
     from gallery import predictions_frame
     return predictions_frame(q_rel, *res[final], sims, nn, g_rel, names), res
@@ -554,6 +564,9 @@ def parse_args(argv=None):
     p.add_argument("--query-dir", help="your photos: the images to recognise (recursive)")
     p.add_argument("--index", help="a saved gallery index (PATH.npz + PATH.json) to answer from")
     p.add_argument("--save-index", help="save the gallery's embeddings as an index at PATH")
+    p.add_argument("--retrieval-ranks", default=None, metavar="CSV",
+                   help="with folders: also write each query's gallery images by decreasing similarity "
+                        "(path,ranked), for evaluate_retrieval.py --ranks")
     p.add_argument("--add-to-index", action="store_true",
                    help="with --index and --gallery-dir: embed only the gallery files the index lacks, and save it")
     p.add_argument("--spec", required=True, help='JSON: {"models": [{"enet_type", "checkpoint", "image_size"}]}')
@@ -593,7 +606,7 @@ def main(argv=None):
     if a.folders:
         frame, res = run_folders(a.spec, a.query_dir, a.gallery_dir, a.index, a.save_index, a.add_to_index,
                                  a.idx2landmark, a.device, a.batch_size, a.num_workers, a.precision, a.compile,
-                                 a.trust_checkpoint, a.non_landmark)
+                                 a.trust_checkpoint, a.non_landmark, a.retrieval_ranks)
         if frame is not None:
             frame.to_csv(a.out, index=False)
             print(f"wrote {a.out} ({len(frame)} rows, {int((frame['landmark'] != '').sum())} with a landmark)")

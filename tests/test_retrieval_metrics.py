@@ -110,3 +110,34 @@ def test_queries_cropped_to_their_boxes(tmp_path, stage1):
     want = predict.extract_features(model, [str(tmp_path / "crop.png")], 40, torch.device("cpu"), num_workers=0,
                                     normalize=True)
     np.testing.assert_allclose(q, want, rtol=1e-5, atol=1e-6)
+
+
+def test_ranks_from_predict_folders(tmp_path, stage1):
+    """predict.py --retrieval-ranks on a folder gallery, scored by evaluate_retrieval.py --ranks: the
+    same numbers as the features of the same models."""
+    import cv2
+
+    import predict
+    from conftest import TINY_BACKBONE
+    rng = np.random.default_rng(1)
+    (tmp_path / "db" / "all").mkdir(parents=True)
+    (tmp_path / "q").mkdir()
+    for i in range(6):
+        cv2.imwrite(str(tmp_path / "db" / "all" / f"db{i}.jpg"), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    for n in ("q0", "q1"):
+        cv2.imwrite(str(tmp_path / "q" / f"{n}.png"), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"models": [{"enet_type": TINY_BACKBONE, "checkpoint": stage1["checkpoint"],
+                                            "image_size": 40}]}))
+    predict.main(["--spec", str(spec), "--gallery-dir", str(tmp_path / "db"), "--query-dir", str(tmp_path / "q"),
+                  "--retrieval-ranks", str(tmp_path / "ranks.csv"), "--out", str(tmp_path / "p.csv"),
+                  "--device", "cpu", "--num-workers", "0"])
+    # the GND lists db images in another order than the folder listing: matched by name
+    cfg = {**GND, "imlist": [f"db{i}" for i in (3, 1, 4, 0, 5, 2)]}
+    ranks = er.ranks_from_csv(str(tmp_path / "ranks.csv"), cfg)
+    import torch
+    model = predict.load_model(TINY_BACKBONE, stage1["checkpoint"])
+    kw = dict(device=torch.device("cpu"), num_workers=0, normalize=True)
+    db = predict.extract_features(model, [str(tmp_path / "db" / "all" / f"{n}.jpg") for n in cfg["imlist"]], 40, **kw)
+    q = predict.extract_features(model, [str(tmp_path / "q" / f"{n}.png") for n in cfg["qimlist"]], 40, **kw)
+    np.testing.assert_array_equal(ranks, er.ranks_from_features(db, q))
