@@ -9,6 +9,7 @@ tensors; the model normalises them on the device (models.Net.extract).
 `reference_transforms` keeps the original's chain step by step, for tests and
 for `scripts/bench.py loader --baseline`.
 """
+import itertools
 import math
 import os
 
@@ -264,18 +265,19 @@ class EpochSampler(torch.utils.data.Sampler):
     never sees set_epoch) still seed each epoch's augmentations anew."""
 
     def __init__(self, sampler):
-        self.sampler, self.epoch = sampler, 0
+        self.sampler, self.epoch, self.start = sampler, 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start=0):
+        """start: samples of this epoch already seen (a run resumed mid-epoch skips them)."""
+        self.epoch, self.start = epoch, start
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        return ((self.epoch, int(i)) for i in self.sampler)
+        return ((self.epoch, int(i)) for i in itertools.islice(self.sampler, self.start, None))
 
     def __len__(self):
-        return len(self.sampler)
+        return max(0, len(self.sampler) - self.start)
 
 
 def flip_affine_resize_matrix(h, w, size, flip, affine):

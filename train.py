@@ -72,6 +72,9 @@ def parse_args(argv=None):
                         "own {model_dir}/{kernel_type}_fold{fold}.pth if it exists, else a fresh start")
     p.add_argument("--seed", type=int, default=0, help="sampler order and augmentations")
     p.add_argument("--log-interval", type=int, default=50, help="steps between progress-bar loss updates")
+    p.add_argument("--checkpoint-every-steps", type=int, default=0, metavar="N",
+                   help="also write {kernel}_fold{f}_step.pth every N steps, which --resume auto continues "
+                        "from mid-epoch (for long epochs: step 0 sees 4.1 M images per epoch)")
     p.add_argument("--dist-timeout", type=float, default=30,
                    help="minutes a collective may wait for the other ranks before the run fails (a dead rank)")
     p.add_argument("--max-bad-frac", type=float, default=0.01,
@@ -103,6 +106,8 @@ def check_args(args):
             raise UserError(f"{flag} {v}: must be positive")
     if not 0 <= args.max_bad_frac <= 1:
         raise UserError(f"--max-bad-frac {args.max_bad_frac}: must be between 0 and 1")
+    if args.checkpoint_every_steps < 0:
+        raise UserError(f"--checkpoint-every-steps {args.checkpoint_every_steps}: must be >= 0 (0: off)")
     if args.num_workers < 0:
         raise UserError(f"--num-workers {args.num_workers}: must be >= 0")
     if args.stop_at_epoch < args.start_from_epoch:
@@ -146,16 +151,18 @@ def load_weights(model, path, train_step, trust=False):
     load_fitting(model, sd, path, skip=("metric_classify.weight",) if train_step == 1 else ())
 
 
-def train_one_epoch(args, model, loader, optimizer, criterion, scaler, autocast, device, bad_images=None):
+def train_one_epoch(args, model, loader, optimizer, criterion, scaler, autocast, device, bad_images=None,
+                    start_step=0, start_totals=None, on_step=None):
     """One epoch of steps; returns the mean loss over the finite-loss steps.
     Batches are (x, y) or, from a LandmarkDataset with skip_bad, (x, y, bad
-    paths per sample): those paths are appended to `bad_images`."""
+    paths per sample): those paths are appended to `bad_images`. A run resumed
+    mid-epoch passes the steps done and their (loss sum, finite, non-finite)
+    totals; on_step(steps done, totals) runs after every step."""
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    n_ok = torch.zeros((), device=device)
-    n_bad = torch.zeros((), device=device)
+    totals = torch.zeros(3, device=device) if start_totals is None else start_totals.to(device).clone()
+    loss_sum, n_ok, n_bad = totals[0], totals[1], totals[2]  # views: updated in place
     bar = tqdm(loader, disable=not is_main(), mininterval=1.0)
-    for step, (x, y, *bad) in enumerate(bar):
+    for step, (x, y, *bad) in enumerate(bar, start=start_step):
         if bad and bad_images is not None:
             bad_images.extend(p for paths in bad[0] if paths for p in paths.split("\n"))
         x = x.to(device, non_blocking=True, memory_format=memory_format(device))
@@ -174,11 +181,22 @@ def train_one_epoch(args, model, loader, optimizer, criterion, scaler, autocast,
         if is_main() and (step + 1) % args.log_interval == 0:
             # sync point: one .item() per log interval for the progress bar
             bar.set_postfix(loss=f"{(loss_sum / n_ok.clamp_min(1)).item():.5f}")
-    totals = torch.stack([loss_sum, n_ok, n_bad])
+        if on_step is not None:
+            on_step(step + 1, totals)
     if dist.is_initialized():
         dist.all_reduce(totals)
     loss_sum, n_ok, n_bad = totals.tolist()  # sync point: end of epoch
     return loss_sum / max(n_ok, 1), int(n_bad)
+
+
+def latest_checkpoint(stem, trust=False):
+    """For --resume auto: {stem}_step.pth (mid-epoch) when it is ahead of {stem}.pth
+    (the last complete epoch), else {stem}.pth, else '' (nothing to resume)."""
+    done, mid = f"{stem}.pth", f"{stem}_step.pth"
+    if os.path.isfile(mid):
+        if not os.path.isfile(done) or torch_load(mid, trust=trust)["epoch"] >= torch_load(done, trust=trust)["epoch"]:
+            return mid
+    return done if os.path.isfile(done) else ""
 
 
 def check_finite(model, epoch, n_nonfinite, n_steps, scaler_on):
@@ -380,8 +398,9 @@ def main(argv=None):
 
     stem = os.path.join(args.model_dir, f"{args.kernel_type}_fold{args.fold}")
     if args.resume == "auto":
-        # the same command line after a kill or pre-emption continues where it stopped
-        args.resume = f"{stem}.pth" if os.path.isfile(f"{stem}.pth") else ""
+        # the same command line after a kill or pre-emption continues where it stopped: from the
+        # mid-epoch checkpoint (--checkpoint-every-steps) when it is newer than the last epoch's
+        args.resume = latest_checkpoint(stem, args.trust_checkpoint)
         print0(f"--resume auto: {'continuing from ' + args.resume if args.resume else 'no checkpoint yet, starting'}")
     pretrained = args.pretrained and not args.load_from and not args.resume
     model = build_model(args.enet_type, out_dim, pretrained=pretrained, pretrained_path=args.pretrained_path,
@@ -391,6 +410,7 @@ def main(argv=None):
     t = build_training(args, model, margins, device)
     model, criterion, optimizer, scaler, autocast = t.model, t.criterion, t.optimizer, t.scaler, t.autocast
 
+    start_step, start_totals = 0, None
     if args.resume:
         ckpt = torch_load(args.resume, map_location=device, trust=args.trust_checkpoint)
         if not isinstance(ckpt, dict) or not {"model_state_dict", "optimizer_state_dict", "epoch"} <= set(ckpt):
@@ -401,7 +421,10 @@ def main(argv=None):
         if ckpt.get("scaler_state_dict"):
             scaler.load_state_dict(ckpt["scaler_state_dict"])
         args.start_from_epoch = ckpt["epoch"] + 1
-        print0(f"resumed from {args.resume} at epoch {args.start_from_epoch}")
+        if ckpt.get("step"):  # a mid-epoch checkpoint: continue that epoch after its last saved step
+            start_step, start_totals = int(ckpt["step"]), ckpt["totals"] if is_main() else None
+        print0(f"resumed from {args.resume} at epoch {args.start_from_epoch}"
+               + (f", step {start_step + 1}" if start_step else ""))
 
     os.makedirs(args.model_dir, exist_ok=True)
     os.makedirs(args.log_dir, exist_ok=True)
@@ -425,10 +448,22 @@ def main(argv=None):
         lr = get_lr(epoch, args.init_lr, args.n_epochs)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        sampler.set_epoch(epoch)
+        skip = start_step if epoch == args.start_from_epoch else 0
+        sampler.set_epoch(epoch, start=skip * args.batch_size)  # a mid-epoch resume skips the steps done
         bad, t0 = [], time.time()
+
+        def save_step(done, totals, epoch=epoch):
+            if not args.checkpoint_every_steps or done % args.checkpoint_every_steps:
+                return
+            totals = totals.clone()
+            if dist.is_initialized():
+                dist.all_reduce(totals)  # every rank is at this step; rank 0 keeps the sums
+            if is_main():
+                save_checkpoint({**checkpoint(epoch - 1), "step": done, "totals": totals.cpu()}, f"{stem}_step.pth")
+
         train_loss, n_nonfinite = train_one_epoch(args, t.train_model, train_loader, optimizer, t.train_criterion,
-                                                  scaler, autocast, device, bad)
+                                                  scaler, autocast, device, bad, skip,
+                                                  start_totals if skip else None, save_step)
         t_train += time.time() - t0
         n_train += len(train_loader) * args.batch_size * world_size
         check_finite(model, epoch, n_nonfinite, len(train_loader), scaler.is_enabled())
@@ -443,6 +478,8 @@ def main(argv=None):
                 f.write(content + "\n")
             ckpt = checkpoint(epoch)
             save_checkpoint(ckpt, f"{stem}.pth")
+            if os.path.exists(f"{stem}_step.pth"):
+                os.remove(f"{stem}_step.pth")  # the epoch is complete: its mid-epoch checkpoint is stale
             if epoch in args.save_epochs:
                 save_checkpoint(ckpt, f"{stem}_ep{epoch}.pth")
         if epoch == args.stop_at_epoch:

@@ -227,3 +227,37 @@ def test_stage_summary_and_curves(ddp_run, tmp_path):
     assert str(tmp_path / "summ_fold0_final.pth") in out and "images/s" in out and "wall time" in out
     plot_logs.main([str(tmp_path / "summ.txt"), os.path.join(synth, "logs", "ddp0.txt"), "-o", str(tmp_path / "c.png")])
     assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+def test_mid_epoch_checkpoint_resumes_to_the_uninterrupted_weights(synth, tmp_path):
+    """--checkpoint-every-steps: a run SIGKILLed mid-epoch continues, with --resume auto, from its
+    last saved step and ends with exactly the weights (and the log) of an uninterrupted run."""
+    import signal
+    import subprocess
+    import time
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+
+    def cmd(kernel, *extra):
+        return [sys.executable, *train_cmd(synth, kernel, 0, "--seed", "3", "--checkpoint-every-steps", "4",
+                                           "--model-dir", str(tmp_path), "--log-dir", str(tmp_path), *extra,
+                                           epochs=2)]
+    run(cmd("whole"), cwd=ROOT)
+    assert not (tmp_path / "whole_fold0_step.pth").exists()  # removed once its epoch is complete
+    step_ckpt = tmp_path / "cut_fold0_step.pth"
+    p = subprocess.Popen(cmd("cut", "--resume", "auto"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not step_ckpt.exists() and p.poll() is None and time.time() - t0 < 240:
+        time.sleep(0.005)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    ck = torch.load(step_ckpt, weights_only=True)
+    assert ck["step"] % 4 == 0 and ck["epoch"] == 0  # inside epoch 1
+    out = run(cmd("cut", "--resume", "auto"), cwd=ROOT).stdout
+    assert f"at epoch 1, step {ck['step'] + 1}" in out
+    a = torch.load(tmp_path / "whole_fold0_final.pth", weights_only=True)["model_state_dict"]
+    b = torch.load(tmp_path / "cut_fold0_final.pth", weights_only=True)["model_state_dict"]
+    for key, v in a.items():
+        assert torch.equal(v, b[key]), key
+    strip = [line.split(" ", 5)[-1] for line in (tmp_path / "whole.txt").read_text().splitlines()]
+    assert strip == [line.split(" ", 5)[-1] for line in (tmp_path / "cut.txt").read_text().splitlines()]
