@@ -6,8 +6,12 @@ queries' sub-center cosines. Embeddings of the models are concatenated and
 normalised, cosines averaged. Each query's 5 nearest gallery images are
 re-ranked with the classifier: score(l) = sum sim^9 * cls(l)^10.
 
-    python predict.py --data-dir D --train-csv CLEAN_LIST --idx2landmark idx2landmark_id.pkl \
+    python predict.py --data-dir D --train-csv CLEAN_LIST --idx2landmark idx2landmark_id.json \
         --spec specs/default.json --out submission.csv [--device cpu|cuda] [--batch-size N] [--precision fp32|bf16|fp16]
+
+Your own photos (gallery.py): --gallery-dir G (one folder per landmark) or --index I, and --query-dir Q,
+write predictions.csv (path, landmark, confidence, neighbours); --save-index / --add-to-index keep the
+gallery's embeddings.
 """
 import argparse
 import hashlib
