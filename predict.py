@@ -30,8 +30,7 @@ from dataset import (LandmarkDataset, collate, drop_excluded, get_transforms, im
                      resolve_paths, worker_init)
 from models import build_model, check_enet_type, preprocessing_for
 from preprocess import read_clean_list
-from util import (UserError, load_checkpoint, load_fitting, load_state_dict_file, memory_format, read_label_map,
-                  run_main)
+from util import UserError, load_checkpoint, load_fitting, memory_format, read_label_map, run_main
 
 TOP_K = 5        # gallery neighbours per query
 CLS_TOP_K = 5    # classifier candidates per query
@@ -86,18 +85,19 @@ def load_model(enet_type, checkpoint, device="cpu", trust=False, image_size=None
 
 
 def check_models(models, base, n_classes, label_map, trust=False):
-    """n_classes None (no label map): the models must agree among themselves."""
     """Every model of the spec, checked before any image is read (an ensemble's
     extraction takes hours): its checkpoint exists and loads, its backbone name
     is known, its image size is a positive integer, its head has one class per
-    entry of the label map. Returns the resolved checkpoint paths."""
-    paths = []
+    entry of the label map (n_classes None, no label map: the models agree among
+    themselves). Each checkpoint is read once here. Returns (the resolved
+    checkpoint paths, the number of classes, each model's preprocessing)."""
+    paths, pres = [], []
     for m in models:
         ckpt = resolve_checkpoint(m["checkpoint"], base)
         check_enet_type(m["enet_type"])
         if not str(m["image_size"]).isdigit() or int(m["image_size"]) <= 0:
             raise UserError(f"{ckpt}: image_size {m['image_size']!r} is not a positive integer")
-        sd = load_state_dict_file(ckpt, trust=trust)
+        sd, trained = load_checkpoint(ckpt, trust=trust)
         if "metric_classify.weight" not in sd:
             raise UserError(f"{ckpt}: no 'metric_classify.weight': not a checkpoint of this model")
         n = sd["metric_classify.weight"].shape[0] // 3
@@ -106,8 +106,9 @@ def check_models(models, base, n_classes, label_map, trust=False):
         if n != n_classes:
             raise UserError(f"{ckpt}: the model has {n} classes but {label_map} maps {n_classes}")
         paths.append(ckpt)
+        pres.append(trained.get("preprocessing") or preprocessing_for(m["enet_type"]))
         del sd
-    return paths
+    return paths, n_classes, pres
 
 
 # ---------------------------------------------------------------- features
@@ -379,7 +380,7 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
     dtype = np.float16 if fp16_cache else np.float32
     gallery_digest = hashlib.sha1("\n".join(gallery["id"]).encode()).hexdigest()  # once, not per model
 
-    ckpts = check_models(models, base, len(idx2lid), idx2landmark, trust_checkpoint)  # before any image is read
+    ckpts, _, _ = check_models(models, base, len(idx2lid), idx2landmark, trust_checkpoint)  # before any image
     kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision=precision, compile=compile,
               trust=trust_checkpoint)
     g_emb, zqs, heads, nl_emb = embed_all(models, ckpts, g_paths, q_paths, nl_paths, gallery_dtype=dtype,
@@ -485,12 +486,10 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
     # the classes' names: landmark_names.json beside the label map, else the landmark ids themselves
     # (GLDv2's landmarks have no other name): a gallery folder named so is a class the classifier knows
     known = landmark_names(idx2landmark) or ({lid: str(lid) for lid in idx2lid.values()} if idx2lid else {})
-    ckpts = check_models(models, base, len(idx2lid) if idx2lid else None, idx2landmark, trust_checkpoint)
+    n_known = len(idx2lid) if idx2lid else None
+    ckpts, n, pres = check_models(models, base, n_known, idx2landmark, trust_checkpoint)
     if idx2lid is None:  # anonymous classes: the classifier can name no gallery landmark
-        n = load_state_dict_file(ckpts[0], trust=trust_checkpoint)["metric_classify.weight"].shape[0] // 3
         idx2lid = {i: -1 - i for i in range(n)}
-    pres = [load_checkpoint(c, trust=trust_checkpoint)[1].get("preprocessing") or preprocessing_for(m["enet_type"])
-            for m, c in zip(models, ckpts)]
     signature = model_signature(models, ckpts, pres)
     kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision=precision, compile=compile,
               trust=trust_checkpoint)
