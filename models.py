@@ -388,6 +388,40 @@ class Net(nn.Module):
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.preprocessing["std"]).view(1, 3, 1, 1) * 255,
                              persistent=False)
+        self.backbone_frozen = self.bn_frozen = False  # set_frozen: beyond the original, for small data
+
+    def set_frozen(self, backbone=False, bn=False):
+        """backbone=True: the backbone gets no gradient and runs in eval mode
+        (batch norm on its loaded statistics) while the neck and head train:
+        linear probing before fine-tuning (Kumar et al., ICLR 2022). bn=True:
+        the backbone's batch-norm layers keep their loaded statistics and
+        affine weights whatever the mode (cnnimageretrieval-pytorch trains so).
+        Frozen parameters have requires_grad False, so Adam leaves them as they
+        are and DDP (built after this call) neither syncs nor waits for them."""
+        self.backbone_frozen, self.bn_frozen = backbone, bn
+        for p in self.enet.parameters():
+            p.requires_grad_(not backbone)
+        if bn and not backbone:
+            for m in self.backbone_batchnorms():
+                for p in m.parameters():
+                    p.requires_grad_(False)
+        self.train(self.training)
+
+    def backbone_batchnorms(self):
+        return [m for m in self.enet.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode and getattr(self, "backbone_frozen", False):
+            self.enet.eval()
+        elif mode and getattr(self, "bn_frozen", False):
+            for m in self.backbone_batchnorms():
+                m.eval()
+        return self
+
+    @property
+    def neck_dim(self):
+        return self.feat.out_features
 
     def normalize_input(self, x):
         """uint8 RGB images -> float32 normalised with the backbone's mean/std (as

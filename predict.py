@@ -160,12 +160,12 @@ def extract_features(model, paths, image_size, device, batch_size=64, num_worker
         if os.path.exists(f_arr) and os.path.exists(f_done):
             done = int(open(f_done).read() or 0)
             out = np.load(f_arr, mmap_mode="r+")
-            if out.shape != (n, model.feat.out_features) or out.dtype != dtype:
+            if out.shape != (n, model.neck_dim) or out.dtype != dtype:
                 done, out = 0, None
         if out is None:
-            out = np.lib.format.open_memmap(f_arr, mode="w+", dtype=dtype, shape=(n, model.feat.out_features))
+            out = np.lib.format.open_memmap(f_arr, mode="w+", dtype=dtype, shape=(n, model.neck_dim))
     else:
-        out = np.empty((n, model.feat.out_features), dtype)
+        out = np.empty((n, model.neck_dim), dtype)
     if done >= n:
         return out
     loader = DataLoader(Subset(ds, range(done, n)), batch_size=batch_size, num_workers=num_workers,
@@ -461,18 +461,87 @@ def recognize(zqs, g_emb, heads, g_labels, idx2lid, device="cpu", non_landmark=N
     return res
 
 
+class PooledFeatures(torch.nn.Module):
+    """Recognition without training: a pretrained backbone's pooled features
+    stand in for the neck output (predict.py --backbone)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.preprocessing = net, net.preprocessing
+        self.neck_dim = net.feat.in_features
+
+    def neck(self, x):
+        return self.net.extract(x)
+
+
+def zero_training_model(backbone, pretrained_path=None, pool="avg", image_size=256, device="cpu"):
+    """The backbone with its ImageNet weights (a --pretrained-path file, or timm's
+    download/cache) as a PooledFeatures, and its signature for a saved index."""
+    from gallery import file_digest
+    check_enet_type(backbone)
+    if pretrained_path is not None and not os.path.isfile(pretrained_path):
+        raise UserError(f"--pretrained-path {pretrained_path}: no such file")
+    net = build_model(backbone, 1, pretrained=True, pretrained_path=pretrained_path, pool=pool, image_size=image_size)
+    model = PooledFeatures(net).to(device, memory_format=memory_format(torch.device(device))).eval()
+    signature = [{"enet_type": backbone, "image_size": int(image_size), "pool": pool, "features": "pooled",
+                  "weights_sha1": file_digest(pretrained_path) if pretrained_path else f"timm:{backbone}",
+                  "preprocessing": net.preprocessing}]
+    return model, signature
+
+
+WHITEN_MIN_RATIO = 2  # --whiten auto: learn it from galleries of at least this many images per feature dimension
+
+
+def whitened_embeddings(g_raw, *others, whiten_mode="auto"):
+    """The gallery's and the others' embeddings for zero-training retrieval, L2-normalised,
+    float32: PCA-whitened with a whitening learnt on the gallery (finetune.learn_whitening),
+    or the pooled features as they are. 'auto' whitens galleries of at least
+    WHITEN_MIN_RATIO images per dimension: a whitening learnt on fewer is mostly noise
+    and costs retrieval (docs/transfer.md: GAP 0.975 raw, 0.90 whitened on 150 photos)."""
+    from finetune import learn_whitening, whiten
+    g = np.asarray(g_raw, np.float32)
+    on = whiten_mode == "pca" or (whiten_mode == "auto" and len(g) >= WHITEN_MIN_RATIO * g.shape[1])
+    P, m = learn_whitening(g) if on else (None, None)
+    return [None if a is None else
+            F.normalize(torch.from_numpy(whiten(a, P, m) if on else np.asarray(a, np.float32)), dim=1).numpy()
+            for a in (g, *others)]
+
+
+def recognize_by_retrieval(q_emb, g_emb, g_labels, device="cpu", non_landmark=None, nl_emb=None):
+    """recognize()'s result for embeddings without a classifier: each query gets
+    its nearest gallery image's landmark, its cosine as the confidence
+    ('retrieval', also as 'ensemble')."""
+    g_bad, q_bad = unreadable_rows(g_emb), unreadable_rows(q_emb)
+    q_emb = np.where(q_bad[:, None], 0.0, q_emb).astype(np.float32)
+    sims, nn = topk_cosine(q_emb, g_emb, TOP_K, device=device, exclude=g_bad if g_bad.any() else None)
+    nn_l = np.asarray(g_labels)[nn]
+    part = (np.where(q_bad, None, nn_l[:, 0].astype(object)), np.where(q_bad, 0.0, sims[:, 0]))
+    res = {"retrieval": part, "ensemble": part, "neighbours": (sims, nn), "neighbour_landmarks": nn_l,
+           "unreadable": (q_bad, g_bad)}
+    if non_landmark is not None:
+        flags, s_nl = non_landmark_flags(q_emb, sims[:, 0], nl_emb, device=device)
+        res["nl_flags"], res["nl_similarity"] = flags, s_nl
+        res["ensemble_nl"] = (part[0], apply_non_landmark(part[1], flags))
+    return res
+
+
 def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=None, add_to_index=False,
                 idx2landmark=None, device=None, batch_size=64, num_workers=2, precision="fp32", compile=False,
-                trust_checkpoint=False, non_landmark=None, retrieval_ranks=None, ranks_k=10000):
+                trust_checkpoint=False, non_landmark=None, retrieval_ranks=None, ranks_k=10000, zero=None):
     """Recognition on your own photos (see gallery.py): a gallery from folders or
     a saved index, queries from a folder. With retrieval_ranks, also a CSV of
     each query's gallery images by decreasing similarity (the first ranks_k),
-    for evaluate_retrieval.py --ranks. Returns (predictions frame or None, the
-    recognize() result or None)."""
+    for evaluate_retrieval.py --ranks. zero ({enet_type, pretrained_path,
+    image_size, pool}) in place of spec: recognition without training, by
+    retrieval on the pretrained backbone's pooled features, PCA-whitened on
+    the gallery (an index holds the raw features; the whitening is learnt
+    again from the whole gallery at each answer). Returns (predictions frame
+    or None, the recognize() result or None)."""
     from gallery import (folder_gallery, ids_for_names, landmark_names, list_images, load_index, model_signature,
                          save_index as write_index)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    models, base = load_spec(spec) if isinstance(spec, str) else (spec, os.getcwd())
+    if zero is None:
+        models, base = load_spec(spec) if isinstance(spec, str) else (spec, os.getcwd())
     if index is None and gallery_dir is None:
         raise UserError("give --gallery-dir (one folder per landmark) or --index (a saved one)")
     if add_to_index and (index is None or gallery_dir is None):
@@ -486,13 +555,17 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
     # the classes' names: landmark_names.json beside the label map, else the landmark ids themselves
     # (GLDv2's landmarks have no other name): a gallery folder named so is a class the classifier knows
     known = landmark_names(idx2landmark) or ({lid: str(lid) for lid in idx2lid.values()} if idx2lid else {})
-    n_known = len(idx2lid) if idx2lid else None
-    ckpts, n, pres = check_models(models, base, n_known, idx2landmark, trust_checkpoint)
-    if idx2lid is None:  # anonymous classes: the classifier can name no gallery landmark
-        idx2lid = {i: -1 - i for i in range(n)}
-    signature = model_signature(models, ckpts, pres)
-    kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision=precision, compile=compile,
-              trust=trust_checkpoint)
+    if zero is None:
+        n_known = len(idx2lid) if idx2lid else None
+        ckpts, n, pres = check_models(models, base, n_known, idx2landmark, trust_checkpoint)
+        if idx2lid is None:  # anonymous classes: the classifier can name no gallery landmark
+            idx2lid = {i: -1 - i for i in range(n)}
+        signature = model_signature(models, ckpts, pres)
+        kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision=precision, compile=compile,
+                  trust=trust_checkpoint)
+    else:
+        zmodel, signature = zero_training_model(zero["enet_type"], zero.get("pretrained_path"),
+                                                zero.get("pool", "avg"), zero.get("image_size", 256), device)
 
     g_rel, g_labels, g_emb, names = [], np.zeros(0, np.int64), None, dict(known)
     if index is not None:
@@ -506,8 +579,15 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
             todo = []  # an index answers the queries; --add-to-index grows it
     q_paths = [os.path.join(query_dir, p) for p in q_rel]
     new_paths = [os.path.join(gallery_dir, p) for p, _ in todo]
-    new_emb, zqs, heads, nl_emb = embed_all(models, ckpts, new_paths, q_paths, _non_landmark_paths(non_landmark),
-                                            **kw)
+    nl_paths = _non_landmark_paths(non_landmark)
+    if zero is None:
+        new_emb, zqs, heads, nl_emb = embed_all(models, ckpts, new_paths, q_paths, nl_paths, **kw)
+    else:
+        size = int(zero.get("image_size", 256))
+        kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision=precision)
+        new_emb = [extract_features(zmodel, new_paths, size, desc="gallery", **kw)]
+        zqs = [extract_features(zmodel, q_paths, size, desc="queries", **kw)]
+        nl_emb = [extract_features(zmodel, nl_paths, size, desc="non-landmarks", **kw)] if nl_paths else []
     if todo:
         new_ids, by_id = ids_for_names([n for _, n in todo], {i: v for i, v in names.items()})
         names |= by_id
@@ -528,11 +608,17 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
         print(f"index: {stem}.npz, {stem}.json ({len(g_rel)} images)", flush=True)
     if not q_paths:
         return None, None
-    res = recognize(zqs, g_emb, heads, g_labels, idx2lid, device=device, non_landmark=non_landmark,
-                    nl_emb=nl_emb)
+    if zero is None:
+        res = recognize(zqs, g_emb, heads, g_labels, idx2lid, device=device, non_landmark=non_landmark,
+                        nl_emb=nl_emb)
+        q_emb = [F.normalize(torch.as_tensor(z), dim=1).numpy() for z in zqs]
+    else:
+        g_w, q_w, nl_w = whitened_embeddings(g_emb[0], zqs[0], nl_emb[0] if nl_emb else None,
+                                             whiten_mode=zero.get("whiten", "auto"))
+        res = recognize_by_retrieval(q_w, g_w, g_labels, device, non_landmark, nl_w)
+        q_emb, g_emb = [q_w], [g_w]
     final = "ensemble_nl" if non_landmark is not None else "ensemble"
     if retrieval_ranks:
-        q_emb = [F.normalize(torch.as_tensor(z), dim=1).numpy() for z in zqs]
         g_bad = res["unreadable"][1]
         _, order = topk_cosine(q_emb, g_emb, min(ranks_k, len(g_rel)), device=device,
                                exclude=g_bad if g_bad.any() else None)
@@ -541,7 +627,9 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
         print(f"wrote {retrieval_ranks} (the first {order.shape[1]} gallery images of each query)", flush=True)
     sims, nn = res["neighbours"]
     from gallery import predictions_frame
-    return predictions_frame(q_rel, *res[final], sims, nn, g_rel, names), res
+    res["frames"] = {part: predictions_frame(q_rel, *res[part], sims, nn, g_rel, names)
+                     for part in ("classifier", "retrieval", "ensemble", "ensemble_nl") if part in res}
+    return res["frames"][final], res
 
 
 def _non_landmark_paths(non_landmark, data_dir=""):
@@ -572,7 +660,16 @@ def parse_args(argv=None):
                         "(path,ranked), for evaluate_retrieval.py --ranks")
     p.add_argument("--add-to-index", action="store_true",
                    help="with --index and --gallery-dir: embed only the gallery files the index lacks, and save it")
-    p.add_argument("--spec", required=True, help='JSON: {"models": [{"enet_type", "checkpoint", "image_size"}]}')
+    p.add_argument("--spec", help='JSON: {"models": [{"enet_type", "checkpoint", "image_size"}]}')
+    p.add_argument("--backbone", metavar="NAME",
+                   help="with folders, in place of --spec: no training, retrieval on this pretrained backbone's "
+                        "pooled features, PCA-whitened on the gallery (a timm name, e.g. tf_efficientnet_b3_ns)")
+    p.add_argument("--pretrained-path", default=None, help="with --backbone: its ImageNet weights file")
+    p.add_argument("--image-size", type=int, default=256, help="with --backbone: the input size (default 256)")
+    p.add_argument("--pool", choices=["avg", "gem"], default="avg", help="with --backbone: global pooling")
+    p.add_argument("--whiten", choices=["auto", "pca", "off"], default="auto",
+                   help="with --backbone: PCA whitening learnt on the gallery (auto: when the gallery has at least "
+                        f"{WHITEN_MIN_RATIO} images per feature dimension)")
     p.add_argument("--out", default=None, help="default submission.csv (GLDv2), predictions.csv (folders)")
     p.add_argument("--sample-submission", default=None, help="query ids (default DATA_DIR/sample_submission.csv)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -594,9 +691,15 @@ def parse_args(argv=None):
                         "the queries, or a CSV of known non-landmark images (id under DATA_DIR/non_landmark/, or filepath)")
     p.add_argument("--write-parts", action="store_true",
                    help="also write OUT's classifier-only, retrieval-only (and, with --non-landmark, plain "
-                        "re-ranked) submissions: *_classifier.csv, *_retrieval.csv, *_ensemble.csv")
+                        "re-ranked) submissions or predictions: *_classifier.csv, *_retrieval.csv, *_ensemble.csv")
     a = p.parse_args(argv)
     a.folders = any(v is not None for v in (a.gallery_dir, a.query_dir, a.index))
+    if (a.spec is None) == (a.backbone is None):
+        p.error("give --spec (trained models) or --backbone (no training, with folders), not both")
+    if a.backbone and not a.folders:
+        p.error("--backbone works with folders (--gallery-dir/--index and --query-dir)")
+    if a.image_size <= 0:
+        p.error(f"--image-size {a.image_size}: must be positive")
     if not a.folders and not (a.data_dir and a.train_csv and a.idx2landmark):
         p.error("give --data-dir, --train-csv and --idx2landmark (GLDv2 layout), or --gallery-dir/--index and "
                 "--query-dir (your photos)")
@@ -607,12 +710,19 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     if a.folders:
+        zero = ({"enet_type": a.backbone, "pretrained_path": a.pretrained_path, "image_size": a.image_size,
+                 "pool": a.pool, "whiten": a.whiten} if a.backbone else None)
         frame, res = run_folders(a.spec, a.query_dir, a.gallery_dir, a.index, a.save_index, a.add_to_index,
                                  a.idx2landmark, a.device, a.batch_size, a.num_workers, a.precision, a.compile,
-                                 a.trust_checkpoint, a.non_landmark, a.retrieval_ranks)
+                                 a.trust_checkpoint, a.non_landmark, a.retrieval_ranks, zero=zero)
         if frame is not None:
             frame.to_csv(a.out, index=False)
             print(f"wrote {a.out} ({len(frame)} rows, {int((frame['landmark'] != '').sum())} with a landmark)")
+            if a.write_parts:
+                stem = os.path.splitext(a.out)[0]
+                for part in ("classifier", "retrieval") + (("ensemble",) if a.non_landmark else ()):
+                    if part in res["frames"]:  # --backbone: no classifier
+                        res["frames"][part].to_csv(f"{stem}_{part}.csv", index=False)
         return res
     res = run(a.data_dir, a.train_csv, a.idx2landmark, a.spec, a.device, a.batch_size, a.num_workers,
               a.cache_dir or None, a.sample_submission, a.fp16_cache, a.non_landmark, a.precision, a.compile,

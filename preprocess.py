@@ -57,6 +57,23 @@ def assign_folds(df, n_folds=5, seed=233):
     return df
 
 
+def assign_folds_small(df, n_folds=5, seed=233):
+    """Folds for a collection where no landmark has n_folds images (StratifiedKFold
+    refuses it): each landmark's images in a seeded random order are dealt to
+    folds round-robin, continuing from one landmark to the next, so every fold
+    gets about the same number of images and of each landmark's."""
+    df = df.reset_index(drop=True).copy()
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(len(df), np.int64)
+    nxt = 0
+    for _, rows in df.groupby("landmark_id", sort=True).indices.items():
+        rows = rng.permutation(rows)
+        fold[rows] = (nxt + np.arange(len(rows))) % n_folds
+        nxt = (nxt + len(rows)) % n_folds
+    df["fold"] = fold
+    return df
+
+
 def idx2landmark_id(landmark_ids):
     return {i: lid for i, lid in enumerate(sorted(pd.unique(np.asarray(landmark_ids)).tolist()))}
 
@@ -83,7 +100,9 @@ def from_folder(root, out_dir, n_folds=5, seed=233):
     used = sorted(set(df["landmark_id"]))
     os.makedirs(out_dir, exist_ok=True)
     df.to_csv(os.path.join(out_dir, "train.csv"), index=False)
-    assign_folds(df, n_folds, seed).to_csv(os.path.join(out_dir, "train_0.csv"), index=False)
+    few = df["landmark_id"].value_counts().max() < n_folds  # StratifiedKFold needs one landmark with n_folds
+    (assign_folds_small if few else assign_folds)(df, n_folds, seed).to_csv(os.path.join(out_dir, "train_0.csv"),
+                                                                            index=False)
     write_label_map(idx2landmark_id(df["landmark_id"]), out_dir)
     with open(os.path.join(out_dir, "landmark_names.json"), "w") as f:
         json.dump({str(i): names[i] for i in used}, f, indent=1, ensure_ascii=False)

@@ -8,6 +8,7 @@ defaults are the original repo's, so its README commands run as written.
 import argparse
 import json
 import os
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -20,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+from finetune import RECIPES, apply_recipe, init_neck_and_head
 from dataset import EpochSampler, LandmarkDataset, collate, drop_excluded, get_df, get_transforms, worker_init
 from losses import ArcFaceLossAdaptiveMargin, dynamic_margins
 from models import build_model, check_enet_type, preprocessing_for
@@ -29,6 +31,7 @@ from util import (UserError, cleanup_distributed, cpu_budget, get_lr, global_ave
                   setup_distributed, torch_load)
 
 VALID_STRIDE = 15  # the original validates on every 15th row of the held-out fold
+MIN_VALID = 30     # fewer validation images than this: the curves are noise (a warning says so)
 
 
 def parse_args(argv=None):
@@ -88,12 +91,41 @@ def parse_args(argv=None):
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the training step (default backend inductor; minutes of compilation at "
                         "the start of a stage)")
+    p.add_argument("--valid-stride", type=int, default=VALID_STRIDE, metavar="K",
+                   help="validate on every K-th row of the held-out fold (the original's 15); 0: no validation "
+                        "and no held-out fold, every image trains")
+    # --- fine-tuning a pretrained model on a small or new data set (finetune.py, docs/transfer.md)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="finetune: the preset below for a small or new data set, wherever a flag is not given")
+    p.add_argument("--warmup-factor", type=float, default=10.0,
+                   help="epochs 2-3 run at this times --init-lr (the original's x10 warm-up)")
+    p.add_argument("--freeze-backbone-epochs", type=int, default=0, metavar="N",
+                   help="for the first N epochs the backbone gets no gradient and runs in eval mode (batch norm "
+                        "on its loaded statistics); the neck and head train")
+    p.add_argument("--backbone-lr-mult", type=float, default=1.0, metavar="F",
+                   help="the backbone's learning rate is F times the schedule's (neck, GeM p and head: 1x)")
+    p.add_argument("--freeze-bn", action="store_true",
+                   help="the backbone's batch-norm statistics and affine weights stay as loaded all run")
+    p.add_argument("--init-neck", choices=["random", "pca"], default="random",
+                   help="pca: the neck starts as the PCA whitening of the training images' pooled features "
+                        "(random: as built, or as loaded by --load-from)")
+    p.add_argument("--init-head", choices=["random", "imprint"], default="random",
+                   help="imprint: each class's sub-centres start at its training images' embeddings")
+    p.add_argument("--init-samples", type=int, default=20000, metavar="N",
+                   help="--init-neck pca reads at most N training images")
+    p.add_argument("--init-samples-per-class", type=int, default=10, metavar="N",
+                   help="--init-head imprint reads at most N images per class")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    # the flags the user gave: a --recipe sets only the others
+    args.explicit = sorted({a.dest for a in p._actions for tok in argv for o in a.option_strings
+                            if tok == o or tok.startswith(o + "=")})
     if args.use_amp:
         warnings.warn("--use-amp is the original's flag and turned mixed precision OFF there; it does so "
                       "here too. Use --amp off to say so explicitly.")
         args.amp = "off"
     args.save_epochs = sorted({int(e) for e in args.save_epochs.split(",") if e.strip()})
+    args.recipe_values = apply_recipe(args, set(args.explicit))
     return args
 
 
@@ -110,6 +142,13 @@ def check_args(args):
         raise UserError(f"--checkpoint-every-steps {args.checkpoint_every_steps}: must be >= 0 (0: off)")
     if args.num_workers < 0:
         raise UserError(f"--num-workers {args.num_workers}: must be >= 0")
+    for flag, v in (("--valid-stride", args.valid_stride), ("--freeze-backbone-epochs", args.freeze_backbone_epochs),
+                    ("--backbone-lr-mult", args.backbone_lr_mult), ("--warmup-factor", args.warmup_factor)):
+        if v < 0:
+            raise UserError(f"{flag} {v}: must be >= 0")
+    for flag, v in (("--init-samples", args.init_samples), ("--init-samples-per-class", args.init_samples_per_class)):
+        if v <= 0:
+            raise UserError(f"{flag} {v}: must be positive")
     if args.stop_at_epoch < args.start_from_epoch:
         raise UserError(f"--stop-at-epoch {args.stop_at_epoch} is before --start-from-epoch {args.start_from_epoch}")
     for flag, path in (("--load-from", args.load_from), ("--resume", "" if args.resume == "auto" else args.resume),
@@ -146,8 +185,13 @@ def convert_sync_batchnorm(model):
 
 def load_weights(model, path, train_step, trust=False):
     """--load-from: weights only, as the original. At step 1 the class set
-    changes (full -> clean classes), so the ArcFace head is re-initialised."""
+    changes (full -> clean classes), so the ArcFace head is re-initialised.
+    --pool gem from weights pooled by averaging: GeM's p starts at its init."""
     sd = load_state_dict_file(path, trust=trust)
+    if model.pool is not None and "pool.p" not in sd:
+        print0(f"--pool gem: {path} has no GeM p (it was trained with average pooling); p starts at "
+               f"{model.pool.p.item():g}")
+        sd = {**sd, "pool.p": model.pool.p.detach().clone()}
     load_fitting(model, sd, path, skip=("metric_classify.weight",) if train_step == 1 else ())
 
 
@@ -220,7 +264,7 @@ def print_summary(log_file, final, n_train, t_train, wall):
     """The end of a stage in one block: best validation GAP (over the whole log,
     resumed epochs included), the final checkpoint, throughput and wall time."""
     rows = read_log(log_file) if os.path.exists(log_file) else []
-    best = max(rows, key=lambda r: r["gap"], default=None)
+    best = max((r for r in rows if r["gap"] == r["gap"]), key=lambda r: r["gap"], default=None)  # nan: not validated
     h, m = divmod(int(wall) // 60, 60)
     print(f"summary: best gap_m {best['gap']:.6f} at epoch {best['epoch']} (acc_m {best['acc']:.2f})"
           if best else "summary: no epoch was validated", flush=True)
@@ -312,6 +356,30 @@ def validate(model, loader, idx, criterion, autocast, device, world_size):
     return float(res["loss"].mean()), acc, gap
 
 
+def param_groups(model, lr, backbone_lr_mult=1.0, neck_group=False):
+    """Adam's parameter groups: one (the original's) when every parameter trains at
+    the schedule's rate, else the backbone's, the neck's (with neck_group: its rate
+    follows its --init-neck pca scale) and the rest's (neck, GeM p, head), each with
+    its `lr_mult`, which the optimizer's state dict keeps for --resume."""
+    if backbone_lr_mult == 1.0 and not neck_group:
+        return [{"params": list(model.parameters()), "lr": lr, "lr_mult": 1.0, "name": "all"}]
+    parts = {"backbone": {id(p) for p in model.enet.parameters()},
+             "neck": {id(p) for p in model.feat.parameters()} if neck_group else set()}
+    rest = [p for p in model.parameters() if not any(id(p) in v for v in parts.values())]
+    groups = [{"params": [p for p in model.parameters() if id(p) in parts["backbone"]], "name": "backbone",
+               "lr_mult": backbone_lr_mult}]
+    if neck_group:
+        groups.append({"params": list(model.feat.parameters()), "name": "neck", "lr_mult": 1.0})
+    groups.append({"params": rest, "name": "head", "lr_mult": 1.0})
+    return [g | {"lr": lr * g["lr_mult"]} for g in groups]
+
+
+def set_lr(optimizer, lr):
+    """The schedule's rate, times each group's lr_mult (an old checkpoint's single group has none: 1)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+
+
 def build_training(args, model, margins, device):
     """Everything a training step needs, around a built model: the model on the
     device (SyncBatchNorm under DDP on GPUs, channels-last there), the module
@@ -319,13 +387,19 @@ def build_training(args, model, margins, device):
     the grad scaler and the autocast context. train.main and scripts/bench.py
     train both build their step here. Returns a namespace with model,
     train_model, criterion (eager, for validation), train_criterion (compiled
-    with --compile), optimizer, scaler and autocast."""
-    if device.type == "cuda" and dist.is_initialized():
-        model = convert_sync_batchnorm(model)  # SyncBatchNorm has no CPU kernel: CPU keeps BatchNorm
+    with --compile), optimizer, scaler, autocast, and wrap(): DDP and compile
+    built again around `model` after its trainable parameters changed
+    (the end of --freeze-backbone-epochs)."""
+    if device.type == "cuda" and dist.is_initialized() and not getattr(args, "freeze_bn", False):
+        # SyncBatchNorm has no CPU kernel: CPU keeps BatchNorm. Frozen batch norm
+        # (--freeze-bn) runs on its loaded statistics: nothing to synchronise.
+        model = convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format(device))
     criterion = ArcFaceLossAdaptiveMargin(margins, s=80.0).to(device)
     # fused: one kernel for all parameters on GPUs (the same update as the per-parameter loop)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.init_lr, fused=device.type == "cuda")
+    optimizer = torch.optim.Adam(param_groups(model, args.init_lr, getattr(args, "backbone_lr_mult", 1.0),
+                                              getattr(args, "init_neck", "random") == "pca"),
+                                 lr=args.init_lr, fused=device.type == "cuda")
     amp_on, amp_dtype, use_scaler = resolve_amp(args.amp, device)
     if amp_on and device.type == "cuda":
         # TF32 for the float32 matmuls left under AMP: the ArcFace head, which runs
@@ -337,17 +411,21 @@ def build_training(args, model, margins, device):
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype) if amp_on else nullcontext()
 
-    train_model, train_criterion = model, criterion
-    if dist.is_initialized():
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        # Only the training step is compiled, with static shapes (the loader drops the last
-        # partial batch). Validation calls the eager `model`: its eval mode, no_grad and
-        # ragged last batch would each be a recompilation, every epoch.
-        train_model = torch.compile(train_model, dynamic=False, backend=args.compile)
-        train_criterion = torch.compile(criterion, dynamic=False, backend=args.compile)
-    return SimpleNamespace(model=model, train_model=train_model, criterion=criterion, train_criterion=train_criterion,
-                           optimizer=optimizer, scaler=scaler, autocast=autocast)
+    def wrap():
+        train_model = model
+        if dist.is_initialized():
+            # DDP syncs the parameters that require a gradient when it is built
+            train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if args.compile:
+            # Only the training step is compiled, with static shapes (the loader drops the last
+            # partial batch). Validation calls the eager `model`: its eval mode, no_grad and
+            # ragged last batch would each be a recompilation, every epoch.
+            train_model = torch.compile(train_model, dynamic=False, backend=args.compile)
+        return train_model
+
+    train_criterion = torch.compile(criterion, dynamic=False, backend=args.compile) if args.compile else criterion
+    return SimpleNamespace(model=model, train_model=wrap(), criterion=criterion, train_criterion=train_criterion,
+                           optimizer=optimizer, scaler=scaler, autocast=autocast, wrap=wrap)
 
 
 def main(argv=None):
@@ -382,11 +460,24 @@ def main(argv=None):
     df, n_excluded = drop_excluded(df, args.exclude)
     if n_excluded:
         print0(f"left out {n_excluded} images listed in {args.exclude}")
-    df_train = df[df["fold"] != args.fold]  # NaN fold (not in the clean list): always training
-    df_valid = df[df["fold"] == args.fold].reset_index(drop=True).iloc[::VALID_STRIDE]
+    if args.valid_stride:
+        df_train = df[df["fold"] != args.fold]  # NaN fold (not in the clean list): always training
+        df_valid = df[df["fold"] == args.fold].reset_index(drop=True).iloc[::args.valid_stride]
+    else:  # --valid-stride 0: no held-out fold, every image trains
+        df_train, df_valid = df, df.iloc[:0]
     if args.DEBUG:
         df_train = df_train.sample(min(len(df_train), args.batch_size * world_size * 5), random_state=args.seed)
         df_valid = df_valid.iloc[:args.batch_size * 5]
+    if args.recipe_values:
+        print0(f"--recipe {args.recipe}: " + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                                                      for k, v in args.recipe_values.items())
+               + "".join(f" (given: {' '.join('--' + k.replace('_', '-') for k in given)})"
+                         for given in [[k for k in args.explicit if k in RECIPES[args.recipe]]] if given))
+    if not args.valid_stride:
+        print0("--valid-stride 0: no validation, every image trains (the logged valid figures are nan)")
+    elif len(df_valid) < MIN_VALID:
+        print0(f"warning: only {len(df_valid)} images are validated (fold {args.fold}, every {args.valid_stride}-th): "
+                      f"the validation figures will jump; --valid-stride 1 validates the whole fold, 0 trains on it")
     dataset_train = LandmarkDataset(df_train, "train", "train", transforms_train, seed=args.seed, rank=rank,
                                     skip_bad=True)
     dataset_valid = LandmarkDataset(df_valid, "train", "val", transforms_val, skip_bad=True)
@@ -407,8 +498,18 @@ def main(argv=None):
                         pool=args.pool, preprocessing=args.preprocessing, image_size=args.image_size)
     if args.load_from and not args.resume:  # a resumed run has its own weights
         load_weights(model, args.load_from, args.train_step, args.trust_checkpoint)
+
+    def frozen(epoch):  # (backbone, batch norm) frozen in this epoch
+        return epoch <= args.freeze_backbone_epochs, args.freeze_bn
+
+    model.set_frozen(*frozen(args.start_from_epoch))  # before DDP is built: it syncs what trains
     t = build_training(args, model, margins, device)
     model, criterion, optimizer, scaler, autocast = t.model, t.criterion, t.optimizer, t.scaler, t.autocast
+    if not args.resume and (args.init_neck != "random" or args.init_head != "random"):
+        neck_mult = init_neck_and_head(model, df_train, transforms_val, args, device, autocast, rank, world_size)
+        for g in optimizer.param_groups:
+            if g.get("name") == "neck" and neck_mult is not None:
+                g["lr_mult"] = neck_mult
 
     start_step, start_totals = 0, None
     if args.resume:
@@ -417,6 +518,11 @@ def main(argv=None):
             raise UserError(f"{args.resume}: not a checkpoint of train.py (--resume needs its weights, "
                             f"optimizer and epoch; --load-from takes weights alone)")
         load_fitting(model, ckpt["model_state_dict"], args.resume)
+        groups = len(ckpt["optimizer_state_dict"]["param_groups"])
+        if groups != len(optimizer.param_groups):
+            raise UserError(f"--resume {args.resume}: its optimizer has {groups} parameter group(s), this run "
+                            f"{len(optimizer.param_groups)}: resume with the --backbone-lr-mult it was trained with "
+                            f"({ckpt.get('args', {}).get('backbone_lr_mult', 1.0)})")
         optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         if ckpt.get("scaler_state_dict"):
             scaler.load_state_dict(ckpt["scaler_state_dict"])
@@ -445,9 +551,15 @@ def main(argv=None):
     t_run, t_train, n_train = time.time(), 0.0, 0
     for epoch in range(args.start_from_epoch, args.n_epochs + 1):
         print0(time.ctime(), "Epoch:", epoch)
-        lr = get_lr(epoch, args.init_lr, args.n_epochs)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = get_lr(epoch, args.init_lr, args.n_epochs, args.warmup_factor)
+        set_lr(optimizer, lr)
+        if frozen(epoch) != (model.backbone_frozen, model.bn_frozen):
+            model.set_frozen(*frozen(epoch))
+            t.train_model = t.wrap()  # DDP (and the compiled step) built again for the new set of trainables
+        if len(optimizer.param_groups) > 1 or model.backbone_frozen:
+            print0(f"epoch {epoch}: " + ", ".join(
+                f"{g.get('name', 'all')} " + ("frozen" if g.get("name") == "backbone" and model.backbone_frozen
+                                              else f"lr {g['lr']:.3g}") for g in optimizer.param_groups))
         skip = start_step if epoch == args.start_from_epoch else 0
         sampler.set_epoch(epoch, start=skip * args.batch_size)  # a mid-epoch resume skips the steps done
         bad, t0 = [], time.time()
@@ -468,7 +580,8 @@ def main(argv=None):
         n_train += len(train_loader) * args.batch_size * world_size
         check_finite(model, epoch, n_nonfinite, len(train_loader), scaler.is_enabled())
         report_bad_images(args, epoch, bad, len(train_loader) * args.batch_size, world_size)
-        val_loss, acc_m, gap_m = validate(model, valid_loader, valid_idx, criterion, autocast, device, world_size)
+        val_loss, acc_m, gap_m = (validate(model, valid_loader, valid_idx, criterion, autocast, device, world_size)
+                                  if args.valid_stride else (float("nan"),) * 3)
         if is_main():
             content = (time.ctime() + " " + f"Fold {args.fold}, Epoch {epoch}, lr: {lr:.7f}, "
                        f"train loss: {train_loss:.5f}, valid loss: {val_loss:.5f}, "

@@ -6,6 +6,9 @@
                                     [--precision P] [--compile] [--baseline]
     python scripts/bench.py loader  --image-size S [--data-dir D | --make N] [--workers W] [--baseline]
     python scripts/bench.py knn     --queries Q --gallery G --dim D [--models M] [--device D] [--baseline]
+    python scripts/bench.py transfer --photos DIR [--distractors DIR] --enet-type T --pretrained-path W
+                                    (real photos: zero training vs the original recipe vs --recipe finetune;
+                                    scripts/bench_transfer.py)
 
 Each measurement prints one JSON line, flushed as it is produced: `what`,
 `img_s` (or `pairs_s`), `peak_mib`, `warmup_s` (first calls: cuDNN autotuning,
@@ -47,6 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
+import bench_transfer  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
 from losses import dynamic_margins  # noqa: E402
@@ -493,11 +497,14 @@ def parse_args(argv=None):
     q.add_argument("--device", default=default_device)
     q.add_argument("--query-chunk", type=int, default=4096)
     q.add_argument("--gallery-chunk", type=int, default=32768)
+    bench_transfer.add_parser(sub)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.cmd == "transfer":
+        return bench_transfer.cmd_transfer(a, emit)
     {"train": cmd_train, "extract": cmd_extract, "loader": cmd_loader, "knn": cmd_knn}[a.cmd](a)
 
 

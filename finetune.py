@@ -1,0 +1,315 @@
+"""Fine-tuning from pretrained weights on a small or new data set (beyond the original).
+
+The original recipe is built for GLDv2's 1.58 M images: a new neck and head
+from random, every layer and batch-norm statistic trained at 10x the base
+rate. On a few hundred photos that forgets what the ImageNet backbone knows
+(docs/transfer.md). What protects it, each a train.py flag:
+
+- the neck `Linear(C, 512)` starts as the PCA whitening of the backbone's
+  pooled features (`learn_whitening`, `neck_from_whitening`): the first
+  embeddings rank images as the whitened features do, which are a better
+  retrieval descriptor than the raw ones (Jegou & Chum, ECCV 2012; Radenovic
+  et al.'s learned whitening, TPAMI 2018, has the same weight = P, bias = -P m
+  form);
+- each class's sub-centres start at its training images' embeddings (weight
+  imprinting, Qi, Brown & Lowe, CVPR 2018; `imprint_subcenters`): the
+  classifier starts as nearest-class-mean retrieval instead of random;
+- the backbone frozen for the first epochs, then trained at a fraction of the
+  rate, with its batch-norm statistics fixed (models.Net.set_frozen);
+- `--recipe finetune` sets all of these at once (RECIPES).
+
+Both inits read one bounded sample of the training images through the
+validation transform, sharded over the ranks under DDP; rank 0 computes the
+weights and broadcasts them.
+"""
+import math
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from dataset import LandmarkDataset, collate
+from util import memory_format, print0
+
+# the largest pre-activation scale at which Swish still keeps the whitened cosines to this
+# tolerance on the init sample (measured, not assumed: it depends on the features)
+SWISH_LINEAR_TOL = 5e-4
+SCALE_GRID = (0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 5e-4, 2e-4, 1e-4)
+SUBCENTER_NOISE = 0.05  # norm of the noise that separates the sub-centres of a class with fewer than k images
+
+
+# ---------------------------------------------------------------- whitening
+
+def learn_whitening(features, dim=None):
+    """PCA whitening of `features` (N, C): (P (D, C), m (C,)) in float64 such
+    that P (f - m) has identity covariance over the features, D = min(dim, C)
+    leading components.
+
+    The covariance is shrunk towards a multiple of the identity, by the larger
+    of Ledoit and Wolf's estimate (sklearn) and 1 - N/C: with fewer images
+    than dimensions the sample covariance is singular, and a whitening that
+    trusts it blows up the directions the sample did not see (on 150 real
+    photos and C = 1280 Ledoit-Wolf alone shrinks by 0.2 and the whitened
+    retrieval GAP drops from 0.975 to 0.90; docs/transfer.md). With many
+    images the shrinkage tends to 0: plain PCA whitening. Returns (P, m)."""
+    from sklearn.covariance import ledoit_wolf_shrinkage
+    x = np.asarray(features, np.float64)
+    n, c = x.shape
+    m = x.mean(axis=0)
+    xc = x - m
+    cov = xc.T @ xc / max(n, 1)
+    beta = max(ledoit_wolf_shrinkage(xc, assume_centered=True) if n > 1 else 1.0, 1.0 - n / c)
+    mu = np.trace(cov) / c if np.trace(cov) > 0 else 1.0
+    cov = (1 - beta) * cov + beta * mu * np.eye(c)
+    w, u = np.linalg.eigh(cov)
+    order = np.argsort(w)[::-1][:min(dim or x.shape[1], x.shape[1])]
+    w = np.maximum(w[order], w.max() * 1e-12)  # a zero eigenvalue (constant features): no division by 0
+    u = u[:, order]
+    u *= np.sign(u[np.abs(u).argmax(0), np.arange(u.shape[1])])  # each component's largest entry positive: reproducible
+    return u.T / np.sqrt(w)[:, None], m
+
+
+def whiten(features, P, m):
+    """The whitened features P (f - m), float32."""
+    return ((np.asarray(features, np.float64) - m) @ P.T).astype(np.float32)
+
+
+def _cosines(x):
+    x = F.normalize(torch.as_tensor(x, dtype=torch.float64), dim=1)
+    return x @ x.T
+
+
+def swish_linear_scale(whitened, tol=SWISH_LINEAR_TOL):
+    """The largest scale a of SCALE_GRID at which the cosines of swish(a y)
+    equal those of the whitened y to `tol` on these rows (a sample): Swish
+    (x sigmoid x) is x/2 + x^2/4 + O(x^4) near 0, so its distortion of the
+    cosines falls with a."""
+    y = torch.as_tensor(np.asarray(whitened[:256]), dtype=torch.float64)
+    ref = _cosines(y)
+    for a in SCALE_GRID:
+        if (_cosines(F.silu(a * y)) - ref).abs().max() <= tol:
+            return a
+    return SCALE_GRID[-1]
+
+
+def neck_from_whitening(P, m, out_dim, scale):
+    """Weight (out_dim, C) and bias (out_dim,) of the neck Linear: scale * P and
+    -scale * P m; rows beyond P's components are 0 (their Swish output is 0,
+    a direction training can still open: the gradient of Swish at 0 is 1/2)."""
+    C = P.shape[1]
+    weight, bias = np.zeros((out_dim, C)), np.zeros(out_dim)
+    d = min(out_dim, len(P))
+    weight[:d] = scale * P[:d]
+    bias[:d] = -scale * (P[:d] @ m)
+    return torch.as_tensor(weight, dtype=torch.float32), torch.as_tensor(bias, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- imprinting
+
+def _spherical_kmeans(x, mask, k, iters=20):
+    """Batched spherical k-means: x (B, L, D) unit rows, mask (B, L) valid rows
+    (each batch row has >= k valid). Initialised by farthest points (the row
+    closest to the mean first), deterministic. Returns (B, k, D) unit centres."""
+    B, L, _ = x.shape
+    neg = torch.finfo(x.dtype).min
+    mean = F.normalize((x * mask[..., None]).sum(1), dim=1)
+    score = torch.where(mask, (x @ mean[:, :, None]).squeeze(2), neg)
+    picks = [score.argmax(1)]
+    best = torch.full((B, L), 2.0, dtype=x.dtype, device=x.device)  # max cosine to the chosen centres
+    for _ in range(1, k):
+        c = x[torch.arange(B), picks[-1]]
+        best = torch.minimum(best, 1 - (x @ c[:, :, None]).squeeze(2))  # cosine distance to the nearest pick
+        picks.append(torch.where(mask, best, neg).argmax(1))
+    centres = torch.stack([x[torch.arange(B), p] for p in picks], 1)  # (B, k, D)
+    for _ in range(iters):
+        assign = (x @ centres.transpose(1, 2)).argmax(2)                # (B, L)
+        onehot = F.one_hot(assign, k).to(x.dtype) * mask[..., None]   # (B, L, k)
+        sums = onehot.transpose(1, 2) @ x                               # (B, k, D)
+        empty = onehot.sum(1) == 0                                      # a centre that lost its points stays
+        centres = torch.where(empty[..., None], centres, F.normalize(sums, dim=2))
+    return centres
+
+
+def imprint_subcenters(embeddings, labels, n_classes, k=3, seed=0, chunk=4096):
+    """Sub-centre weights (n_classes * k, D) from unit embeddings (N, D) of
+    training images with class labels (N,): row c*k + j is class c's j-th
+    sub-centre (models.ArcMarginProductSubcenter's layout). A class with >= k
+    images gets the k centres of a spherical k-means of its embeddings, one
+    with fewer gets their normalised mean plus noise of norm SUBCENTER_NOISE
+    per sub-centre (distinct, cosine ~0.999 to the mean). Also returns the
+    (n_classes,) mask of the classes set; the others keep their weights."""
+    emb = F.normalize(torch.as_tensor(embeddings, dtype=torch.float32), dim=1)
+    labels = np.asarray(labels, np.int64)
+    D = emb.shape[1]
+    out = torch.zeros(n_classes, k, D)
+    counts = np.bincount(labels, minlength=n_classes)
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    gen = torch.Generator().manual_seed(seed)
+    few = np.flatnonzero((counts > 0) & (counts < k))
+    for c in few:
+        mean = F.normalize(emb[order[starts[c]:starts[c + 1]]].mean(0), dim=0)
+        noise = torch.randn(k, D, generator=gen)
+        out[c] = F.normalize(mean + SUBCENTER_NOISE * F.normalize(noise, dim=1), dim=1)
+    many = np.flatnonzero(counts >= k)
+    for b0 in range(0, len(many), chunk):
+        cls = many[b0:b0 + chunk]
+        L = int(counts[cls].max())
+        x = torch.zeros(len(cls), L, D)
+        mask = torch.zeros(len(cls), L, dtype=torch.bool)
+        for r, c in enumerate(cls):
+            n = counts[c]
+            x[r, :n] = emb[order[starts[c]:starts[c] + n]]
+            mask[r, :n] = True
+        out[cls] = _spherical_kmeans(x, mask, k)
+    return out.reshape(n_classes * k, D), counts > 0
+
+
+# ---------------------------------------------------------------- the init pass
+
+def init_sample(df, n_max, per_class, seed):
+    """Rows of df for the inits: up to n_max at random (PCA), and up to
+    per_class of each class (imprinting), as two index arrays."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(df))
+    pca = np.sort(perm[:n_max])
+    labels = df["landmark_id"].to_numpy()[perm]
+    # the first per_class of each class in the permuted order
+    rank = np.zeros(len(perm), np.int64)
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    first = np.r_[0, np.flatnonzero(np.diff(sorted_labels)) + 1]
+    group_start = np.repeat(first, np.diff(np.r_[first, len(order)]))
+    rank[order] = np.arange(len(order)) - group_start
+    imprint = np.sort(perm[rank < per_class])
+    return pca, imprint
+
+
+def _all_rows(local, n, world_size):
+    """Rows r, r+W, ... from each rank r (local) -> all n rows in order, on every rank."""
+    if world_size == 1:
+        return local
+    size = math.ceil(n / world_size)
+    padded = torch.zeros((size, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return torch.stack(parts, 1).reshape(size * world_size, *local.shape[1:])[:n]
+
+
+@torch.no_grad()
+def pass_over(fn, dim, model, df, transform, device, batch_size, num_workers, autocast, rank=0, world_size=1):
+    """fn(model, x) (width dim) of every row of df (validation transform, eval
+    mode), each rank reading rows r, r+W, ...; every rank gets all rows, float32."""
+    idx = np.arange(rank, len(df), world_size)
+    ds = LandmarkDataset(df.iloc[idx], "train", "val", transform, skip_bad=True)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    out = []
+    for x, _, _ in loader:
+        with autocast():
+            out.append(fn(model, x.to(device, non_blocking=True, memory_format=memory_format(device))).float())
+    model.train(was_training)
+    local = torch.cat(out) if out else torch.zeros((0, dim), device=device)
+    return _all_rows(local, len(df), world_size)
+
+
+def init_neck_and_head(model, df_train, transform, args, device, autocast, rank=0, world_size=1):
+    """--init-neck pca and --init-head imprint, in place on `model` (before the
+    first step). Every rank reads its share of the sample; rank 0 computes and
+    broadcasts, so all ranks start from the same weights.
+
+    Returns the neck's learning-rate multiplier with --init-neck pca (else None):
+    the RMS of its new weights over that of the default init it replaced. The
+    near-linear scale makes the whitening's weights orders of magnitude smaller
+    than a default Linear's, and Adam's steps are absolute (about lr per weight
+    whatever its size): at the schedule's rate the first steps would erase the
+    whitening. Scaled so, the neck moves relative to its size as a default neck
+    does at the schedule's rate."""
+    neck_mult = None
+    pca_rows, imprint_rows = init_sample(df_train, args.init_samples, args.init_samples_per_class, args.seed)
+    kw = dict(transform=transform, device=device, batch_size=args.batch_size, num_workers=args.num_workers,
+              autocast=autocast, rank=rank, world_size=world_size)
+    if args.init_neck == "pca":
+        t0 = time.time()
+        f = pass_over(lambda m, x: m.extract(x), model.feat.in_features, model, df_train.iloc[pca_rows], **kw)
+        weight = torch.empty_like(model.feat.weight)
+        bias = torch.empty_like(model.feat.bias)
+        if rank == 0:
+            P, mean = learn_whitening(f.cpu().numpy(), model.feat.out_features)
+            scale = swish_linear_scale(whiten(f.cpu().numpy(), P, mean))
+            w, b = neck_from_whitening(P, mean, model.feat.out_features, scale)
+            weight.copy_(w)
+            bias.copy_(b)
+        if world_size > 1:
+            dist.broadcast(weight, 0)
+            dist.broadcast(bias, 0)
+        neck_mult = float(weight.pow(2).mean().sqrt() / model.feat.weight.detach().pow(2).mean().sqrt())
+        with torch.no_grad():
+            model.feat.weight.copy_(weight)
+            model.feat.bias.copy_(bias)
+        print0(f"--init-neck pca: whitening of {len(pca_rows)} images' pooled features "
+               f"({min(model.feat.in_features, model.feat.out_features)} components; the neck's lr x{neck_mult:.3g}) "
+               f"in {time.time() - t0:.1f} s")
+    if args.init_head == "imprint":
+        t0 = time.time()
+        emb = pass_over(lambda m, x: m.embed(x), model.neck_dim, model, df_train.iloc[imprint_rows], **kw)
+        head = model.metric_classify
+        weight = head.weight.detach().clone()
+        if rank == 0:
+            labels = df_train["landmark_id"].to_numpy()[imprint_rows]
+            sub, have = imprint_subcenters(emb.cpu(), labels, head.out_features, head.k, args.seed)
+            # keep the rows' norm as initialised: Adam's steps are absolute, so the head's
+            # angular learning speed stays the original's
+            norm = weight.norm(dim=1, keepdim=True).mean()
+            rows = torch.as_tensor(np.repeat(have, head.k))
+            weight[rows.to(weight.device)] = (sub[rows] * norm.cpu()).to(weight.device)
+        if world_size > 1:
+            dist.broadcast(weight, 0)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+        n_cls = len(np.unique(df_train["landmark_id"].to_numpy()[imprint_rows]))
+        print0(f"--init-head imprint: {head.k} sub-centres of {n_cls} classes from {len(imprint_rows)} images "
+               f"in {time.time() - t0:.1f} s")
+    return neck_mult
+
+
+# ---------------------------------------------------------------- recipes
+
+# --recipe finetune: chosen on the real-photo benchmark (scripts/bench.py transfer, docs/transfer.md)
+RECIPES = {
+    "finetune": {
+        "init_lr": 1e-3,                # the neck and head; the backbone gets backbone_lr_mult of it
+        "n_epochs": 8,
+        "warmup_factor": 1.0,
+        "freeze_backbone_epochs": 3,
+        "backbone_lr_mult": 0.01,
+        "freeze_bn": True,
+        "init_neck": "pca",
+        "init_head": "imprint",
+        "valid_stride": 0,              # every image trains: a small set cannot spare a fold
+    },
+}
+
+
+def apply_recipe(args, explicit):
+    """Set the recipe's values on args wherever the user gave no flag (`explicit`:
+    the dests given on the command line). With --load-from the loaded neck is
+    kept (init_neck random), and the loaded head too unless step 1 makes a new
+    one. Returns {dest: value} of what the recipe set."""
+    if not args.recipe:
+        return {}
+    values = dict(RECIPES[args.recipe])
+    if args.load_from:
+        values["init_neck"] = "random"
+        if args.train_step != 1:
+            values["init_head"] = "random"
+    set_ = {k: v for k, v in values.items() if k not in explicit}
+    for k, v in set_.items():
+        setattr(args, k, v)
+    return set_
