@@ -17,10 +17,10 @@ from conftest import ROOT, TINY_BACKBONE, run, train_cmd
 def _shrunk_cov(x):
     """The covariance learn_whitening must whiten, computed here from its definition."""
     from sklearn.covariance import ledoit_wolf_shrinkage
-    xc = x - x.mean(0)
     n, c = x.shape
+    beta = max(ledoit_wolf_shrinkage(x - x.mean(0), assume_centered=True), 1 - n / c)
+    xc = x - (1 - beta) * x.mean(0)  # the mean shrunk towards 0 by the same beta
     s = xc.T @ xc / n
-    beta = max(ledoit_wolf_shrinkage(xc, assume_centered=True), 1 - n / c)
     return (1 - beta) * s + beta * np.trace(s) / c * np.eye(c), beta
 
 
@@ -32,7 +32,7 @@ def test_whitening_whitens_the_shrunk_covariance(n, c, dim):
     P, m = learn_whitening(x, dim)
     cov, beta = _shrunk_cov(x)
     d = min(dim, c)
-    assert P.shape == (d, c) and np.allclose(m, x.mean(0))
+    assert P.shape == (d, c) and np.allclose(m, (1 - beta) * x.mean(0))
     assert np.allclose(P @ cov @ P.T, np.eye(d), atol=1e-8)
     # the leading components: P's rows span the top-d eigenvectors of the shrunk covariance
     w, u = np.linalg.eigh(cov)
@@ -217,7 +217,7 @@ def test_inits_under_ddp_equal_one_process(synth, tmp_path):
         outs.append((e @ e.T, cos))
     (ea, ca), (eb, cb) = outs
     assert (ea - eb).abs().max() < 1e-3 and (ca - cb).abs().max() < 1e-3
-    assert ca.argmax(1).eq(torch.from_numpy(df["landmark_id"].to_numpy())).float().mean() > 0.5  # imprinted: it knows
+    assert ca.argmax(1).eq(torch.tensor(df["landmark_id"].to_numpy())).float().mean() > 0.5  # imprinted: it knows
 
 
 def test_freezing_keeps_backbone_and_bn_then_releases_them(synth, tmp_path):
@@ -387,7 +387,7 @@ def test_zero_training_on_folders_equals_direct_retrieval(tmp_path, weights_file
     gf = feats([os.path.join(tmp_path, "g", p) for p, _ in g])
     qs = list_images(str(qdir))
     s = feats([os.path.join(qdir, q) for q in qs]) @ gf.T
-    best = s.max(1)
+    best = s.max(1).values
     assert list(got["path"]) == qs
     assert list(got["landmark"]) == [g[j][1] for j in s.argmax(1).tolist()]
     assert np.allclose(got["confidence"], best.numpy(), atol=1e-4)
