@@ -271,10 +271,10 @@ def test_resume_with_two_groups_and_a_freeze(synth, tmp_path):
     epoch, two parameter groups and --freeze-bn: the same weights bit for bit."""
     extra = ["--freeze-backbone-epochs", "1", "--backbone-lr-mult", "0.1", "--freeze-bn", "--init-lr", "1e-3",
              "--init-neck", "pca", "--model-dir", str(tmp_path)]
-    run([sys.executable, *train_cmd(synth, "full", 0, *extra, epochs=3)], cwd=ROOT)
-    run([sys.executable, *train_cmd(synth, "half", 0, *extra, "--stop-at-epoch", "2", epochs=3)], cwd=ROOT)
-    run([sys.executable, *train_cmd(synth, "half", 0, *extra, "--resume", "auto", epochs=3)], cwd=ROOT)
-    a, b = _sd(tmp_path / "full_fold0_final.pth"), _sd(tmp_path / "half_fold0_final.pth")
+    run([sys.executable, *train_cmd(synth, "ftfull", 0, *extra, epochs=3)], cwd=ROOT)
+    run([sys.executable, *train_cmd(synth, "fthalf", 0, *extra, "--stop-at-epoch", "2", epochs=3)], cwd=ROOT)
+    run([sys.executable, *train_cmd(synth, "fthalf", 0, *extra, "--resume", "auto", epochs=3)], cwd=ROOT)
+    a, b = _sd(tmp_path / "ftfull_fold0_final.pth"), _sd(tmp_path / "fthalf_fold0_final.pth")
     assert a["epoch"] == b["epoch"] == 3
     groups = a["optimizer_state_dict"]["param_groups"]
     assert [g["name"] for g in groups] == ["backbone", "neck", "head"] and 0 < groups[1]["lr_mult"] != 1.0
@@ -283,7 +283,7 @@ def test_resume_with_two_groups_and_a_freeze(synth, tmp_path):
     assert [g["lr"] for g in a["optimizer_state_dict"]["param_groups"]] == \
         [g["lr"] for g in b["optimizer_state_dict"]["param_groups"]]
     # another --backbone-lr-mult than the checkpoint's groups: one line, exit 2
-    p = __import__("subprocess").run([sys.executable, *train_cmd(synth, "half", 0, "--resume", "auto",
+    p = __import__("subprocess").run([sys.executable, *train_cmd(synth, "fthalf", 0, "--resume", "auto",
                                                                  "--model-dir", str(tmp_path), epochs=4)],
                                      cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and "parameter group" in p.stderr and "Traceback" not in p.stderr
