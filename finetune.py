@@ -26,6 +26,7 @@ import math
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -182,13 +183,7 @@ def init_sample(df, n_max, per_class, seed):
     perm = rng.permutation(len(df))
     pca = np.sort(perm[:n_max])
     labels = df["landmark_id"].to_numpy()[perm]
-    # the first per_class of each class in the permuted order
-    rank = np.zeros(len(perm), np.int64)
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    first = np.r_[0, np.flatnonzero(np.diff(sorted_labels)) + 1]
-    group_start = np.repeat(first, np.diff(np.r_[first, len(order)]))
-    rank[order] = np.arange(len(order)) - group_start
+    rank = pd.Series(labels).groupby(labels).cumcount().to_numpy()  # the first per_class of each class, permuted
     imprint = np.sort(perm[rank < per_class])
     return pca, imprint
 

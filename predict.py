@@ -423,7 +423,8 @@ def recognize(zqs, g_emb, heads, g_labels, idx2lid, device="cpu", non_landmark=N
 
     zqs: per model, the queries' neck outputs; g_emb: per model, the gallery's
     embeddings; g_labels: the gallery's landmark ids (ids beyond the label map
-    are fine: retrieval can predict them, the classifier cannot).
+    are fine: retrieval can predict them, the classifier cannot). heads None
+    (no classifier: predict.py --backbone): retrieval alone, also as 'ensemble'.
     Returns {'classifier', 'retrieval', 'ensemble': (landmarks, confidences),
     'neighbours': (sims, gallery rows), 'cls_top', 'unreadable': (queries,
     gallery)}, and with non_landmark also 'ensemble_nl', 'nl_flags', 'nl_similarity'."""
@@ -435,10 +436,6 @@ def recognize(zqs, g_emb, heads, g_labels, idx2lid, device="cpu", non_landmark=N
         for z in zqs:
             z[q_bad] = 0.0
     q_emb = [F.normalize(torch.as_tensor(z), dim=1).numpy() for z in zqs]
-    lid_of = np.array([idx2lid[i] for i in range(len(idx2lid))])
-    present = np.isin(lid_of, np.unique(g_labels))
-    cls_s, cls_i = classifier_topk(zqs, heads, present, device=device)
-    cls_l = lid_of[cls_i]
     # The original normalised only its last query batch, so its gallery rows had
     # norm 3 and its similarities were 3x the cosine; rankings and GAP are the
     # same. Here both sides are unit vectors: sims are cosines.
@@ -449,11 +446,17 @@ def recognize(zqs, g_emb, heads, g_labels, idx2lid, device="cpu", non_landmark=N
         landmarks, conf = part
         return (np.where(q_bad, None, landmarks.astype(object)), np.where(q_bad, 0.0, conf))
 
-    res = {"classifier": blank((cls_l[:, 0], cls_s[:, 0])),
-           "retrieval": blank((nn_l[:, 0], sims[:, 0])),
-           "ensemble": blank(rerank(sims, nn_l, cls_s, cls_l)),
-           "neighbours": (sims, nn), "neighbour_landmarks": nn_l, "cls_top": (cls_s, cls_l),
+    res = {"retrieval": blank((nn_l[:, 0], sims[:, 0])), "neighbours": (sims, nn), "neighbour_landmarks": nn_l,
            "unreadable": (q_bad, g_bad)}
+    if heads is None:
+        res["ensemble"] = res["retrieval"]
+    else:
+        lid_of = np.array([idx2lid[i] for i in range(len(idx2lid))])
+        present = np.isin(lid_of, np.unique(g_labels))
+        cls_s, cls_i = classifier_topk(zqs, heads, present, device=device)
+        cls_l = lid_of[cls_i]
+        res |= {"classifier": blank((cls_l[:, 0], cls_s[:, 0])), "ensemble": blank(rerank(sims, nn_l, cls_s, cls_l)),
+                "cls_top": (cls_s, cls_l)}
     if non_landmark is not None:
         flags, s_nl = non_landmark_flags(q_emb, sims[:, 0], nl_emb or None, device=device)
         res["nl_flags"], res["nl_similarity"] = flags, s_nl
@@ -507,24 +510,6 @@ def whitened_embeddings(g_raw, *others, whiten_mode="auto"):
             for a in (g, *others)]
 
 
-def recognize_by_retrieval(q_emb, g_emb, g_labels, device="cpu", non_landmark=None, nl_emb=None):
-    """recognize()'s result for embeddings without a classifier: each query gets
-    its nearest gallery image's landmark, its cosine as the confidence
-    ('retrieval', also as 'ensemble')."""
-    g_bad, q_bad = unreadable_rows(g_emb), unreadable_rows(q_emb)
-    q_emb = np.where(q_bad[:, None], 0.0, q_emb).astype(np.float32)
-    sims, nn = topk_cosine(q_emb, g_emb, TOP_K, device=device, exclude=g_bad if g_bad.any() else None)
-    nn_l = np.asarray(g_labels)[nn]
-    part = (np.where(q_bad, None, nn_l[:, 0].astype(object)), np.where(q_bad, 0.0, sims[:, 0]))
-    res = {"retrieval": part, "ensemble": part, "neighbours": (sims, nn), "neighbour_landmarks": nn_l,
-           "unreadable": (q_bad, g_bad)}
-    if non_landmark is not None:
-        flags, s_nl = non_landmark_flags(q_emb, sims[:, 0], nl_emb, device=device)
-        res["nl_flags"], res["nl_similarity"] = flags, s_nl
-        res["ensemble_nl"] = (part[0], apply_non_landmark(part[1], flags))
-    return res
-
-
 def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=None, add_to_index=False,
                 idx2landmark=None, device=None, batch_size=64, num_workers=2, precision="fp32", compile=False,
                 trust_checkpoint=False, non_landmark=None, retrieval_ranks=None, ranks_k=10000, zero=None):
@@ -564,8 +549,9 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
         kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision=precision, compile=compile,
                   trust=trust_checkpoint)
     else:
+        size = int(zero.get("image_size", 256))
         zmodel, signature = zero_training_model(zero["enet_type"], zero.get("pretrained_path"),
-                                                zero.get("pool", "avg"), zero.get("image_size", 256), device)
+                                                zero.get("pool", "avg"), size, device)
 
     g_rel, g_labels, g_emb, names = [], np.zeros(0, np.int64), None, dict(known)
     if index is not None:
@@ -583,7 +569,6 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
     if zero is None:
         new_emb, zqs, heads, nl_emb = embed_all(models, ckpts, new_paths, q_paths, nl_paths, **kw)
     else:
-        size = int(zero.get("image_size", 256))
         kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision=precision)
         new_emb = [extract_features(zmodel, new_paths, size, desc="gallery", **kw)]
         zqs = [extract_features(zmodel, q_paths, size, desc="queries", **kw)]
@@ -615,7 +600,8 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
     else:
         g_w, q_w, nl_w = whitened_embeddings(g_emb[0], zqs[0], nl_emb[0] if nl_emb else None,
                                              whiten_mode=zero.get("whiten", "auto"))
-        res = recognize_by_retrieval(q_w, g_w, g_labels, device, non_landmark, nl_w)
+        res = recognize([q_w], [g_w], None, g_labels, None, device=device, non_landmark=non_landmark,
+                        nl_emb=[nl_w] if nl_w is not None else None)
         q_emb, g_emb = [q_w], [g_w]
     final = "ensemble_nl" if non_landmark is not None else "ensemble"
     if retrieval_ranks:

@@ -359,19 +359,16 @@ def validate(model, loader, idx, criterion, autocast, device, world_size):
 def param_groups(model, lr, backbone_lr_mult=1.0, neck_group=False):
     """Adam's parameter groups: one (the original's) when every parameter trains at
     the schedule's rate, else the backbone's, the neck's (with neck_group: its rate
-    follows its --init-neck pca scale) and the rest's (neck, GeM p, head), each with
+    follows its --init-neck pca scale) and the rest's (GeM p, head), each with
     its `lr_mult`, which the optimizer's state dict keeps for --resume."""
     if backbone_lr_mult == 1.0 and not neck_group:
         return [{"params": list(model.parameters()), "lr": lr, "lr_mult": 1.0, "name": "all"}]
-    parts = {"backbone": {id(p) for p in model.enet.parameters()},
-             "neck": {id(p) for p in model.feat.parameters()} if neck_group else set()}
-    rest = [p for p in model.parameters() if not any(id(p) in v for v in parts.values())]
-    groups = [{"params": [p for p in model.parameters() if id(p) in parts["backbone"]], "name": "backbone",
-               "lr_mult": backbone_lr_mult}]
+    groups = [("backbone", list(model.enet.parameters()), backbone_lr_mult)]
     if neck_group:
-        groups.append({"params": list(model.feat.parameters()), "name": "neck", "lr_mult": 1.0})
-    groups.append({"params": rest, "name": "head", "lr_mult": 1.0})
-    return [g | {"lr": lr * g["lr_mult"]} for g in groups]
+        groups.append(("neck", list(model.feat.parameters()), 1.0))
+    taken = {id(p) for _, params, _ in groups for p in params}
+    groups.append(("head", [p for p in model.parameters() if id(p) not in taken], 1.0))
+    return [{"params": params, "name": name, "lr_mult": mult, "lr": lr * mult} for name, params, mult in groups]
 
 
 def set_lr(optimizer, lr):
@@ -469,15 +466,16 @@ def main(argv=None):
         df_train = df_train.sample(min(len(df_train), args.batch_size * world_size * 5), random_state=args.seed)
         df_valid = df_valid.iloc[:args.batch_size * 5]
     if args.recipe_values:
-        print0(f"--recipe {args.recipe}: " + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+        given = [flag(k) for k in args.explicit if k in RECIPES[args.recipe]]
+        print0(f"--recipe {args.recipe}: " + " ".join(flag(k) + ("" if v is True else f" {v}")
                                                       for k, v in args.recipe_values.items())
-               + "".join(f" (given: {' '.join('--' + k.replace('_', '-') for k in given)})"
-                         for given in [[k for k in args.explicit if k in RECIPES[args.recipe]]] if given))
+               + (f" (given: {' '.join(given)})" if given else ""))
     if not args.valid_stride:
         print0("--valid-stride 0: no validation, every image trains (the logged valid figures are nan)")
     elif len(df_valid) < MIN_VALID:
         print0(f"warning: only {len(df_valid)} images are validated (fold {args.fold}, every {args.valid_stride}-th): "
-                      f"the validation figures will jump; --valid-stride 1 validates the whole fold, 0 trains on it")
+               f"the validation figures will jump; --valid-stride 1 validates the whole fold, 0 trains on it")
     dataset_train = LandmarkDataset(df_train, "train", "train", transforms_train, seed=args.seed, rank=rank,
                                     skip_bad=True)
     dataset_valid = LandmarkDataset(df_valid, "train", "val", transforms_val, skip_bad=True)
@@ -507,9 +505,8 @@ def main(argv=None):
     model, criterion, optimizer, scaler, autocast = t.model, t.criterion, t.optimizer, t.scaler, t.autocast
     if not args.resume and (args.init_neck != "random" or args.init_head != "random"):
         neck_mult = init_neck_and_head(model, df_train, transforms_val, args, device, autocast, rank, world_size)
-        for g in optimizer.param_groups:
-            if g.get("name") == "neck" and neck_mult is not None:
-                g["lr_mult"] = neck_mult
+        if neck_mult is not None:  # --init-neck pca: the neck has its own group (param_groups)
+            next(g for g in optimizer.param_groups if g["name"] == "neck")["lr_mult"] = neck_mult
 
     start_step, start_totals = 0, None
     if args.resume:
@@ -521,8 +518,9 @@ def main(argv=None):
         groups = len(ckpt["optimizer_state_dict"]["param_groups"])
         if groups != len(optimizer.param_groups):
             raise UserError(f"--resume {args.resume}: its optimizer has {groups} parameter group(s), this run "
-                            f"{len(optimizer.param_groups)}: resume with the --backbone-lr-mult it was trained with "
-                            f"({ckpt.get('args', {}).get('backbone_lr_mult', 1.0)})")
+                            f"{len(optimizer.param_groups)}: resume with the --backbone-lr-mult and --init-neck it "
+                            f"was trained with ({ckpt.get('args', {}).get('backbone_lr_mult', 1.0)}, "
+                            f"{ckpt.get('args', {}).get('init_neck', 'random')})")
         optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         if ckpt.get("scaler_state_dict"):
             scaler.load_state_dict(ckpt["scaler_state_dict"])

@@ -33,6 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from gallery import list_images  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from as_folders import _link  # noqa: E402  (hard link, or a copy across file systems)
+
 RUNS = ("zero", "original", "finetune")
 
 
@@ -54,11 +57,6 @@ def add_parser(sub):
     q.add_argument("--num-workers", type=int, default=0)
     q.add_argument("--work-dir", default=None, help="keep the runs' files here (default: a temporary folder)")
     return q
-
-
-def _link(src, dst):
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    os.symlink(os.path.abspath(src), dst)
 
 
 def split(photos, distractors, out, seed, query_frac, gallery_per_landmark):
