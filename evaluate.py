@@ -4,15 +4,23 @@
 
 gap, accuracy (recognition, the 2020 competition's files):
   submission: id,landmarks with "<landmark_id> <confidence>" (or empty: no prediction).
-  solution:   id,landmarks with the true landmark id, empty for a non-landmark image.
-  GAP: micro average precision over the predictions sorted by confidence; accuracy: share of the
-  landmark queries whose prediction is right.
+  solution:   id,landmarks[,Usage] with the true landmark ids, space-separated when an image shows
+              several (a prediction of any of them is right), empty for a non-landmark image.
+  GAP: micro average precision over the predictions sorted by confidence, ties by query id
+  ascending, then landmark id (Kaggle's convention); accuracy: share of the landmark queries
+  whose prediction is right.
 map@100 (the Google Landmark Retrieval challenges):
-  submission: id,images with up to 100 space-separated gallery ids, best first.
-  solution:   id,images,Usage with the relevant gallery ids; rows of Usage "Ignored" do not count,
-              --usage Public|Private keeps those rows only.
+  submission: id,images with space-separated gallery ids, best first; the first 100 count.
+  solution:   id,images[,Usage] with the relevant gallery ids.
   mAP@100 = mean over the solution's queries of 1/min(#relevant, 100) * sum_k P(k) rel(k), k <= 100;
   a query without a submitted row scores 0, a gallery id repeated in a row counts once.
+
+Both reproduce Google's official GLDv2 metrics (tensorflow/models, research/delf/delf/python/
+datasets/google_landmarks_dataset: metrics.py and dataset_file_io.py): rows of Usage "Ignored" do
+not count and their predictions are skipped, --usage Public|Private scores those rows only, and a
+submitted id that the solution lacks is refused. Deliberately different: a malformed row is
+refused with its line number instead of a traceback, and blank ids in a retrieval row are not
+gallery ids.
 """
 import argparse
 import math
@@ -61,75 +69,103 @@ def read_submission(path):
     return pred
 
 
-def read_solution(path):
-    """{id: landmark_id or None}."""
+def _usage_rows(df, path, usage):
+    """The rows that count (Usage not Ignored; only `usage` when given) and the ids of
+    all rows: the official reader's split into Public, Private and Ignored."""
+    all_ids = set(df["id"])
+    if "Usage" not in df.columns:
+        if usage:
+            raise SubmissionError(f"{path}: --usage {usage} needs a Usage column")
+        return df, all_ids
+    bad = sorted(set(df["Usage"]) - {"Public", "Private", "Ignored"})
+    if bad:
+        raise SubmissionError(f"{path}: Usage must be Public, Private or Ignored, got {bad[0]!r}")
+    df = df[df["Usage"] != "Ignored"]
+    return (df[df["Usage"] == usage] if usage else df), all_ids
+
+
+def read_solution(path, usage=None, with_ids=False):
+    """{id: frozenset of landmark ids, or None for a non-landmark image} of the rows
+    that count; with_ids: also the ids of every row (Ignored and other usages too)."""
     df = _read(path)
     if list(df.columns[:2]) != ["id", "landmarks"]:
-        raise SubmissionError(f"{path}: expected header id,landmarks, got {','.join(df.columns)}")
+        raise SubmissionError(f"{path}: expected header id,landmarks[,Usage], got {','.join(df.columns)}")
+    counted, all_ids = _usage_rows(df, path, usage)
+    lines = {i: n for n, i in enumerate(df["id"], start=2)}  # line 1 is the header
     truth = {}
-    for n, (i, v) in enumerate(zip(df["id"], df["landmarks"]), start=2):
-        v = v.strip()
+    for i, v in zip(counted["id"], counted["landmarks"]):
         try:
-            truth[i] = int(v.split()[0]) if v else None
+            truth[i] = frozenset(int(t) for t in v.split()) or None
         except ValueError:
-            raise SubmissionError(f"{path}, line {n} (id {i}): not a landmark id: {v!r}") from None
-    return truth
+            raise SubmissionError(f"{path}, line {lines[i]} (id {i}): not a list of landmark ids: {v!r}") from None
+    return (truth, all_ids) if with_ids else truth
 
 
-def evaluate(submission, solution):
-    """(GAP, accuracy on landmark queries) of two files."""
-    pred, truth = read_submission(submission), read_solution(solution)
-    unknown = set(pred) - set(truth)
+def _check_known(submitted, all_ids, path):
+    """The official scorer refuses a submission with an id its solution does not have."""
+    unknown = [i for i in submitted if i not in all_ids]
     if unknown:
-        raise SubmissionError(f"{submission}: ids not in the solution, e.g. {sorted(unknown)[0]}")
-    gap = global_average_precision_score(truth, pred)
-    landmark = [i for i, v in truth.items() if v is not None]
-    acc = sum(i in pred and pred[i][0] == truth[i] for i in landmark) / max(len(landmark), 1)
+        raise SubmissionError(f"{path}: id {unknown[0]} is not in the solution"
+                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+
+
+def evaluate(submission, solution, usage=None):
+    """(GAP, accuracy on landmark queries) of two files, as the official scorer."""
+    pred = read_submission(submission)
+    truth, all_ids = read_solution(solution, usage, with_ids=True)
+    _check_known(pred, all_ids, submission)
+    pred = {i: p for i, p in pred.items() if i in truth}  # Ignored rows and other usages are skipped
+    gap = global_average_precision_score(truth, pred, ties="id")
+    landmark = [i for i, v in truth.items() if v]
+    acc = sum(i in pred and pred[i][0] in truth[i] for i in landmark) / max(len(landmark), 1)
     return gap, acc
 
 
 def read_retrieval_submission(path, k=100):
-    """{query id: [gallery ids, best first]} of an id,images file."""
+    """{query id: [gallery ids, best first]} of an id,images file, each row cut to
+    its first k, and the number of rows that were cut."""
     df = _read(path)
     if list(df.columns[:2]) != ["id", "images"]:
         raise SubmissionError(f"{path}: expected header id,images, got {','.join(df.columns)}")
-    pred = {}
+    pred, cut = {}, 0
     for n, (i, v) in enumerate(zip(df["id"], df["images"]), start=2):
         ids = v.split()
-        if len(ids) > k:
-            raise SubmissionError(f"{path}, line {n} (id {i}): {len(ids)} images, at most {k} count")
         if i in pred:
             raise SubmissionError(f"{path}, line {n}: id {i} appears twice")
-        pred[i] = ids
-    return pred
+        cut += len(ids) > k
+        pred[i] = ids[:k]
+    return pred, cut
 
 
-def read_retrieval_solution(path, usage=None):
-    """{query id: set of relevant gallery ids} of an id,images,Usage file,
-    without the rows of Usage 'Ignored' (and, with usage, only that Usage)."""
+def read_retrieval_solution(path, usage=None, with_ids=False):
+    """{query id: list of relevant gallery ids} of an id,images[,Usage] file, without
+    the rows of Usage 'Ignored' (and, with usage, only that Usage); with_ids: also
+    the ids of every row. A counted row without images still counts (it scores 0),
+    as in the official scorer."""
     df = _read(path)
     if list(df.columns[:2]) != ["id", "images"]:
         raise SubmissionError(f"{path}: expected header id,images[,Usage], got {','.join(df.columns)}")
-    if "Usage" in df.columns:
-        df = df[df["Usage"] != "Ignored"]
-        if usage:
-            df = df[df["Usage"] == usage]
-    return {i: set(v.split()) for i, v in zip(df["id"], df["images"]) if v.split()}
+    counted, all_ids = _usage_rows(df, path, usage)
+    truth = {i: v.split() for i, v in zip(counted["id"], counted["images"])}
+    return (truth, all_ids) if with_ids else truth
 
 
 def mean_average_precision(truth, pred, k=100):
-    """mAP@k (see the module's docstring); truth {query: set}, pred {query: list}."""
+    """mAP@k (see the module's docstring); truth {query: collection of relevant ids},
+    pred {query: list}. The count of relevant ids is the solution row's, as the
+    official scorer counts them (at least 1: a row without images scores 0)."""
     if not truth:
         return 0.0
     total = 0.0
-    for q, relevant in truth.items():
+    for q, listed in truth.items():
+        relevant = set(listed)
         hits, ap, seen = 0, 0.0, set()
         for rank, g in enumerate(pred.get(q, [])[:k], start=1):
             if g in relevant and g not in seen:
                 hits += 1
                 ap += hits / rank
             seen.add(g)
-        total += ap / min(len(relevant), k)
+        total += ap / max(min(len(listed), k), 1)
     return total / len(truth)
 
 
@@ -138,14 +174,20 @@ def main(argv=None):
     p.add_argument("--submission", required=True)
     p.add_argument("--solution", required=True)
     p.add_argument("--metric", choices=["gap", "accuracy", "map@100"], default="gap")
-    p.add_argument("--usage", choices=["Public", "Private"], default=None, help="map@100: score these rows only")
+    p.add_argument("--usage", choices=["Public", "Private"], default=None,
+                   help="score the solution's rows of this Usage only")
     p.add_argument("--label", default=None, help="print one line 'GAP LABEL: x' instead")
     a = p.parse_args(argv)
     if a.metric == "map@100":
-        m = mean_average_precision(read_retrieval_solution(a.solution, a.usage), read_retrieval_submission(a.submission))
+        truth, all_ids = read_retrieval_solution(a.solution, a.usage, with_ids=True)
+        pred, cut = read_retrieval_submission(a.submission)
+        _check_known(pred, all_ids, a.submission)
+        if cut:
+            print(f"note: {cut} row(s) of {a.submission} list more than 100 images; the first 100 of each are scored")
+        m = mean_average_precision(truth, pred)
         print(f"mAP@100{' ' + a.label if a.label else ''}: {m:.4f}")
         return m
-    gap, acc = evaluate(a.submission, a.solution)
+    gap, acc = evaluate(a.submission, a.solution, a.usage)
     if a.metric == "accuracy":
         print(f"accuracy{' ' + a.label if a.label else ''} (landmark queries): {acc:.4f}")
         return acc

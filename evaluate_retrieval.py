@@ -151,10 +151,16 @@ def features_from_images(image_dir, cfg, spec, device=None, batch_size=32, num_w
 
 
 def format_results(res, kappas=KAPPAS):
-    lines = [f"mAP  E: {100 * res['easy']['map']:.2f}, M: {100 * res['medium']['map']:.2f}, "
-             f"H: {100 * res['hard']['map']:.2f}"]
+    """The protocol's printout; a protocol in which no query has a positive says so
+    in its line instead of printing NaN."""
+    def pct(v):
+        return f"{100 * v:.2f}" if np.isfinite(v) else "-"
+    lines = ["mAP  " + ", ".join(f"{name[0].upper()}: {pct(res[name]['map'])}" for name in PROTOCOLS)]
     for name in PROTOCOLS:
-        mp = ", ".join(f"@{k}: {100 * v:.2f}" for k, v in zip(kappas, res[name]["mp@k"]))
+        if not np.isfinite(res[name]["map"]):
+            lines.append(f"mP@k {name[0].upper()}: no query has a positive in the {name.capitalize()} protocol")
+            continue
+        mp = ", ".join(f"@{k}: {pct(v)}" for k, v in zip(kappas, res[name]["mp@k"]))
         lines.append(f"mP@k {name[0].upper()}: {mp}")
     return "\n".join(lines)
 

@@ -31,31 +31,49 @@ def run_main(main):
 
 # ---------------------------------------------------------------- metric
 
-def global_average_precision_score(y_true, y_pred):
+def _truth_set(v):
+    """A solution value as a set of landmarks: None or an empty collection is a non-landmark."""
+    if v is None:
+        return frozenset()
+    if isinstance(v, (set, frozenset, list, tuple)):
+        return frozenset(v)
+    return frozenset((v,))
+
+
+def global_average_precision_score(y_true, y_pred, ties="order"):
     """Global Average Precision (micro AP), the GLDv2 / Kaggle 2020 metric.
 
-    y_true: {query: landmark or None} (None = non-landmark query), or a sequence.
+    y_true: {query: landmark, or a collection of landmarks (a prediction of any of
+            them is right), or None / empty for a non-landmark query}, or a sequence.
     y_pred: {query: (landmark, confidence)}, or a sequence; queries without a
             prediction may be left out.
 
     GAP = 1/M * sum_i P(i) rel(i) over all predictions sorted by decreasing
     confidence, M = number of queries that have a landmark. A prediction on a
     non-landmark query is never relevant but still occupies its rank; a
-    landmark query without prediction still counts in M. Ties keep y_pred's
-    order (a stable sort, as the competition's reference implementation).
+    landmark query without prediction still counts in M.
+
+    ties: "order" keeps y_pred's order among equal confidences (a stable sort:
+    the original's validation number in train.py); "id" breaks them by query id
+    ascending, then predicted landmark ascending, Kaggle's convention as in the
+    official GLDv2 metrics (DELF's google_landmarks_dataset/metrics.py), which
+    evaluate.py uses.
     """
     if not isinstance(y_true, dict):
         y_true = dict(enumerate(y_true))
     if not isinstance(y_pred, dict):
         y_pred = dict(enumerate(y_pred))
-    m = sum(v is not None for v in y_true.values())
+    m = sum(bool(_truth_set(v)) for v in y_true.values())
     if m == 0 or not y_pred:
         return 0.0
     keys = list(y_pred.keys())
+    if ties == "id":
+        keys.sort(key=lambda k: (k, y_pred[k][0]))
+    elif ties != "order":
+        raise ValueError(f"ties must be 'order' or 'id', not {ties!r}")
     conf = np.array([float(y_pred[k][1]) for k in keys], dtype=np.float64)
     order = np.argsort(-conf, kind="stable")
-    rel = np.array([y_true.get(keys[i]) is not None and y_true[keys[i]] == y_pred[keys[i]][0]
-                    for i in order], dtype=np.float64)
+    rel = np.array([y_pred[keys[i]][0] in _truth_set(y_true.get(keys[i])) for i in order], dtype=np.float64)
     precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)
     return float((precision * rel).sum() / m)
 
@@ -160,19 +178,54 @@ def _state_dict_of(ckpt, path):
     return strip_prefix(sd)
 
 
+def _latin1_bytes(text, encoding="latin1"):
+    """What Python 3's pickle protocols 0-2 call to rebuild bytes (`_codecs.encode(str,
+    'latin1')`, e.g. a numpy array's data), and nothing more: any other codec is refused."""
+    if not isinstance(text, str) or encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591"):
+        raise pickle.UnpicklingError("_codecs.encode is allowed only to rebuild bytes from latin-1 text")
+    return text.encode("latin1")
+
+
+def _bytes(*args):
+    """`bytes()`, which protocols 0-2 call for empty bytes (an empty array's data); a
+    copy of bytes too, nothing that allocates from a number."""
+    if not args:
+        return b""
+    if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+        return bytes(args[0])
+    raise pickle.UnpicklingError("bytes() is allowed only empty or from bytes in a data file")
+
+
+def _frombuffer(buf, dtype, shape, order):
+    """numpy's own protocol-5 array rebuild (numpy._core.numeric._frombuffer), with the
+    dtype checked: an object array cannot come from raw bytes."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("an object array is not allowed in a data file")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+
+
 class DataUnpickler(pickle.Unpickler):
     """Unpickles plain data and nothing else: dicts, lists, strings, numbers, and
     numpy scalars and arrays (the original's label map held numpy.int64 values, the
-    revisited Oxford/Paris ground truth numpy arrays). Any other global is refused,
-    so a planted payload cannot run."""
+    revisited Oxford/Paris ground truth numpy arrays), at every pickle protocol
+    (0-5) and from Python 2 or 3. Any other global is refused, so a planted
+    payload cannot run. The globals numpy's own pickles need: multiarray's
+    _reconstruct and scalar, ndarray, dtype (protocols 0-4), numeric's
+    _frombuffer (protocol 5), and, at protocols 0-2 from Python 3, _codecs.encode
+    and bytes() to rebuild the raw bytes (latin-1 text or empty only)."""
 
     ALLOWED = {("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
                ("numpy", "dtype"), ("numpy", "ndarray")}
+    SAFE = {("numpy._core.numeric", "_frombuffer"): _frombuffer, ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+            ("_codecs", "encode"): _latin1_bytes, ("__builtin__", "bytes"): _bytes, ("builtins", "bytes"): _bytes}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
             return getattr(np._core.multiarray, name) if module.endswith("multiarray") else getattr(np, name)
+        if (module, name) in self.SAFE:
+            return self.SAFE[module, name]
         if module == "numpy.dtypes" and name.endswith("DType"):
             return getattr(np.dtypes, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a data file")

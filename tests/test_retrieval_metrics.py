@@ -23,9 +23,10 @@ def test_map_at_100_hand_example(tmp_path, capsys):
     # AP divides by min(#relevant, 100): 150 relevant, all 100 predictions right -> 1
     truth = {"q": {str(i) for i in range(150)}}
     assert evaluate.mean_average_precision(truth, {"q": [str(i) for i in range(100)]}) == pytest.approx(1.0)
+    # a row of more than 100 images: the first 100 are scored, as the official scorer does
     (tmp_path / "long.csv").write_text("id,images\nq1," + " ".join(str(i) for i in range(101)) + "\n")
-    with pytest.raises(UserError, match="at most 100"):
-        evaluate.read_retrieval_submission(str(tmp_path / "long.csv"))
+    pred, cut = evaluate.read_retrieval_submission(str(tmp_path / "long.csv"))
+    assert cut == 1 and pred["q1"] == [str(i) for i in range(100)]
 
 
 def test_accuracy_metric(tmp_path):
