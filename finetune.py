@@ -8,9 +8,11 @@ rate. On a few hundred photos that forgets what the ImageNet backbone knows
 - the neck `Linear(C, 512)` starts as the PCA whitening of the backbone's
   pooled features (`learn_whitening`, `neck_from_whitening`): the first
   embeddings rank images as the whitened features do, which are a better
-  retrieval descriptor than the raw ones (Jegou & Chum, ECCV 2012; Radenovic
-  et al.'s learned whitening, TPAMI 2018, has the same weight = P, bias = -P m
-  form);
+  retrieval descriptor than the raw ones given enough images (Jegou & Chum,
+  ECCV 2012; Radenovic et al.'s learned whitening, TPAMI 2018, has the same
+  weight = P, bias = -P m form). From fewer than WHITEN_MIN_RATIO images per
+  dimension it is the projection onto their leading directions without
+  whitening, which ranks them as the raw features do;
 - each class's sub-centres start at its training images' embeddings (weight
   imprinting, Qi, Brown & Lowe, CVPR 2018; `imprint_subcenters`): the
   classifier starts as nearest-class-mean retrieval instead of random;
@@ -19,8 +21,8 @@ rate. On a few hundred photos that forgets what the ImageNet backbone knows
 - `--recipe finetune` sets all of these at once (RECIPES).
 
 Both inits read one bounded sample of the training images through the
-validation transform, sharded over the ranks under DDP; rank 0 computes the
-weights and broadcasts them.
+validation transform, sharded over the ranks under DDP (imprinting reads only
+the rows the PCA sample lacks); rank 0 computes the weights and broadcasts them.
 """
 import math
 import time
@@ -39,40 +41,44 @@ from util import memory_format, print0
 # tolerance on the init sample (measured, not assumed: it depends on the features)
 SWISH_LINEAR_TOL = 5e-4
 SCALE_GRID = (0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 5e-4, 2e-4, 1e-4)
+# whiten only from at least this many images per feature dimension (the --init-neck pca sample,
+# predict.py --whiten auto's gallery): learnt from fewer, even shrunk, a whitening costs retrieval
+# (realdev, 141 photos, C = 1280, mean of 5 splits: raw 0.975, shrunk by 1 - N/C 0.960, Ledoit-Wolf
+# 0.90; docs/transfer.md)
+WHITEN_MIN_RATIO = 2
 SUBCENTER_NOISE = 0.05  # norm of the noise that separates the sub-centres of a class with fewer than k images
 
 
 # ---------------------------------------------------------------- whitening
 
-def learn_whitening(features, dim=None):
+def learn_whitening(features, dim=None, beta=None):
     """PCA whitening of `features` (N, C): (P (D, C), m (C,)) in float64 such
     that P (f - m) has identity covariance over the features, D = min(dim, C)
     leading components.
 
-    The estimate is shrunk by beta, the larger of Ledoit and Wolf's estimate
-    (sklearn) and 1 - N/C: the covariance towards a multiple of the identity,
-    the mean towards 0, i.e. m = (1 - beta) mean and the covariance about m
-    blended with beta * mu * I. With fewer images than dimensions the sample
-    covariance is singular, and a whitening that trusts it blows up the
-    directions the sample did not see; its mean is noisy too. On 141 real
-    photos (C = 1280) Ledoit-Wolf alone shrinks by 0.2 and the whitened
-    retrieval GAP drops from 0.977 (raw features) to 0.90, plain centring
-    costs 0.01-0.03 (docs/transfer.md). With beta near 1 the result ranks a
-    gallery of the sampled images as the raw features do; with many images
-    beta tends to 0: plain PCA whitening. Returns (P, m)."""
+    The estimate is shrunk by beta: the covariance towards a multiple mu of the
+    identity, the mean towards 0, i.e. m = (1 - beta) mean and the covariance
+    about m blended with beta * mu * I (same eigenvectors, eigenvalues blended).
+    By default beta is the larger of Ledoit and Wolf's estimate (sklearn) and
+    1 - N/C: with fewer images than dimensions the sample covariance is
+    singular, and a whitening that trusts it blows up the directions the
+    sample did not see; its mean is noisy too. beta = 1 whitens nothing: P is
+    the projection onto the D leading directions of the uncentred second
+    moment (over 1/sqrt(mu)), which ranks the sampled images as the raw
+    features do. Returns (P, m)."""
     from sklearn.covariance import ledoit_wolf_shrinkage
     x = np.asarray(features, np.float64)
     n, c = x.shape
     mean = x.mean(axis=0)
-    beta = max(ledoit_wolf_shrinkage(x - mean, assume_centered=True) if n > 1 else 1.0, 1.0 - n / c)
+    if beta is None:
+        beta = max(ledoit_wolf_shrinkage(x - mean, assume_centered=True) if n > 1 else 1.0, 1.0 - n / c)
     m = (1 - beta) * mean
     xc = x - m
     cov = xc.T @ xc / max(n, 1)
     mu = np.trace(cov) / c if np.trace(cov) > 0 else 1.0
-    cov = (1 - beta) * cov + beta * mu * np.eye(c)
     w, u = np.linalg.eigh(cov)
-    order = np.argsort(w)[::-1][:min(dim or x.shape[1], x.shape[1])]
-    w = np.maximum(w[order], w.max() * 1e-12)  # a zero eigenvalue (constant features): no division by 0
+    order = np.argsort(w)[::-1][:min(dim or c, c)]
+    w = np.maximum((1 - beta) * w[order] + beta * mu, mu * 1e-12)  # a zero eigenvalue (constant features): no division by 0
     u = u[:, order]
     u *= np.sign(u[np.abs(u).argmax(0), np.arange(u.shape[1])])  # each component's largest entry positive: reproducible
     return u.T / np.sqrt(w)[:, None], m
@@ -101,16 +107,30 @@ def swish_linear_scale(whitened, tol=SWISH_LINEAR_TOL):
     return SCALE_GRID[-1]
 
 
-def neck_from_whitening(P, m, out_dim, scale):
-    """Weight (out_dim, C) and bias (out_dim,) of the neck Linear: scale * P and
-    -scale * P m; rows beyond P's components are 0 (their Swish output is 0,
-    a direction training can still open: the gradient of Swish at 0 is 1/2)."""
+def spread_rotation(d, seed=0):
+    """A fixed random orthogonal (d, d) matrix (QR of a seeded Gaussian, signs fixed)."""
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))
+    return q * np.sign(np.diag(r))
+
+
+def neck_from_whitening(P, m, out_dim, sample):
+    """Weight (out_dim, C), bias (out_dim,) and scale a of the neck Linear: a R P and
+    -a R P m, R = spread_rotation: rows beyond P's components are 0 (their Swish
+    output is 0, a direction training can still open: the gradient of Swish at 0
+    is 1/2). R changes no cosine but spreads each image's energy over all
+    outputs: without it the leading component (the features' mean direction,
+    when the mean is kept) holds most of it, and Swish bends that one coordinate
+    most; spread, the near-linear scale measured on `sample` (raw features, N x C)
+    is about 10 times larger (realdev: 1e-3 against 1e-4 for the same 5e-4), the
+    neck's weights that much further from float16's subnormals."""
     C = P.shape[1]
-    weight, bias = np.zeros((out_dim, C)), np.zeros(out_dim)
     d = min(out_dim, len(P))
-    weight[:d] = scale * P[:d]
-    bias[:d] = -scale * (P[:d] @ m)
-    return torch.as_tensor(weight, dtype=torch.float32), torch.as_tensor(bias, dtype=torch.float32)
+    Q = spread_rotation(d) @ P[:d]
+    scale = swish_linear_scale(whiten(sample, Q, m))
+    weight, bias = np.zeros((out_dim, C)), np.zeros(out_dim)
+    weight[:d] = scale * Q
+    bias[:d] = -scale * (Q @ m)
+    return torch.as_tensor(weight, dtype=torch.float32), torch.as_tensor(bias, dtype=torch.float32), scale
 
 
 # ---------------------------------------------------------------- imprinting
@@ -231,7 +251,7 @@ def init_neck_and_head(model, df_train, transform, args, device, autocast, rank=
     whatever its size): at the schedule's rate the first steps would erase the
     whitening. Scaled so, the neck moves relative to its size as a default neck
     does at the schedule's rate."""
-    neck_mult = None
+    neck_mult, f = None, None
     pca_rows, imprint_rows = init_sample(df_train, args.init_samples, args.init_samples_per_class, args.seed)
     kw = dict(transform=transform, device=device, batch_size=args.batch_size, num_workers=args.num_workers,
               autocast=autocast, rank=rank, world_size=world_size)
@@ -240,10 +260,12 @@ def init_neck_and_head(model, df_train, transform, args, device, autocast, rank=
         f = pass_over(lambda m, x: m.extract(x), model.feat.in_features, model, df_train.iloc[pca_rows], **kw)
         weight = torch.empty_like(model.feat.weight)
         bias = torch.empty_like(model.feat.bias)
+        # fewer than WHITEN_MIN_RATIO images per dimension: no whitening, the projection onto the
+        # sample's leading directions (beta = 1), which keeps the pooled features' ranking
+        few = len(f) < WHITEN_MIN_RATIO * f.shape[1]
         if rank == 0:
-            P, mean = learn_whitening(f.cpu().numpy(), model.feat.out_features)
-            scale = swish_linear_scale(whiten(f.cpu().numpy(), P, mean))
-            w, b = neck_from_whitening(P, mean, model.feat.out_features, scale)
+            P, mean = learn_whitening(f.cpu().numpy(), model.feat.out_features, beta=1.0 if few else None)
+            w, b, _ = neck_from_whitening(P, mean, model.feat.out_features, f.cpu().numpy())
             weight.copy_(w)
             bias.copy_(b)
         if world_size > 1:
@@ -253,12 +275,25 @@ def init_neck_and_head(model, df_train, transform, args, device, autocast, rank=
         with torch.no_grad():
             model.feat.weight.copy_(weight)
             model.feat.bias.copy_(bias)
-        print0(f"--init-neck pca: whitening of {len(pca_rows)} images' pooled features "
+        what = "projection (no whitening below %d images per dimension)" % WHITEN_MIN_RATIO if few else "PCA whitening"
+        print0(f"--init-neck pca: {what} of {len(pca_rows)} images' pooled features "
                f"({min(model.feat.in_features, model.feat.out_features)} components; the neck's lr x{neck_mult:.3g}) "
                f"in {time.time() - t0:.1f} s")
     if args.init_head == "imprint":
         t0 = time.time()
-        emb = pass_over(lambda m, x: m.embed(x), model.neck_dim, model, df_train.iloc[imprint_rows], **kw)
+        emb = torch.zeros((len(imprint_rows), model.neck_dim), device=device)
+        held = np.zeros(len(imprint_rows), bool)
+        if f is not None:
+            # rows the PCA pass read already (all of them on a small set): their embeddings from the
+            # held pooled features through the new neck, not a second read of the images
+            pos = np.searchsorted(pca_rows, imprint_rows).clip(max=len(pca_rows) - 1)
+            held = pca_rows[pos] == imprint_rows
+            with torch.no_grad():
+                emb[torch.from_numpy(held).to(device)] = F.normalize(
+                    model.swish(model.feat(f[torch.from_numpy(pos[held]).to(device)])).float())
+        if not held.all():
+            emb[torch.from_numpy(~held).to(device)] = pass_over(
+                lambda m, x: m.embed(x), model.neck_dim, model, df_train.iloc[imprint_rows[~held]], **kw)
         head = model.metric_classify
         weight = head.weight.detach().clone()
         if rank == 0:
@@ -275,7 +310,7 @@ def init_neck_and_head(model, df_train, transform, args, device, autocast, rank=
             head.weight.copy_(weight)
         n_cls = len(np.unique(df_train["landmark_id"].to_numpy()[imprint_rows]))
         print0(f"--init-head imprint: {head.k} sub-centres of {n_cls} classes from {len(imprint_rows)} images "
-               f"in {time.time() - t0:.1f} s")
+               f"({int(held.sum())} of them from the PCA pass's features) in {time.time() - t0:.1f} s")
     return neck_mult
 
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from dataset import (LandmarkDataset, collate, drop_excluded, get_transforms, image_path, read_csv_checked,
                      resolve_paths, worker_init)
+from finetune import WHITEN_MIN_RATIO
 from models import build_model, check_enet_type, preprocessing_for
 from preprocess import read_clean_list
 from util import UserError, load_checkpoint, load_fitting, memory_format, read_label_map, run_main
@@ -490,9 +491,6 @@ def zero_training_model(backbone, pretrained_path=None, pool="avg", image_size=2
                   "weights_sha1": file_digest(pretrained_path) if pretrained_path else f"timm:{backbone}",
                   "preprocessing": net.preprocessing}]
     return model, signature
-
-
-WHITEN_MIN_RATIO = 2  # --whiten auto: learn it from galleries of at least this many images per feature dimension
 
 
 def whitened_embeddings(g_raw, *others, whiten_mode="auto"):

@@ -43,10 +43,11 @@ def test_whitening_whitens_the_shrunk_covariance(n, c, dim):
     assert np.allclose(y, (x - m) @ P.T, atol=1e-4)
 
 
-def test_pca_neck_embeddings_keep_the_whitened_cosines():
+@pytest.mark.parametrize("beta", [None, 1.0])
+def test_pca_neck_embeddings_keep_the_whitened_cosines(beta):
     """A model whose neck is set by --init-neck pca: its initial embeddings of
-    images it did not see have the cosines of the whitened pooled features,
-    computed directly (P (f - m)), to 1e-3."""
+    images it did not see have the cosines of the whitened (beta = 1: projected)
+    pooled features, computed directly (P (f - m)), to 1e-3."""
     from finetune import learn_whitening, neck_from_whitening, swish_linear_scale, whiten
     from models import build_model
     torch.manual_seed(0)
@@ -55,17 +56,18 @@ def test_pca_neck_embeddings_keep_the_whitened_cosines():
     x = (torch.rand(48, 3, 32, 32, generator=gen) * 255).to(torch.uint8)
     with torch.no_grad():
         f = model.extract(x).double().numpy()
-    P, m = learn_whitening(f[:32], model.feat.out_features)
-    scale = swish_linear_scale(whiten(f[:32], P, m))
-    w, b = neck_from_whitening(P, m, model.feat.out_features, scale)
+    P, m = learn_whitening(f[:32], model.feat.out_features, beta=beta)
+    w, b, scale = neck_from_whitening(P, m, model.feat.out_features, f[:32])
     with torch.no_grad():
         model.feat.weight.copy_(w)
         model.feat.bias.copy_(b)
         e = model.embed(x[32:]).double()
     y = F.normalize(torch.from_numpy((f[32:] - m) @ P.T), dim=1)
     assert (e @ e.T - y @ y.T).abs().max() < 1e-3
-    # the scale is the largest that keeps them: twice as large distorts them beyond the tolerance used
-    assert scale < 0.2
+    # the rotation spreads the energy: a scale at least as large as without it keeps the same tolerance
+    assert scale >= swish_linear_scale(whiten(f[:32], P, m))
+    if beta == 1.0:
+        assert not m.any() and not b.any()  # no centring
 
 
 def test_spherical_kmeans_subcentres():
@@ -150,7 +152,9 @@ def test_inits_from_train_py_match_direct_computation(synth, tmp_path):
     p = run([sys.executable, *train_cmd(synth, "init", 1, "--init-neck", "pca", "--init-head", "imprint",
                                         "--init-lr", "0", "--freeze-backbone-epochs", "1", "--valid-stride", "0",
                                         "--model-dir", str(tmp_path), "--init-samples-per-class", "5")], cwd=ROOT)
-    assert "--init-neck pca: whitening of" in p.stdout and "--init-head imprint: 3 sub-centres of 24 classes" in p.stdout
+    # fewer images than WHITEN_MIN_RATIO per dimension: the projection, no whitening
+    assert "--init-neck pca: projection (no whitening below 2 images per dimension)" in p.stdout
+    assert "--init-head imprint: 3 sub-centres of 24 classes" in p.stdout
     ckpt = _sd(tmp_path / "init_fold0_final.pth")
     m = build_model(TINY_BACKBONE, ckpt["out_dim"], preprocessing=ckpt["args"]["preprocessing"])
     m.load_state_dict(ckpt["model_state_dict"])
@@ -163,12 +167,15 @@ def test_inits_from_train_py_match_direct_computation(synth, tmp_path):
         e = m.embed(x).double()
         lin = F.normalize(f @ m.feat.weight.double().T + m.feat.bias.double(), dim=1)
     assert (e @ e.T - lin @ lin.T).abs().max() < 1e-3
-    # the neck is a whitening of these very features: P Sigma P^T = c^2 I (P = weight / scale)
+    # the projection onto the sample's leading directions (uncentred, beta = 1): no bias, orthogonal rows,
+    # and the sampled images' embeddings keep the cosines of their raw pooled features
     w = m.feat.weight.detach().double().numpy()
-    cov, _ = _shrunk_cov(f.numpy())
-    g = w @ cov @ w.T
-    k = min(w.shape)
-    assert np.allclose(g[:k, :k] / g[0, 0], np.eye(k), atol=1e-4)
+    assert np.abs(m.feat.bias.detach().numpy()).max() == 0
+    k = min(np.linalg.matrix_rank(f.numpy()), *w.shape)
+    g = w[:k] @ w[:k].T
+    assert np.allclose(g / g[0, 0], np.eye(k), atol=1e-5)
+    fn = F.normalize(f, dim=1)
+    assert (e @ e.T - fn @ fn.T).abs().max() < 1e-3
     # imprinting: the sample it read (init_sample, tested above), each sub-centre the normalised
     # mean of the sampled embeddings nearest to it (a fixed point of spherical k-means)
     from finetune import init_sample
@@ -220,15 +227,15 @@ def test_inits_under_ddp_equal_one_process(synth, tmp_path):
     assert ca.argmax(1).eq(torch.tensor(df["landmark_id"].to_numpy())).float().mean() > 0.5  # imprinted: it knows
 
 
-def test_freezing_keeps_backbone_and_bn_then_releases_them(synth, tmp_path):
+def test_freezing_keeps_backbone_and_bn_then_releases_them(ddp_run, tmp_path):
     """--freeze-backbone-epochs 1: after epoch 1 every backbone weight and batch-norm
     buffer is bit-identical to the loaded ones and the neck moved; after epoch 2
     both changed. --freeze-bn: the batch-norm buffers and affine weights stay all run
     while the rest of the backbone trains."""
-    w = str(tmp_path)
-    run([sys.executable, *train_cmd(synth, "src", 0, "--model-dir", w)], cwd=ROOT)
-    src = _sd(tmp_path / "src_fold0_final.pth")["model_state_dict"]
-    load = ["--load-from", str(tmp_path / "src_fold0_final.pth"), "--model-dir", w]
+    synth, w = ddp_run["data"], str(tmp_path)
+    source = os.path.join(synth, "weights", "ddp0_fold0.pth")  # the session's step-0 run: a trained source
+    src = _sd(source)["model_state_dict"]
+    load = ["--load-from", source, "--model-dir", w]
     run([sys.executable, *train_cmd(synth, "frz", 0, *load, "--freeze-backbone-epochs", "1", "--save-epochs", "1",
                                     "--init-lr", "1e-3", epochs=2)], cwd=ROOT)
     e1, e2 = (_sd(tmp_path / n)["model_state_dict"] for n in ("frz_fold0_ep1.pth", "frz_fold0_final.pth"))
