@@ -56,6 +56,39 @@ def test_rerank_hand_example():
     assert s2 > s1 and l[0] == 2 and c[0] == pytest.approx(s2, rel=1e-12)
 
 
+def test_rerank_vote_max():
+    """vote max: each landmark scored by its best neighbour, not the sum. In the hand
+    example the sum lets landmark 2's three photos win; its best photo (0.8) against
+    landmark 1's (0.9): landmark 1 only if its classifier score is close enough."""
+    sims = np.array([[0.9, 0.8, 0.7, 0.6, 0.5]])
+    nn_l = np.array([[1, 2, 2, 3, 2]])
+    cls_l = np.array([[2, 1, 7, 8, 9]])
+    cls_s = np.array([[0.6, 0.55, 0.1, 0.1, 0.1]])
+    l, c = predict.rerank(sims, nn_l, cls_s, cls_l)
+    assert l[0] == 2  # summed: (0.8^9 + 0.7^9 + 0.5^9) 0.6^10 > 0.9^9 0.55^10 > 0.8^9 0.6^10
+    l, c = predict.rerank(sims, nn_l, cls_s, cls_l, vote="max")
+    assert l[0] == 1 and c[0] == pytest.approx(0.9 ** 9 * 0.55 ** 10, rel=1e-12)
+    # random rows against a direct loop
+    rng = np.random.default_rng(3)
+    q = 300
+    sims = np.sort(rng.uniform(0.2, 1.0, (q, 5)), axis=1)[:, ::-1]
+    nn_l = rng.integers(0, 6, (q, 5))
+    cls_l = np.stack([rng.choice(9, 5, replace=False) for _ in range(q)])
+    cls_s = np.sort(rng.uniform(0.0, 0.9, (q, 5)), axis=1)[:, ::-1]
+    got_l, got_c = predict.rerank(sims, nn_l, cls_s, cls_l, vote="max")
+    for i in range(q):
+        cls = dict(zip(cls_l[i], cls_s[i]))
+        best = {}
+        for k in range(5):
+            v = sims[i, k] ** 9 * cls.get(nn_l[i, k], 1e-8) ** 10
+            best[nn_l[i, k]] = max(best.get(nn_l[i, k], 0.0), v)
+        want = max(best.values())
+        assert got_c[i] == pytest.approx(want, rel=1e-12) and best[got_l[i]] == got_c[i]
+    assert predict.resolve_vote("auto", ["finetune", "finetune"]) == "max"
+    assert predict.resolve_vote("auto", ["finetune", None]) == "sum"  # an original model: the original's sum
+    assert predict.resolve_vote("sum", ["finetune"]) == "sum"
+
+
 @pytest.mark.parametrize("fp16", [False, True])
 def test_topk_equals_bruteforce_across_chunks(fp16):
     rng = np.random.default_rng(1)
