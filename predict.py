@@ -114,16 +114,33 @@ def check_models(models, base, n_classes, label_map, trust=False):
     return paths, n_classes, pres, recipes
 
 
-def resolve_vote(vote, recipes):
-    """--rerank-vote auto: 'max' when every model was trained with --recipe finetune
-    (a gallery of a few photos per landmark), else the original's 'sum'."""
-    if vote != "auto":
-        return vote
-    vote = "max" if recipes and all(r == "finetune" for r in recipes) else "sum"
-    if vote == "max":
-        print("re-ranking: each landmark scored by its nearest neighbour (--rerank-vote max: the models were "
-              "trained with --recipe finetune)", flush=True)
-    return vote
+# How the re-ranking scores a landmark, per kind of model: (vote, sim power, cls power).
+# The original's sum of sim^9 cls^10 over the top 5 is kept for its models and GLDv2,
+# where the classifier, trained on 1.5 M images, beats retrieval. A --recipe finetune
+# model's head is imprinted from the very gallery photos and trained for a few dozen
+# steps on them: it knows nothing the neighbours don't, and its class prototypes are
+# coarser than the photos themselves (its GAP is below retrieval's in each realdev
+# run). So each landmark is scored by its best neighbour (a landmark's photo count
+# does not vote) and the classifier's cosine counts a third as much as retrieval's:
+# it breaks near-ties and lifts the confidence where both agree. cls powers 2-5 all
+# keep retrieval's GAP on the normal split and add to it with 2 photos per landmark;
+# 10 loses to retrieval on both (docs/transfer.md).
+RERANK = {"original": ("sum", 9, 10), "finetune": ("max", 9, 3)}
+
+
+def resolve_rerank(vote, cls_power, recipes):
+    """--rerank-vote and --rerank-cls-power 'auto' (None for the power): the finetune
+    scheme when every model was trained with --recipe finetune, else the original's.
+    Returns (vote, sim_power, cls_power)."""
+    scheme = "finetune" if recipes and all(r == "finetune" for r in recipes) else "original"
+    d_vote, sim_power, d_cls = RERANK[scheme]
+    vote = d_vote if vote in (None, "auto") else vote
+    cls_power = d_cls if cls_power in (None, "auto") else float(cls_power)
+    if scheme == "finetune":
+        how = "its best neighbour" if vote == "max" else "the sum over its neighbours"
+        print(f"re-ranking for --recipe finetune models: each landmark scored by {how}, sim^{sim_power} "
+              f"cls^{cls_power:g} (--rerank-vote, --rerank-cls-power)", flush=True)
+    return vote, sim_power, cls_power
 
 
 # ---------------------------------------------------------------- features
@@ -312,7 +329,8 @@ def rerank(sims, nn_landmarks, cls_scores, cls_landmarks, sim_power=9, cls_power
     sum: in a gallery of a few photos per landmark, the sum counts how many
     photos a landmark has among the top 5 as much as how well they match, and
     a landmark with 20 photos outvotes the right one with 2 (realdev, lr 1e-4:
-    ensemble 0.930 summed, 0.978 with max; docs/transfer.md).
+    ensemble 0.930 summed, 0.978 with max; docs/transfer.md). RERANK says which
+    scheme serves which models.
     Inputs (Q, TOP_K) and (Q, CLS_TOP_K); returns (landmarks, confidences).
     """
     sims = np.asarray(sims, np.float64)
@@ -380,7 +398,7 @@ def format_submission(ids, landmarks, confidences):
 
 def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num_workers=2,
         cache_dir=None, sample_submission=None, fp16_cache=False, non_landmark=None, precision="fp32",
-        compile=False, trust_checkpoint=False, exclude=None, vote="auto"):
+        compile=False, trust_checkpoint=False, exclude=None, vote="auto", cls_power=None):
     """The whole inference. Returns {'ids', 'classifier', 'retrieval', 'ensemble'}
     where each part is (landmarks, confidences); with non_landmark ('auto': mined
     from the queries, or a CSV of known non-landmark images, column `id` under
@@ -406,13 +424,13 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
     gallery_digest = hashlib.sha1("\n".join(gallery["id"]).encode()).hexdigest()  # once, not per model
 
     ckpts, _, _, recipes = check_models(models, base, len(idx2lid), idx2landmark, trust_checkpoint)  # before any image
-    vote = resolve_vote(vote, recipes)
+    rerank_with = resolve_rerank(vote, cls_power, recipes)
     kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision=precision, compile=compile,
               trust=trust_checkpoint)
     g_emb, zqs, heads, nl_emb = embed_all(models, ckpts, g_paths, q_paths, nl_paths, gallery_dtype=dtype,
                                           cache_dir=cache_dir, gallery_digest=gallery_digest, **kw)
     res = recognize(zqs, g_emb, heads, gallery["landmark_id"].to_numpy(), idx2lid, device=device,
-                    non_landmark=non_landmark, nl_emb=nl_emb, vote=vote)
+                    non_landmark=non_landmark, nl_emb=nl_emb, rerank_with=rerank_with)
     res["ids"] = list(sub["id"])
     return res
 
@@ -444,12 +462,14 @@ def embed_all(models, ckpts, g_paths, q_paths, nl_paths=None, device="cpu", batc
     return (g_emb if gallery is None else gallery), zqs, heads, nl_emb
 
 
-def recognize(zqs, g_emb, heads, g_labels, idx2lid, device="cpu", non_landmark=None, nl_emb=None, vote="sum"):
+def recognize(zqs, g_emb, heads, g_labels, idx2lid, device="cpu", non_landmark=None, nl_emb=None,
+              rerank_with=RERANK["original"]):
     """Classifier, retrieval and their re-ranked ensemble for the queries.
 
     zqs: per model, the queries' neck outputs; g_emb: per model, the gallery's
     embeddings; g_labels: the gallery's landmark ids (ids beyond the label map
-    are fine: retrieval can predict them, the classifier cannot). heads None
+    are fine: retrieval can predict them, the classifier cannot); rerank_with:
+    (vote, sim power, cls power), see RERANK. heads None
     (no classifier: predict.py --backbone): retrieval alone, also as 'ensemble'.
     Returns {'classifier', 'retrieval', 'ensemble': (landmarks, confidences),
     'neighbours': (sims, gallery rows), 'cls_top', 'unreadable': (queries,
@@ -481,7 +501,9 @@ def recognize(zqs, g_emb, heads, g_labels, idx2lid, device="cpu", non_landmark=N
         present = np.isin(lid_of, np.unique(g_labels))
         cls_s, cls_i = classifier_topk(zqs, heads, present, device=device)
         cls_l = lid_of[cls_i]
-        res |= {"classifier": blank((cls_l[:, 0], cls_s[:, 0])), "ensemble": blank(rerank(sims, nn_l, cls_s, cls_l, vote=vote)),
+        vote, sim_power, cls_power = rerank_with
+        res |= {"classifier": blank((cls_l[:, 0], cls_s[:, 0])),
+                "ensemble": blank(rerank(sims, nn_l, cls_s, cls_l, sim_power, cls_power, vote=vote)),
                 "cls_top": (cls_s, cls_l)}
     if non_landmark is not None:
         flags, s_nl = non_landmark_flags(q_emb, sims[:, 0], nl_emb or None, device=device)
@@ -523,7 +545,8 @@ def whitened_embeddings(g_raw, *others, whiten_mode="auto"):
     float32: PCA-whitened with a whitening learnt on the gallery (finetune.learn_whitening),
     or the pooled features as they are. 'auto' whitens galleries of at least
     WHITEN_MIN_RATIO images per dimension: a whitening learnt on fewer is mostly noise
-    and costs retrieval (docs/transfer.md: GAP 0.975 raw, 0.90 whitened on 150 photos)."""
+    and costs retrieval (docs/transfer.md: GAP 0.975 raw, 0.960 whitened with a shrunk
+    estimate, on 141 photos)."""
     from finetune import learn_whitening, whiten
     g = np.asarray(g_raw, np.float32)
     on = whiten_mode == "pca" or (whiten_mode == "auto" and len(g) >= WHITEN_MIN_RATIO * g.shape[1])
@@ -536,7 +559,7 @@ def whitened_embeddings(g_raw, *others, whiten_mode="auto"):
 def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=None, add_to_index=False,
                 idx2landmark=None, device=None, batch_size=64, num_workers=2, precision="fp32", compile=False,
                 trust_checkpoint=False, non_landmark=None, retrieval_ranks=None, ranks_k=10000, zero=None,
-                vote="auto"):
+                vote="auto", cls_power=None):
     """Recognition on your own photos (see gallery.py): a gallery from folders or
     a saved index, queries from a folder. With retrieval_ranks, also a CSV of
     each query's gallery images by decreasing similarity (the first ranks_k),
@@ -567,7 +590,7 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
     if zero is None:
         n_known = len(idx2lid) if idx2lid else None
         ckpts, n, pres, recipes = check_models(models, base, n_known, idx2landmark, trust_checkpoint)
-        vote = resolve_vote(vote, recipes)
+        rerank_with = resolve_rerank(vote, cls_power, recipes)
         if idx2lid is None:  # anonymous classes: the classifier can name no gallery landmark
             idx2lid = {i: -1 - i for i in range(n)}
         signature = model_signature(models, ckpts, pres)
@@ -620,7 +643,7 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
         return None, None
     if zero is None:
         res = recognize(zqs, g_emb, heads, g_labels, idx2lid, device=device, non_landmark=non_landmark,
-                        nl_emb=nl_emb, vote=vote)
+                        nl_emb=nl_emb, rerank_with=rerank_with)
         q_emb = [F.normalize(torch.as_tensor(z), dim=1).numpy() for z in zqs]
     else:
         g_w, q_w, nl_w = whitened_embeddings(g_emb[0], zqs[0], nl_emb[0] if nl_emb else None,
@@ -653,6 +676,18 @@ def _non_landmark_paths(non_landmark, data_dir=""):
         raise UserError(f"--non-landmark {non_landmark}: expected a column id or filepath")
     return (list(nl["filepath"]) if "filepath" in nl.columns
             else [image_path(data_dir, "non_landmark", i) for i in nl["id"]])
+
+
+def _auto_or_power(v):
+    if v == "auto":
+        return None
+    try:
+        f = float(v)
+    except ValueError:
+        f = -1.0
+    if not f >= 0:
+        raise argparse.ArgumentTypeError(f"{v!r} is neither 'auto' nor a power >= 0")
+    return f
 
 
 def parse_args(argv=None):
@@ -703,6 +738,9 @@ def parse_args(argv=None):
     p.add_argument("--rerank-vote", choices=["auto", "sum", "max"], default="auto",
                    help="re-ranking: a landmark's score sums its neighbours among the top 5 (sum, the original) or "
                         "takes its best (max); auto: max when every model was trained with --recipe finetune")
+    p.add_argument("--rerank-cls-power", type=_auto_or_power, default=None, metavar="auto|P",
+                   help="re-ranking: the power of the classifier's cosine in sim^9 cls^P; auto: the original's 10, "
+                        "3 when every model was trained with --recipe finetune")
     p.add_argument("--write-parts", action="store_true",
                    help="also write OUT's classifier-only, retrieval-only (and, with --non-landmark, plain "
                         "re-ranked) submissions or predictions: *_classifier.csv, *_retrieval.csv, *_ensemble.csv")
@@ -729,7 +767,7 @@ def main(argv=None):
         frame, res = run_folders(a.spec, a.query_dir, a.gallery_dir, a.index, a.save_index, a.add_to_index,
                                  a.idx2landmark, a.device, a.batch_size, a.num_workers, a.precision, a.compile,
                                  a.trust_checkpoint, a.non_landmark, a.retrieval_ranks, zero=zero,
-                                 vote=a.rerank_vote)
+                                 vote=a.rerank_vote, cls_power=a.rerank_cls_power)
         if frame is not None:
             frame.to_csv(a.out, index=False)
             print(f"wrote {a.out} ({len(frame)} rows, {int((frame['landmark'] != '').sum())} with a landmark)")
@@ -741,7 +779,7 @@ def main(argv=None):
         return res
     res = run(a.data_dir, a.train_csv, a.idx2landmark, a.spec, a.device, a.batch_size, a.num_workers,
               a.cache_dir or None, a.sample_submission, a.fp16_cache, a.non_landmark, a.precision, a.compile,
-              a.trust_checkpoint, a.exclude, a.rerank_vote)
+              a.trust_checkpoint, a.exclude, a.rerank_vote, a.rerank_cls_power)
     final = "ensemble_nl" if a.non_landmark else "ensemble"
     format_submission(res["ids"], *res[final]).to_csv(a.out, index=False)
     if a.write_parts:

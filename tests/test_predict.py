@@ -84,9 +84,15 @@ def test_rerank_vote_max():
             best[nn_l[i, k]] = max(best.get(nn_l[i, k], 0.0), v)
         want = max(best.values())
         assert got_c[i] == pytest.approx(want, rel=1e-12) and best[got_l[i]] == got_c[i]
-    assert predict.resolve_vote("auto", ["finetune", "finetune"]) == "max"
-    assert predict.resolve_vote("auto", ["finetune", None]) == "sum"  # an original model: the original's sum
-    assert predict.resolve_vote("sum", ["finetune"]) == "sum"
+    assert predict.resolve_rerank("auto", None, ["finetune", "finetune"]) == ("max", 9, 3)
+    assert predict.resolve_rerank("auto", None, ["finetune", None]) == ("sum", 9, 10)  # an original model
+    assert predict.resolve_rerank("sum", 10, ["finetune"]) == ("sum", 9, 10.0)  # given values win
+    assert predict.resolve_rerank("max", None, []) == ("max", 9, 10)
+    # the CLI: a power that is not a number is a user mistake naming the flag
+    with pytest.raises(SystemExit) as e:
+        predict.parse_args(["--spec", "s.json", "--query-dir", "q", "--gallery-dir", "g", "--rerank-cls-power", "x"])
+    assert e.value.code == 2
+    assert predict.parse_args(["--spec", "s.json", "--query-dir", "q", "--gallery-dir", "g", "--rerank-cls-power", "2.5"]).rerank_cls_power == 2.5
 
 
 @pytest.mark.parametrize("fp16", [False, True])
