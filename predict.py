@@ -130,13 +130,13 @@ RERANK = {"original": ("sum", 9, 10), "finetune": ("max", 9, 3)}
 
 
 def resolve_rerank(vote, cls_power, recipes):
-    """--rerank-vote and --rerank-cls-power 'auto' (None for the power): the finetune
-    scheme when every model was trained with --recipe finetune, else the original's.
+    """--rerank-vote 'auto' and --rerank-cls-power None: the finetune scheme when
+    every model was trained with --recipe finetune, else the original's.
     Returns (vote, sim_power, cls_power)."""
     scheme = "finetune" if recipes and all(r == "finetune" for r in recipes) else "original"
     d_vote, sim_power, d_cls = RERANK[scheme]
-    vote = d_vote if vote in (None, "auto") else vote
-    cls_power = d_cls if cls_power in (None, "auto") else float(cls_power)
+    vote = d_vote if vote == "auto" else vote
+    cls_power = d_cls if cls_power is None else float(cls_power)
     if scheme == "finetune":
         how = "its best neighbour" if vote == "max" else "the sum over its neighbours"
         print(f"re-ranking for --recipe finetune models: each landmark scored by {how}, sim^{sim_power} "

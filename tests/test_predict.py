@@ -89,10 +89,11 @@ def test_rerank_vote_max():
     assert predict.resolve_rerank("sum", 10, ["finetune"]) == ("sum", 9, 10.0)  # given values win
     assert predict.resolve_rerank("max", None, []) == ("max", 9, 10)
     # the CLI: a power that is not a number is a user mistake naming the flag
+    folders = ["--spec", "s.json", "--query-dir", "q", "--gallery-dir", "g"]
     with pytest.raises(SystemExit) as e:
-        predict.parse_args(["--spec", "s.json", "--query-dir", "q", "--gallery-dir", "g", "--rerank-cls-power", "x"])
+        predict.parse_args(folders + ["--rerank-cls-power", "x"])
     assert e.value.code == 2
-    assert predict.parse_args(["--spec", "s.json", "--query-dir", "q", "--gallery-dir", "g", "--rerank-cls-power", "2.5"]).rerank_cls_power == 2.5
+    assert predict.parse_args(folders + ["--rerank-cls-power", "2.5"]).rerank_cls_power == 2.5
 
 
 @pytest.mark.parametrize("fp16", [False, True])
