@@ -100,6 +100,13 @@ def read_rgb(path, min_side=None):
         raise BadImage(path, "missing") from None
     except OSError as e:
         raise BadImage(path, f"unreadable ({e.strerror or e})") from None
+    return decode_rgb(buf, path, min_side)
+
+
+def decode_rgb(buf, name="image", min_side=None):
+    """read_rgb of a file's bytes (uint8 array or bytes) already in memory; `name`
+    goes into the BadImage raised."""
+    buf, path = np.frombuffer(buf, np.uint8) if isinstance(buf, (bytes, bytearray)) else buf, name
     if len(buf) == 0:
         raise BadImage(path, "empty file")
     flag = cv2.IMREAD_COLOR

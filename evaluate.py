@@ -114,10 +114,23 @@ def evaluate(submission, solution, usage=None):
     pred = read_submission(submission)
     truth, all_ids = read_solution(solution, usage, with_ids=True)
     _check_known(pred, all_ids, submission)
-    pred = {i: p for i, p in pred.items() if i in truth}  # Ignored rows and other usages are skipped
+    return score(pred, truth)
+
+
+def is_right(prediction, truth):
+    """A prediction (landmark, confidence) is right when its landmark is one of the
+    query's true ones; any prediction on a non-landmark query (truth None) is wrong."""
+    return bool(truth) and prediction[0] in truth
+
+
+def score(pred, truth):
+    """(GAP, accuracy on landmark queries) of {id: (landmark, confidence)} against
+    {id: frozenset of landmarks or None}; predictions of ids the truth lacks are skipped
+    (the official scorer's Ignored rows and other usages)."""
+    pred = {i: p for i, p in pred.items() if i in truth}
     gap = global_average_precision_score(truth, pred, ties="id")
     landmark = [i for i, v in truth.items() if v]
-    acc = sum(i in pred and pred[i][0] in truth[i] for i in landmark) / max(len(landmark), 1)
+    acc = sum(i in pred and is_right(pred[i], truth[i]) for i in landmark) / max(len(landmark), 1)
     return gap, acc
 
 
@@ -177,7 +190,24 @@ def main(argv=None):
     p.add_argument("--usage", choices=["Public", "Private"], default=None,
                    help="score the solution's rows of this Usage only")
     p.add_argument("--label", default=None, help="print one line 'GAP LABEL: x' instead")
+    p.add_argument("--report", default=None, metavar="HTML",
+                   help="also write a visual report of the submission (report.py): per query its thumbnail, "
+                        "prediction and truth; needs --data-dir. The parts predict.py --write-parts wrote beside "
+                        "the submission (*_classifier.csv, *_retrieval.csv, *_ensemble.csv) are scored in it too")
+    p.add_argument("--data-dir", default=None, help="with --report: the GLDv2 layout the queries are under (test/)")
+    p.add_argument("--train-csv", default=None,
+                   help="with --report: the gallery (id,landmark_id or landmark_id,images); each row then shows "
+                        "gallery images of the predicted landmark, and of the true one when wrong")
+    p.add_argument("--report-rows", type=int, default=200, metavar="N",
+                   help="queries in the report: the most confident wrong ones first, then a sample (default 200)")
+    p.add_argument("--logs", nargs="+", default=None, metavar="LOG", help="with --report: train.py logs to plot")
     a = p.parse_args(argv)
+    if a.report and a.metric == "map@100":
+        p.error("--report goes with the recognition metrics (gap, accuracy)")
+    if a.report and not a.data_dir:
+        p.error("--report needs --data-dir (where the query images are)")
+    if a.report_rows < 1:
+        p.error(f"--report-rows {a.report_rows}: must be at least 1")
     if a.metric == "map@100":
         truth, all_ids = read_retrieval_solution(a.solution, a.usage, with_ids=True)
         pred, cut = read_retrieval_submission(a.submission)
@@ -190,13 +220,40 @@ def main(argv=None):
     gap, acc = evaluate(a.submission, a.solution, a.usage)
     if a.metric == "accuracy":
         print(f"accuracy{' ' + a.label if a.label else ''} (landmark queries): {acc:.4f}")
-        return acc
-    if a.label:
+    elif a.label:
         print(f"GAP {a.label}: {gap:.4f}")
     else:
         print(f"GAP: {gap:.4f}")
         print(f"accuracy (landmark queries): {acc:.4f}")
-    return gap, acc
+    if a.report:
+        write_report(a)
+    return acc if a.metric == "accuracy" else (gap, acc)
+
+
+def write_report(a):
+    """evaluate.py --report: the submission (and its parts beside it) against the solution."""
+    import report
+    from dataset import image_path
+    truth = read_solution(a.solution, a.usage)
+    ids = list(truth)
+    as_list = lambda pred: [pred.get(i) for i in ids]  # noqa: E731
+    final = as_list(read_submission(a.submission))
+    stem = os.path.splitext(a.submission)[0]
+    parts = {k: as_list(read_submission(f"{stem}_{k}.csv")) for k in ("ensemble", "classifier", "retrieval")
+             if os.path.isfile(f"{stem}_{k}.csv")}
+    neighbours, examples = None, None
+    if a.train_csv:
+        from preprocess import read_clean_list
+        g = read_clean_list(a.train_csv)
+        first = g.groupby("landmark_id", sort=False)["id"].apply(lambda s: list(s[:5]))
+        examples = {int(k): image_path(a.data_dir, "train", v[0]) for k, v in first.items()}
+        neighbours = [[(image_path(a.data_dir, "train", j), p[0], None) for j in first.get(p[0], [])]
+                      if p is not None else [] for p in final]
+    report.write_report(a.report, ids, [image_path(a.data_dir, "test", i) for i in ids], final, parts, neighbours,
+                        truth, logs=a.logs, rows=a.report_rows, neighbours_are="examples", truth_images=examples,
+                        final_name="submission", title=f"Report: {os.path.basename(a.submission)}",
+                        notes=[f"submission {a.submission}; solution {a.solution}"
+                               + (f" ({a.usage} rows)" if a.usage else "")])
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from dataset import read_csv_checked
 from util import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -86,15 +87,17 @@ def model_signature(models, ckpts, preprocessing):
              "preprocessing": p} for m, c, p in zip(models, ckpts, preprocessing)]
 
 
-def save_index(path, embeddings, labels, paths, names, signature):
-    """path.npz + path.json (see the module's docstring)."""
+def save_index(path, embeddings, labels, paths, names, signature, gallery_dir=None):
+    """path.npz + path.json (see the module's docstring); gallery_dir, the folder
+    the paths are under, is recorded for showing the images (report.py, app.py)."""
     stem = path[:-4] if path.endswith(".npz") else path
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     np.savez(stem + ".npz", labels=np.asarray(labels, np.int64),
              **{f"emb{i}": np.asarray(e, np.float16) for i, e in enumerate(embeddings)})
     with open(stem + ".json", "w", encoding="utf-8") as f:
         json.dump({"format": "glr2020-index-1", "models": signature, "paths": list(paths),
-                   "names": {str(k): v for k, v in names.items()}}, f, ensure_ascii=False)
+                   "names": {str(k): v for k, v in names.items()},
+                   "gallery_dir": os.path.abspath(gallery_dir) if gallery_dir else None}, f, ensure_ascii=False)
     return stem
 
 
@@ -115,7 +118,26 @@ def load_index(path, signature):
         raise UserError(f"--index {path}: built with other models than this spec (backbones, sizes, "
                         f"preprocessing or checkpoint files differ); build it again with --save-index")
     return {"emb": emb, "labels": labels, "paths": meta["paths"],
-            "names": {int(k): v for k, v in meta["names"].items()}}
+            "names": {int(k): v for k, v in meta["names"].items()}, "gallery_dir": meta.get("gallery_dir")}
+
+
+def read_folder_solution(path, names):
+    """The truth of your own queries for a report: a CSV path,landmark (the query's
+    path under --query-dir, its gallery folder name; empty for a photo of no
+    landmark) as {path: frozenset of landmark ids, or None}. names: id -> name; a
+    name the gallery lacks gets an id nothing predicts."""
+    read_csv_checked(path, ["path", "landmark"])  # exists, parses, has the columns and rows
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)  # names as written: "007" stays "007"
+    ids = {v: k for k, v in names.items()}
+    unknown, truth = {}, {}
+    for q, name in zip(df["path"], df["landmark"]):
+        if not name:
+            truth[q] = None
+            continue
+        if name not in ids:
+            unknown.setdefault(name, -(10**9) - len(unknown))
+        truth[q] = frozenset({ids.get(name, unknown.get(name))})
+    return truth
 
 
 def predictions_frame(q_paths, landmarks, confidences, sims, nn, g_paths, names):

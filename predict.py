@@ -432,7 +432,8 @@ def run(data_dir, train_csv, idx2landmark, spec, device=None, batch_size=64, num
                                           cache_dir=cache_dir, gallery_digest=gallery_digest, **kw)
     res = recognize(zqs, g_emb, heads, gallery["landmark_id"].to_numpy(), idx2lid, device=device,
                     non_landmark=non_landmark, nl_emb=nl_emb, rerank_with=rerank_with)
-    res["ids"] = list(sub["id"])
+    res |= {"ids": list(sub["id"]), "query_paths": q_paths, "gallery_paths": g_paths,
+            "gallery_labels": gallery["landmark_id"].to_numpy()}
     return res
 
 
@@ -603,9 +604,11 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
                                                 zero.get("pool", "avg"), size, device)
 
     g_rel, g_labels, g_emb, names = [], np.zeros(0, np.int64), None, dict(known)
+    g_root = gallery_dir
     if index is not None:
         idx = load_index(index, signature)
         g_rel, g_labels, g_emb, names = idx["paths"], idx["labels"], idx["emb"], known | idx["names"]
+        g_root = gallery_dir or idx["gallery_dir"]
     todo = []
     if gallery_dir is not None:
         have = set(g_rel)
@@ -638,7 +641,7 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
     if g_emb is None or not len(g_rel):
         raise UserError("the gallery is empty: nothing to retrieve from")
     if save_index or add_to_index:
-        stem = write_index(save_index or index, g_emb, g_labels, g_rel, names, signature)
+        stem = write_index(save_index or index, g_emb, g_labels, g_rel, names, signature, g_root)
         print(f"index: {stem}.npz, {stem}.json ({len(g_rel)} images)", flush=True)
     if not q_paths:
         return None, None
@@ -664,6 +667,8 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
     from gallery import predictions_frame
     res["frames"] = {part: predictions_frame(q_rel, *res[part], sims, nn, g_rel, names)
                      for part in ("classifier", "retrieval", "ensemble", "ensemble_nl") if part in res}
+    res |= {"ids": q_rel, "query_paths": q_paths, "gallery_labels": np.asarray(g_labels), "names": names,
+            "gallery_paths": [os.path.join(g_root, p) if g_root else p for p in g_rel]}
     return res["frames"][final], res
 
 
@@ -742,6 +747,17 @@ def parse_args(argv=None):
     p.add_argument("--rerank-cls-power", type=_auto_or_power, default=None, metavar="auto|P",
                    help="re-ranking: the power of the classifier's cosine in sim^9 cls^P; auto: the original's 10, "
                         "3 when every model was trained with --recipe finetune")
+    p.add_argument("--report", default=None, metavar="HTML",
+                   help="also write a visual report: per query its thumbnail, prediction and 5 nearest gallery "
+                        "images, with the scores and a confidence histogram (one self-contained file, report.py)")
+    p.add_argument("--report-rows", type=int, default=200, metavar="N",
+                   help="queries in the report: the most confident wrong ones first (with --solution), then a "
+                        "sample of the rest; all of them when N >= the number of queries (default 200)")
+    p.add_argument("--solution", default=None, metavar="CSV",
+                   help="with --report, the truth: GLDv2 layout, the competition's id,landmarks[,Usage]; folders, "
+                        "path,landmark (the query's path under --query-dir, its gallery folder name; empty for none)")
+    p.add_argument("--logs", nargs="+", default=None, metavar="LOG",
+                   help="with --report, train.py logs whose curves go into it")
     p.add_argument("--write-parts", action="store_true",
                    help="also write OUT's classifier-only, retrieval-only (and, with --non-landmark, plain "
                         "re-ranked) submissions or predictions: *_classifier.csv, *_retrieval.csv, *_ensemble.csv")
@@ -757,11 +773,44 @@ def parse_args(argv=None):
         p.error("give --data-dir, --train-csv and --idx2landmark (GLDv2 layout), or --gallery-dir/--index and "
                 "--query-dir (your photos)")
     a.out = a.out or ("predictions.csv" if a.folders else "submission.csv")
+    if a.report_rows < 1:
+        p.error(f"--report-rows {a.report_rows}: must be at least 1")
+    if not a.report and (a.solution or a.logs):
+        p.error("--solution and --logs go with --report")
     return a
+
+
+def check_report_inputs(a):
+    """--solution and --logs read before any image: a wrong file ends the run at once.
+    Returns the GLDv2 truth (folders: read once the gallery's names are known)."""
+    import plot_logs
+    from evaluate import read_solution
+    for path in a.logs or ():
+        if not os.path.isfile(path) or not plot_logs.read_log(path):
+            raise UserError(f"--logs {path}: " + ("no epoch lines of train.py in it" if os.path.isfile(path)
+                                                  else "no such log"))
+    if a.solution and a.folders:
+        read_csv_checked(a.solution, ["path", "landmark"])
+    return read_solution(a.solution) if a.solution and not a.folders else None
+
+
+def write_report(a, res, names, truth=None):
+    """predict.py --report: report.report_from_result with the truth of --solution."""
+    import report
+    from gallery import read_folder_solution
+    if a.solution and a.folders:
+        truth = read_folder_solution(a.solution, names)
+    notes = [f"spec {a.spec}" if a.spec else f"backbone {a.backbone} without training",
+             f"answer: {'ensemble with non-landmarks sunk (' + a.non_landmark + ')' if a.non_landmark else 'ensemble'}"
+             f"; truth: {a.solution or 'not given'}"]
+    report.report_from_result(a.report, res, res["ids"], res["query_paths"], res["gallery_paths"],
+                              res["gallery_labels"], names, truth, bool(a.non_landmark), a.logs, a.report_rows,
+                              notes=notes)
 
 
 def main(argv=None):
     a = parse_args(argv)
+    truth = check_report_inputs(a) if a.report else None
     if a.folders:
         zero = ({"enet_type": a.backbone, "pretrained_path": a.pretrained_path, "image_size": a.image_size,
                  "pool": a.pool, "whiten": a.whiten} if a.backbone else None)
@@ -771,6 +820,8 @@ def main(argv=None):
                                  vote=a.rerank_vote, cls_power=a.rerank_cls_power)
         if frame is not None:
             frame.to_csv(a.out, index=False)
+            if a.report:
+                write_report(a, res, res["names"])
             print(f"wrote {a.out} ({len(frame)} rows, {int((frame['landmark'] != '').sum())} with a landmark)")
             if a.write_parts:
                 stem = os.path.splitext(a.out)[0]
@@ -791,6 +842,9 @@ def main(argv=None):
         print(f"non-landmark handling ({a.non_landmark}): {int(res['nl_flags'].sum())} of {len(res['ids'])} "
               f"queries sunk")
     print(f"wrote {a.out} ({len(res['ids'])} rows)")
+    if a.report:
+        from gallery import landmark_names
+        write_report(a, res, landmark_names(a.idx2landmark), truth)
     return res
 
 

@@ -1,0 +1,324 @@
+"""See what the model does: one self-contained HTML file of predictions and neighbours.
+
+    python predict.py ... --report report.html [--solution solution.csv] [--logs logs/*.txt] [--report-rows 200]
+    python evaluate.py --submission S --solution T --report report.html --data-dir D [--train-csv C]
+
+The file embeds its images as small JPEG thumbnails (data: URIs) and its
+charts as PNGs, and has no scripts: it opens from disk in any browser,
+offline, and can be mailed. At the top, the scores (GAP and accuracy of the
+final answer and of each part), the counts and a confidence histogram of the
+right and wrong predictions (and the training curves of plot_logs.py with
+--logs); below, one row per selected query: its thumbnail, the prediction with
+its confidence, the classifier's and retrieval's own answers, and its 5
+nearest gallery images with their cosines, each marked right or wrong when
+the truth is known. The rows: the most confident wrong predictions first
+(those that cost GAP), then a sample of the rest (select_rows).
+
+app.py draws its answers with the same row (render_row).
+"""
+import base64
+import html
+import io
+import os
+
+import cv2
+import numpy as np
+
+from dataset import BadImage, read_rgb
+from evaluate import is_right, score
+
+QUERY_SIDE, NEIGHBOUR_SIDE = 128, 96  # thumbnails' longer side, px
+JPEG_QUALITY = 80  # ~3-5 kB per thumbnail on photographs: 200 rows of GLDv2 stay a few MB
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.5em}
+table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px 6px;vertical-align:top;text-align:left}
+table.scores td,table.scores th{padding:3px 10px}
+.chart img{max-width:100%;height:auto}.q img{display:block}.nb{font-size:12px;width:100px}.nb img{display:block;margin-bottom:2px}
+.right{background:#e7f6e7}.wrong{background:#fbe4e4}.nonlandmark{background:#eee}
+.mark{font-weight:bold}.right .mark{color:#197a19}.wrong .mark{color:#b11}
+.tag{display:inline-block;padding:0 5px;border-radius:3px;font-size:12px;background:#ddd;margin:1px 0}
+.tag.sunk{background:#c9d8f0}.tag.unreadable{background:#f0d9a8}.tag.wrong{background:#f3b9b9}
+.tag.right{background:#b9e3b9}.muted{color:#777}.msg{padding:6px 10px;background:#fff3cd;border:1px solid #e0c870}
+.missing{width:96px;height:64px;background:#eee;color:#777;font-size:11px;display:flex;align-items:center;
+justify-content:center}
+"""
+
+
+class Thumbnails:
+    """Images as data: URIs of small JPEGs, each file read once per report."""
+
+    def __init__(self):
+        self.cache = {}
+
+    def __call__(self, image, side):
+        """image: a path or an RGB uint8 array; None when it cannot be read."""
+        key = (image, side) if isinstance(image, str) else None
+        if key in self.cache:
+            return self.cache[key]
+        try:
+            rgb = read_rgb(image, min_side=side) if isinstance(image, str) else image
+        except BadImage:
+            rgb = None
+        uri = None if rgb is None else jpeg_uri(rgb, side)
+        if key is not None:
+            self.cache[key] = uri
+        return uri
+
+
+def jpeg_uri(rgb, side):
+    h, w = rgb.shape[:2]
+    f = side / max(h, w)
+    if f < 1:
+        rgb = cv2.resize(rgb, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode()
+
+
+def png_uri(fig):
+    """A matplotlib figure as a PNG data: URI, re-encoded by OpenCV so that no text
+    chunk (matplotlib writes its web address into one) goes into the page."""
+    import matplotlib.pyplot as plt
+    b = io.BytesIO()
+    fig.savefig(b, format="png", dpi=90)
+    plt.close(fig)
+    img = cv2.imdecode(np.frombuffer(b.getvalue(), np.uint8), cv2.IMREAD_COLOR)
+    return "data:image/png;base64," + base64.b64encode(cv2.imencode(".png", img)[1].tobytes()).decode()
+
+
+def img_tag(uri, alt, missing="unreadable"):
+    if uri is None:
+        return f'<div class="missing">{html.escape(missing)}</div>'
+    return f'<img src="{uri}" alt="{html.escape(alt)}">'
+
+
+# ---------------------------------------------------------------- rows
+
+def select_rows(ids, predictions, truth=None, n=200, seed=0):
+    """Indices of the queries to show: with the truth, the wrong predictions by
+    decreasing confidence (at most n), then a random sample of the rest; without
+    it, a random sample; all of them when n >= the number of queries (wrong
+    first, then the rest). The sample is shown by decreasing confidence."""
+    conf = np.array([p[1] if p is not None else -np.inf for p in predictions], np.float64)
+    if truth is not None:
+        wrong = [i for i, (q, p) in enumerate(zip(ids, predictions))
+                 if p is not None and q in truth and not is_right(p, truth[q])]
+    else:
+        wrong = []
+    wrong = sorted(wrong, key=lambda i: -conf[i])[:n]
+    rest = np.setdiff1d(np.arange(len(ids)), wrong)
+    if len(wrong) + len(rest) > n:
+        rest = np.random.default_rng(seed).choice(rest, n - len(wrong), replace=False)
+    rest = sorted(rest.tolist(), key=lambda i: -conf[i])
+    return wrong + rest
+
+
+def mark_of(prediction, truth, known):
+    """'right', 'wrong', 'nonlandmark' (no landmark and no prediction: nothing to
+    get wrong), or '' when the truth is not known."""
+    if not known:
+        return ""
+    if prediction is None:
+        return "wrong" if truth else "nonlandmark"
+    return "right" if is_right(prediction, truth) else "wrong"
+
+
+def render_row(row, name_of, thumbs):
+    """One query as a table row. row: {'id', 'image' (path or RGB array),
+    'prediction' ((label, confidence) or None), 'truth' (a set of labels, None
+    for a non-landmark, absent when unknown), 'answers' ({part: (label, conf)
+    or None}), 'neighbours' ([(image, label, cosine or None)]), 'tags' (e.g.
+    ['sunk']), 'truth_image' (optional: a gallery image of the true landmark)}.
+    name_of(label) -> the text shown for a landmark."""
+    known = "truth" in row
+    truth, pred = row.get("truth"), row["prediction"]
+    mark = mark_of(pred, truth, known)
+    tags = list(row.get("tags", ()))
+    if known and not truth:
+        tags.append("non-landmark")
+    if mark == "wrong":
+        tags.append("wrong")
+    elif mark == "right":
+        tags.append("right")
+    tag_html = " ".join(f'<span class="tag {html.escape(t)}">{html.escape(t)}</span>' for t in tags)
+    if pred is None:
+        pred_html = '<span class="muted">no prediction</span>'
+    else:
+        pred_html = (f'<b class="pred">{html.escape(name_of(pred[0]))}</b><br>'
+                     f'confidence <span class="conf">{pred[1]:.4g}</span>')
+    cells = [f'<td class="q">{img_tag(thumbs(row["image"], QUERY_SIDE), str(row["id"]))}'
+             f'<div class="qid">{html.escape(str(row["id"]))}</div></td>',
+             f'<td>{pred_html}<div>{tag_html}</div>']
+    if known:
+        t = ", ".join(name_of(x) for x in sorted(truth, key=str)) if truth else "non-landmark"
+        cells[-1] += f'<div class="truth">truth: {html.escape(t)}</div>'
+        if mark == "wrong" and row.get("truth_image"):
+            cells[-1] += img_tag(thumbs(row["truth_image"], NEIGHBOUR_SIDE), "a gallery image of the truth", "")
+    for part, answer in row.get("answers", {}).items():
+        text = "none" if answer is None else f"{name_of(answer[0])} ({answer[1]:.3g})"
+        cells[-1] += f'<div class="answer {part}">{html.escape(part)}: {html.escape(text)}</div>'
+    cells[-1] += "</td>"
+    for image, label, cos in row.get("neighbours", ()):
+        nb_mark = ("right" if truth and label in truth else "wrong") if known else ""
+        sym = {"right": "&#10003; ", "wrong": "&#10007; "}.get(nb_mark, "")
+        cos_html = "" if cos is None else f'<br><span class="cos">{cos:.3f}</span>'
+        cells.append(f'<td class="nb {nb_mark}" data-landmark="{html.escape(str(label))}">'
+                     f'{img_tag(thumbs(image, NEIGHBOUR_SIDE), name_of(label), "not found")}'
+                     f'<span class="mark">{sym}</span>{html.escape(name_of(label))}{cos_html}</td>')
+    return (f'<tr class="row {mark}" data-id="{html.escape(str(row["id"]))}" data-mark="{mark}">'
+            + "".join(cells) + "</tr>")
+
+
+def page(title, body):
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f'<style>{CSS}</style></head><body>\n{body}\n</body></html>\n')
+
+
+# ---------------------------------------------------------------- the report
+
+def confidence_histogram(right, wrong, other):
+    """A PNG data: URI: the confidences of right and wrong predictions (or of all,
+    without truth), on a log scale when they span more than two decades."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = [(np.asarray(v, np.float64), lab, col) for v, lab, col in
+              ((right, "right", "#3a3"), (wrong, "wrong", "#c33"), (other, "predicted", "#58a")) if len(v)]
+    allc = np.concatenate([g[0] for g in groups]) if groups else np.zeros(0)
+    log = len(allc) and allc.min() > 0 and allc.max() / allc.min() > 100
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    if len(allc):
+        vals = [np.log10(g[0]) if log else g[0] for g in groups]
+        lo, hi = min(v.min() for v in vals), max(v.max() for v in vals)
+        ax.hist(vals, bins=np.linspace(lo, hi + 1e-9, 31), stacked=True, label=[g[1] for g in groups],
+                color=[g[2] for g in groups])
+        ax.legend(fontsize=8)
+    ax.set_xlabel("log10 confidence" if log else "confidence")
+    ax.set_ylabel("queries")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return png_uri(fig)
+
+
+def curves_uri(log_paths):
+    import plot_logs
+    from util import UserError
+    logs = {}
+    for path in log_paths:
+        if not os.path.isfile(path):
+            raise UserError(f"--logs {path}: no such log")
+        rows = plot_logs.read_log(path)
+        if not rows:
+            raise UserError(f"--logs {path}: no epoch lines of train.py in it")
+        logs[path] = rows
+    b = io.BytesIO()
+    plot_logs.plot(logs, b)
+    img = cv2.imdecode(np.frombuffer(b.getvalue(), np.uint8), cv2.IMREAD_COLOR)
+    return "data:image/png;base64," + base64.b64encode(cv2.imencode(".png", img)[1].tobytes()).decode()
+
+
+def write_report(path, ids, images, final, parts=None, neighbours=None, truth=None, names=None, sunk=None,
+                 unreadable=None, logs=None, rows=200, title="Recognition report", neighbours_are="nearest",
+                 truth_images=None, notes=(), final_name="final"):
+    """The report at `path`; returns the indices of the queries shown.
+
+    ids, images: per query its id (the key of `truth`) and image path; final:
+    per query (label, confidence) or None, the answer scored; parts: {name:
+    [per query (label, confidence) or None]} (e.g. classifier, retrieval),
+    scored and shown too; neighbours: per query [(gallery image, label,
+    cosine or None)]; truth: {id: set of labels or None for a non-landmark};
+    names: {label: name}; sunk, unreadable: per query bool; logs: train.py
+    log files for the curves; neighbours_are: 'nearest' (by cosine) or
+    'examples' (gallery images of the predicted landmark); truth_images:
+    {label: a gallery image}, shown beside a wrong prediction."""
+    names = names or {}
+
+    def name_of(label):
+        n = names.get(label)
+        return str(label) if n is None else (n if str(n) == str(label) else f"{n} ({label})")
+
+    parts = parts or {}
+    thumbs = Thumbnails()
+    n_q = len(ids)
+    counts = [f"{n_q} queries", f"{sum(p is not None for p in final)} with a prediction"]
+    if unreadable is not None:  # what predict.py knows; evaluate.py knows neither
+        counts.append(f"{int(np.sum(unreadable))} unreadable")
+    if sunk is not None:
+        counts.append(f"{int(np.sum(sunk))} sunk as non-landmarks")
+    sunk = np.zeros(n_q, bool) if sunk is None else np.asarray(sunk, bool)
+    unreadable = np.zeros(n_q, bool) if unreadable is None else np.asarray(unreadable, bool)
+    head = [f"<h1>{html.escape(title)}</h1>"] + [f"<p>{html.escape(n)}</p>" for n in notes]
+
+    # scores of the final answer and of each part, as evaluate.py computes them
+    if truth is not None:
+        scored = {final_name: final, **parts}
+        head.append('<table class="scores"><tr><th>answer</th><th>GAP</th><th>accuracy (landmark queries)</th></tr>')
+        for name, preds in scored.items():
+            pred = {q: p for q, p in zip(ids, preds) if p is not None}
+            gap, acc = score(pred, truth)
+            head.append(f'<tr class="score" data-part="{html.escape(name)}"><td>{html.escape(name)}</td>'
+                        f'<td class="gap">{gap:.4f}</td><td class="acc">{acc:.4f}</td></tr>')
+        head.append("</table>")
+    if truth is not None:
+        n_l = sum(bool(truth.get(q)) for q in ids if q in truth)
+        counts += [f"{n_l} landmark and {sum(q in truth for q in ids) - n_l} non-landmark queries in the solution"]
+    head.append(f'<p class="counts">{", ".join(counts)}.</p>')
+
+    marks = [mark_of(p, truth[q], True) if truth is not None and q in truth else "" for q, p in zip(ids, final)]
+    conf = lambda m: [p[1] for p, k in zip(final, marks) if p is not None and k == m]  # noqa: E731
+    hist = confidence_histogram(conf("right"), conf("wrong"), conf(""))
+    head.append(f'<h2>Confidence of the {html.escape(final_name)}</h2><div class="chart">{img_tag(hist, "histogram")}</div>')
+    if logs:
+        head.append(f'<h2>Training</h2><div class="chart">{img_tag(curves_uri(logs), "training curves")}</div>')
+
+    shown = select_rows(ids, final, truth, rows)
+    what = ("the 5 nearest gallery images (cosine)" if neighbours_are == "nearest"
+            else "gallery images of the predicted landmark")
+    order = ("the most confident wrong predictions first, then a sample of the rest" if truth is not None
+             else "a sample, by decreasing confidence")
+    body = [f"<h2>Queries</h2><p>{len(shown)} of {n_q} ({order}); right: {what}.</p>",
+            '<table class="queries"><tr><th>query</th><th>prediction</th>'
+            + "".join(f"<th>{k}</th>" for k in range(1, 6)) + "</tr>"]
+    for i in shown:
+        q = ids[i]
+        row = {"id": q, "image": images[i], "prediction": final[i],
+               "answers": {k: v[i] for k, v in parts.items()},
+               "neighbours": neighbours[i] if neighbours is not None else (),
+               "tags": (["sunk"] if sunk[i] else []) + (["unreadable"] if unreadable[i] else [])}
+        if truth is not None and q in truth:
+            row["truth"] = truth[q]
+            if truth[q] and truth_images:
+                row["truth_image"] = next((truth_images[t] for t in sorted(truth[q], key=str) if t in truth_images),
+                                          None)
+        body.append(render_row(row, name_of, thumbs))
+    body.append("</table>")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page(title, "\n".join(head + body)))
+    print(f"wrote {path} ({len(shown)} of {n_q} queries, {os.path.getsize(path) / 1e6:.1f} MB)", flush=True)
+    return shown
+
+
+def _answers(part):
+    """recognize()'s (landmarks, confidences) as [(label, confidence) or None]."""
+    landmarks, conf = part
+    return [None if (lid is None or lid != lid) else (int(lid), float(c)) for lid, c in zip(landmarks, conf)]
+
+
+def report_from_result(path, res, ids, q_paths, g_paths, g_labels, names=None, truth=None, non_landmark=False,
+                       logs=None, rows=200, title="Recognition report", notes=()):
+    """write_report of predict.py's result (recognize()'s dict): the final answer
+    (the re-ranked ensemble, with its non-landmark sinking when asked for), the
+    other parts, and each query's 5 nearest gallery images."""
+    final_key = "ensemble_nl" if non_landmark else "ensemble"
+    parts = {k: _answers(res[k]) for k in ("ensemble", "classifier", "retrieval")
+             if k in res and k != final_key and not (k == "retrieval" and "classifier" not in res)}
+    sims, nn = res["neighbours"]
+    g_labels = np.asarray(g_labels)
+    neighbours = [[(g_paths[j], int(g_labels[j]), float(s)) for s, j in zip(sims[i], nn[i]) if np.isfinite(s)]
+                  for i in range(len(ids))]
+    final_name = "ensemble + non-landmarks sunk (submitted)" if non_landmark else "ensemble (submitted)"
+    return write_report(path, ids, q_paths, _answers(res[final_key]), parts, neighbours, truth, names,
+                        sunk=res.get("nl_flags"), unreadable=res["unreadable"][0], logs=logs, rows=rows,
+                        title=title, notes=notes, final_name=final_name)
