@@ -549,13 +549,81 @@ def whitened_embeddings(g_raw, *others, whiten_mode="auto"):
     WHITEN_MIN_RATIO images per dimension: a whitening learnt on fewer is mostly noise
     and costs retrieval (docs/transfer.md: GAP 0.975 raw, 0.960 whitened with a shrunk
     estimate, on 141 photos)."""
-    from finetune import learn_whitening, whiten
+    w = whitening_of(g_raw, whiten_mode)
+    return [None if a is None else whitened(a, w) for a in (g_raw, *others)]
+
+
+def whitening_of(g_raw, whiten_mode="auto"):
+    """(P, m) of the whitening learnt on the gallery's features, or None (see whitened_embeddings)."""
+    from finetune import learn_whitening
     g = np.asarray(g_raw, np.float32)
     on = whiten_mode == "pca" or (whiten_mode == "auto" and len(g) >= WHITEN_MIN_RATIO * g.shape[1])
-    P, m = learn_whitening(g) if on else (None, None)
-    return [None if a is None else
-            F.normalize(torch.from_numpy(whiten(a, P, m) if on else np.asarray(a, np.float32)), dim=1).numpy()
-            for a in (g, *others)]
+    return learn_whitening(g) if on else None
+
+
+def whitened(a, w):
+    """Features a whitened with w = (P, m) (None: as they are), L2-normalised, float32."""
+    from finetune import whiten
+    return F.normalize(torch.from_numpy(whiten(a, *w) if w else np.asarray(a, np.float32)), dim=1).numpy()
+
+
+@torch.no_grad()
+def embed_images(model, images, image_size, device, precision="fp32", batch_size=32):
+    """extract_features of RGB uint8 images in memory (app.py): the same resize as
+    validation and the same embed_batch. The neck outputs z (N, C), float32."""
+    val = get_transforms(image_size, model.preprocessing["interpolation"])[1]
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.stack([torch.from_numpy(np.ascontiguousarray(val(image=im)["image"])).permute(2, 0, 1)
+                         for im in images[i:i + batch_size]])
+        out.append(embed_batch(model, x, torch.device(device), precision).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.neck_dim), np.float32)
+
+
+def folder_models(spec=None, zero=None, idx2landmark=None, device="cpu", trust_checkpoint=False, vote="auto",
+                  cls_power=None):
+    """What recognition on folders needs before any image: the spec's models checked
+    (or, with zero, the pretrained backbone built), their signature for an index, the
+    re-ranking, the label map and the names of the classes it knows. A namespace."""
+    from gallery import landmark_names, model_signature
+    idx2lid = read_label_map(idx2landmark) if idx2landmark else None
+    # the classes' names: landmark_names.json beside the label map, else the landmark ids themselves
+    # (GLDv2's landmarks have no other name): a gallery folder named so is a class the classifier knows
+    known = landmark_names(idx2landmark) or ({lid: str(lid) for lid in idx2lid.values()} if idx2lid else {})
+    setup = argparse.Namespace(zero=zero, known=known, idx2lid=idx2lid, rerank_with=RERANK["original"])
+    if zero is None:
+        models, base = load_spec(spec) if isinstance(spec, str) else (spec, os.getcwd())
+        n_known = len(idx2lid) if idx2lid else None
+        ckpts, n, pres, recipes = check_models(models, base, n_known, idx2landmark, trust_checkpoint)
+        setup.rerank_with = resolve_rerank(vote, cls_power, recipes)
+        if idx2lid is None:  # anonymous classes: the classifier can name no gallery landmark
+            setup.idx2lid = {i: -1 - i for i in range(n)}
+        setup.models, setup.ckpts, setup.signature = models, ckpts, model_signature(models, ckpts, pres)
+    else:
+        setup.size = int(zero.get("image_size", 256))
+        setup.zmodel, setup.signature = zero_training_model(zero["enet_type"], zero.get("pretrained_path"),
+                                                            zero.get("pool", "avg"), setup.size, device)
+    return setup
+
+
+def folder_answer(setup, zqs, g_emb, heads, g_labels, device="cpu", non_landmark=None, nl_emb=None,
+                  whitening=None):
+    """recognize() of folder_models' setup: with trained models as it is; without
+    training (setup.zero), by retrieval on the features whitened on the gallery
+    (whitening: (w, whitened gallery) when already learnt, as app.py keeps it).
+    Returns (result, the queries' and the gallery's embeddings as compared)."""
+    if setup.zero is None:
+        res = recognize(zqs, g_emb, heads, g_labels, setup.idx2lid, device=device, non_landmark=non_landmark,
+                        nl_emb=nl_emb, rerank_with=setup.rerank_with)
+        return res, [F.normalize(torch.as_tensor(z), dim=1).numpy() for z in zqs], g_emb
+    if whitening is None:
+        w = whitening_of(g_emb[0], setup.zero.get("whiten", "auto"))
+        whitening = (w, whitened(g_emb[0], w))
+    w, g_w = whitening
+    q_w = whitened(zqs[0], w)
+    nl_w = [whitened(nl_emb[0], w)] if nl_emb else None
+    res = recognize([q_w], [g_w], None, g_labels, None, device=device, non_landmark=non_landmark, nl_emb=nl_w)
+    return res, [q_w], [g_w]
 
 
 def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=None, add_to_index=False,
@@ -571,11 +639,8 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
     the gallery (an index holds the raw features; the whitening is learnt
     again from the whole gallery at each answer). Returns (predictions frame
     or None, the recognize() result or None)."""
-    from gallery import (folder_gallery, ids_for_names, landmark_names, list_images, load_index, model_signature,
-                         save_index as write_index)
+    from gallery import folder_gallery, ids_for_names, list_images, load_index, save_index as write_index
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if zero is None:
-        models, base = load_spec(spec) if isinstance(spec, str) else (spec, os.getcwd())
     if index is None and gallery_dir is None:
         raise UserError("give --gallery-dir (one folder per landmark) or --index (a saved one)")
     if add_to_index and (index is None or gallery_dir is None):
@@ -585,23 +650,8 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
     q_rel = list_images(query_dir) if query_dir else []
     if query_dir and not q_rel:
         raise UserError(f"--query-dir {query_dir}: no images in it")
-    idx2lid = read_label_map(idx2landmark) if idx2landmark else None
-    # the classes' names: landmark_names.json beside the label map, else the landmark ids themselves
-    # (GLDv2's landmarks have no other name): a gallery folder named so is a class the classifier knows
-    known = landmark_names(idx2landmark) or ({lid: str(lid) for lid in idx2lid.values()} if idx2lid else {})
-    if zero is None:
-        n_known = len(idx2lid) if idx2lid else None
-        ckpts, n, pres, recipes = check_models(models, base, n_known, idx2landmark, trust_checkpoint)
-        rerank_with = resolve_rerank(vote, cls_power, recipes)
-        if idx2lid is None:  # anonymous classes: the classifier can name no gallery landmark
-            idx2lid = {i: -1 - i for i in range(n)}
-        signature = model_signature(models, ckpts, pres)
-        kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision=precision, compile=compile,
-                  trust=trust_checkpoint)
-    else:
-        size = int(zero.get("image_size", 256))
-        zmodel, signature = zero_training_model(zero["enet_type"], zero.get("pretrained_path"),
-                                                zero.get("pool", "avg"), size, device)
+    setup = folder_models(spec, zero, idx2landmark, device, trust_checkpoint, vote, cls_power)
+    signature, known = setup.signature, setup.known
 
     g_rel, g_labels, g_emb, names = [], np.zeros(0, np.int64), None, dict(known)
     g_root = gallery_dir
@@ -618,10 +668,12 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
     q_paths = [os.path.join(query_dir, p) for p in q_rel]
     new_paths = [os.path.join(gallery_dir, p) for p, _ in todo]
     nl_paths = _non_landmark_paths(non_landmark)
+    kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision=precision)
     if zero is None:
-        new_emb, zqs, heads, nl_emb = embed_all(models, ckpts, new_paths, q_paths, nl_paths, **kw)
+        new_emb, zqs, heads, nl_emb = embed_all(setup.models, setup.ckpts, new_paths, q_paths, nl_paths,
+                                                compile=compile, trust=trust_checkpoint, **kw)
     else:
-        kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision=precision)
+        zmodel, size, heads = setup.zmodel, setup.size, None
         new_emb = [extract_features(zmodel, new_paths, size, desc="gallery", **kw)]
         zqs = [extract_features(zmodel, q_paths, size, desc="queries", **kw)]
         nl_emb = [extract_features(zmodel, nl_paths, size, desc="non-landmarks", **kw)] if nl_paths else []
@@ -645,16 +697,7 @@ def run_folders(spec, query_dir=None, gallery_dir=None, index=None, save_index=N
         print(f"index: {stem}.npz, {stem}.json ({len(g_rel)} images)", flush=True)
     if not q_paths:
         return None, None
-    if zero is None:
-        res = recognize(zqs, g_emb, heads, g_labels, idx2lid, device=device, non_landmark=non_landmark,
-                        nl_emb=nl_emb, rerank_with=rerank_with)
-        q_emb = [F.normalize(torch.as_tensor(z), dim=1).numpy() for z in zqs]
-    else:
-        g_w, q_w, nl_w = whitened_embeddings(g_emb[0], zqs[0], nl_emb[0] if nl_emb else None,
-                                             whiten_mode=zero.get("whiten", "auto"))
-        res = recognize([q_w], [g_w], None, g_labels, None, device=device, non_landmark=non_landmark,
-                        nl_emb=[nl_w] if nl_w is not None else None)
-        q_emb, g_emb = [q_w], [g_w]
+    res, q_emb, g_emb = folder_answer(setup, zqs, g_emb, heads, g_labels, device, non_landmark, nl_emb)
     final = "ensemble_nl" if non_landmark is not None else "ensemble"
     if retrieval_ranks:
         g_bad = res["unreadable"][1]

@@ -35,7 +35,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.5em}
 table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px 6px;vertical-align:top;text-align:left}
 table.scores td,table.scores th{padding:3px 10px}
-.chart img{max-width:100%;height:auto}.q img{display:block}.nb{font-size:12px;width:100px}.nb img{display:block;margin-bottom:2px}
+.chart img{max-width:100%;height:auto}.q img{display:block}.nb{font-size:12px;width:100px;overflow-wrap:anywhere}.nb img{display:block;margin-bottom:2px}
 .right{background:#e7f6e7}.wrong{background:#fbe4e4}.nonlandmark{background:#eee}
 .mark{font-weight:bold}.right .mark{color:#197a19}.wrong .mark{color:#b11}
 .tag{display:inline-block;padding:0 5px;border-radius:3px;font-size:12px;background:#ddd;margin:1px 0}
@@ -49,8 +49,8 @@ justify-content:center}
 class Thumbnails:
     """Images as data: URIs of small JPEGs, each file read once per report."""
 
-    def __init__(self):
-        self.cache = {}
+    def __init__(self, limit=None):
+        self.cache, self.limit = {}, limit  # limit: most files kept (app.py answers for days)
 
     def __call__(self, image, side):
         """image: a path or an RGB uint8 array; None when it cannot be read."""
@@ -63,6 +63,8 @@ class Thumbnails:
             rgb = None
         uri = None if rgb is None else jpeg_uri(rgb, side)
         if key is not None:
+            if self.limit and len(self.cache) >= self.limit:
+                self.cache.clear()
             self.cache[key] = uri
         return uri
 

@@ -2,48 +2,14 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, TINY_BACKBONE
+from conftest import TINY_BACKBONE
 import predict
 from util import UserError
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """Gallery folders (clean classes, one folder per landmark), a query folder, and a model trained on them."""
-    import preprocess
-    import synthetic
-    t = tmp_path_factory.mktemp("photos")
-    d = str(t / "gld")
-    synthetic.generate(d, classes=8, clean_classes=6, test=12, min_size=40, max_size=64, seed=9)
-    clean = pd.read_csv(os.path.join(d, "train_competition.csv"), dtype={"id": str})
-    g = t / "gallery"
-    for i, lid in zip(clean["id"], clean["landmark_id"]):
-        (g / f"Place {lid}").mkdir(parents=True, exist_ok=True)
-        shutil.copy(os.path.join(d, "train", i[0], i[1], i[2], f"{i}.jpg"), g / f"Place {lid}" / f"{i}.jpg")
-    q = t / "queries"
-    for k, i in enumerate(pd.read_csv(os.path.join(d, "sample_submission.csv"), dtype={"id": str})["id"]):
-        (q / f"day{k % 2}").mkdir(parents=True, exist_ok=True)
-        shutil.copy(os.path.join(d, "test", i[0], i[1], i[2], f"{i}.jpg"), q / f"day{k % 2}" / f"{i}.jpg")
-    out = str(t / "model")
-    preprocess.main(["--from-folder", str(g), "--out-dir", out])
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "train.py", "--kernel-type", "p", "--train-step", "0", "--data-dir", out,
-                        "--folds-csv", os.path.join(out, "train_0.csv"), "--model-dir", out, "--log-dir", out,
-                        "--enet-type", TINY_BACKBONE, "--no-pretrained", "--num-workers", "0", "--batch-size", "8",
-                        "--image-size", "32", "--n-epochs", "2"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-2000:]
-    spec = t / "spec.json"
-    spec.write_text(json.dumps({"models": [{"enet_type": TINY_BACKBONE, "checkpoint": os.path.join(out, "p_fold0_final.pth"),
-                                            "image_size": 32}]}))
-    return {"t": t, "gallery": str(g), "queries": str(q), "labels": os.path.join(out, "idx2landmark_id.json"),
-            "spec": str(spec), "n_queries": len(list(q.rglob("*.jpg")))}
 
 
 def _predict(ph, *extra, out="pred.csv"):

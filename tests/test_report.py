@@ -1,0 +1,176 @@
+"""The HTML report: rows, marks against evaluate.py, embedded images, no other host, and a browser opens it."""
+import base64
+import os
+import re
+import shutil
+from html.parser import HTMLParser
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+import evaluate
+import predict
+import report
+from util import UserError
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+class Rows(HTMLParser):
+    """Each query row's id and mark, each neighbour cell's mark, every img's src, every attribute value."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.imgs, self.values, self.scores, self._part, self._cell = [], [], [], {}, None, None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.values += [v for v in a.values() if v]
+        if tag == "tr" and "row" in a.get("class", "").split():
+            self.rows.append({"id": a["data-id"], "mark": a["data-mark"], "nb": []})
+        if tag == "td" and "nb" in a.get("class", "").split():
+            self.rows[-1]["nb"].append(a["class"].split()[1:])
+        if tag == "tr" and a.get("class") == "score":
+            self._part = a["data-part"]
+        if tag == "td" and a.get("class") in ("gap", "acc") and self._part:
+            self._cell = a["class"]
+        if tag == "img":
+            self.imgs.append(a["src"])
+
+    def handle_data(self, data):
+        if self._cell:
+            self.scores.setdefault(self._part, {})[self._cell] = float(data)
+            self._cell = None
+
+
+def parse(path):
+    p = Rows()
+    text = open(path, encoding="utf-8").read()
+    p.feed(text)
+    return p, text
+
+
+def assert_self_contained(p, text):
+    for src in p.imgs:
+        m = re.fullmatch(r"data:image/(jpeg|png);base64,(.+)", src)
+        assert m, src[:60]
+        img = cv2.imdecode(np.frombuffer(base64.b64decode(m.group(2)), np.uint8), cv2.IMREAD_COLOR)
+        assert img is not None and img.size > 0
+    # no reference to another host: no URL scheme or protocol-relative address anywhere
+    outside = re.sub(r'"data:image/(jpeg|png);base64,[A-Za-z0-9+/=]+"', '""', text)
+    assert not re.search(r"(https?|ftp|wss?):|//[a-z0-9]", outside, re.I)
+    assert "<script" not in text and "url(" not in text
+    assert not [v for v in p.values if v.startswith(("http", "//"))]
+
+
+def marks_from_files(submission, solution):
+    """right / wrong / nonlandmark per id, computed from the two CSV files directly."""
+    sub = pd.read_csv(submission, dtype=str, keep_default_na=False).set_index("id")["landmarks"]
+    sol = pd.read_csv(solution, dtype=str, keep_default_na=False).set_index("id")["landmarks"]
+    out = {}
+    for i, t in sol.items():
+        truth = set(t.split())
+        pred = sub.get(i, "").split()
+        out[i] = ("nonlandmark" if not truth else "wrong") if not pred else (
+            "right" if pred[0] in truth else "wrong")
+    return out, {i: float(v.split()[1]) for i, v in sub.items() if v}
+
+
+@pytest.fixture(scope="module")
+def gld_report(trained, tmp_path_factory):
+    t = tmp_path_factory.mktemp("report")
+    d = trained["data"]
+    spec = t / "spec.json"
+    spec.write_text('{"models": [{"enet_type": "%s", "checkpoint": "%s", "image_size": %d}]}'
+                    % (trained["enet_type"], trained["checkpoint"], trained["image_size"]))
+    sub, html_path = str(t / "submission.csv"), str(t / "report.html")
+    predict.main(["--data-dir", d, "--train-csv", os.path.join(d, "train_competition.csv"),
+                  "--idx2landmark", os.path.join(d, "idx2landmark_id.json"), "--spec", str(spec),
+                  "--cache-dir", "", "--num-workers", "0", "--device", "cpu", "--out", sub, "--write-parts",
+                  "--report", html_path, "--solution", os.path.join(d, "solution.csv"), "--report-rows", "100000",
+                  "--logs", os.path.join(d, "logs", "r1.txt")])
+    return {"data": d, "submission": sub, "html": html_path, "t": t}
+
+
+def test_predict_report_rows_marks_and_scores(gld_report):
+    d = gld_report["data"]
+    solution = os.path.join(d, "solution.csv")
+    p, text = parse(gld_report["html"])
+    marks, conf = marks_from_files(gld_report["submission"], solution)
+    assert sorted(r["id"] for r in p.rows) == sorted(marks)  # every query, once
+    assert {r["id"]: r["mark"] for r in p.rows} == marks
+    assert {"right", "wrong"} <= set(marks.values())
+    # the wrong ones first, by decreasing confidence
+    n_wrong = sum(m == "wrong" and i in conf for i, m in marks.items())
+    head = [r["id"] for r in p.rows[:n_wrong]]
+    assert all(marks[i] == "wrong" for i in head) and [conf[i] for i in head] == sorted(
+        (conf[i] for i in head), reverse=True)
+    # 5 neighbours per row, marked right exactly when their landmark is the truth
+    assert all(len(r["nb"]) == 5 for r in p.rows)
+    gap, acc = evaluate.evaluate(gld_report["submission"], solution)
+    final = p.scores["ensemble (submitted)"]
+    assert final["gap"] == pytest.approx(gap, abs=5e-5) and final["acc"] == pytest.approx(acc, abs=5e-5)
+    for part in ("classifier", "retrieval"):
+        g, _ = evaluate.evaluate(gld_report["submission"].replace(".csv", f"_{part}.csv"), solution)
+        assert p.scores[part]["gap"] == pytest.approx(g, abs=5e-5)
+    # thumbnails of every query and 5 neighbours, the histogram and the curves
+    assert len(p.imgs) == 6 * len(p.rows) + 2
+    assert_self_contained(p, text)
+
+
+def test_evaluate_report_with_parts_and_examples(gld_report):
+    d, t = gld_report["data"], gld_report["t"]
+    out = str(t / "ev.html")
+    solution = os.path.join(d, "solution.csv")
+    evaluate.main(["--submission", gld_report["submission"], "--solution", solution, "--report", out,
+                   "--data-dir", d, "--train-csv", os.path.join(d, "train_competition.csv"), "--report-rows", "7"])
+    p, text = parse(out)
+    marks, conf = marks_from_files(gld_report["submission"], solution)
+    assert len(p.rows) == 7 and all(marks[r["id"]] == r["mark"] for r in p.rows)
+    wrong = sorted((i for i, m in marks.items() if m == "wrong" and i in conf), key=lambda i: -conf[i])
+    assert [r["id"] for r in p.rows] == wrong[:7]  # the 7 most confident wrong predictions
+    assert set(p.scores) == {"submission", "classifier", "retrieval"}  # the parts beside it are found
+    # the examples are gallery images of the predicted landmark: all marked wrong on a wrong row
+    assert all(r["nb"] and all(m == ["wrong"] for m in r["nb"]) for r in p.rows)
+    assert_self_contained(p, text)
+
+
+def test_select_rows_hand_example():
+    ids = ["a", "b", "c", "d", "e"]
+    preds = [(1, 0.9), (2, 0.8), (3, 0.7), None, (5, 0.95)]
+    truth = {"a": {1}, "b": {9}, "c": None, "d": {4}, "e": {5}}
+    assert report.select_rows(ids, preds, truth, n=99) == [1, 2, 4, 0, 3]  # wrong b, c; then the rest by conf
+    assert report.select_rows(ids, preds, truth, n=1) == [1]
+    shown = report.select_rows(ids, preds, truth, n=3)
+    assert shown[:2] == [1, 2] and shown[2] in (0, 3, 4)
+    assert sorted(report.select_rows(ids, preds, None, n=5)) == [0, 1, 2, 3, 4]
+
+
+def test_report_input_mistakes_are_one_line(tmp_path, gld_report, capsys):
+    d = gld_report["data"]
+    base = ["--data-dir", d, "--train-csv", os.path.join(d, "train_competition.csv"), "--idx2landmark",
+            os.path.join(d, "idx2landmark_id.json"), "--spec", "x.json", "--report", str(tmp_path / "r.html")]
+    with pytest.raises(UserError, match="--logs .*none.txt: no such log"):  # before any model or image
+        predict.main(base + ["--logs", str(tmp_path / "none.txt")])
+    with pytest.raises(UserError, match="none.csv: no such file"):
+        predict.main(base + ["--solution", str(tmp_path / "none.csv")])
+    with pytest.raises(SystemExit) as e:
+        predict.main(base[:-2] + ["--solution", "s.csv"])  # --solution without --report
+    assert e.value.code == 2
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Chromium and chromedriver "
+                    "(apt-get install chromium chromium-driver); .ci/run installs them")
+def test_browser_opens_report_offline(gld_report):
+    from browser import chrome
+    with chrome() as b:
+        b.get("file://" + os.path.abspath(gld_report["html"]))
+        rows = b.find_elements("css selector", "tr.row")
+        p, _ = parse(gld_report["html"])
+        assert len(rows) == len(p.rows)
+        # every image decoded by the browser itself
+        bad = b.execute_script("return [...document.images].filter(i => !i.complete || i.naturalWidth == 0).length")
+        assert bad == 0 and b.execute_script("return document.images.length") == len(p.imgs)
