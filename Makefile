@@ -6,7 +6,7 @@ PYTHON ?=
 RUN := $(if $(PYTHON),$(PYTHON),$(BIN)/python)
 DEPS := $(if $(PYTHON),,venv)
 
-.PHONY: venv test demo clean
+.PHONY: venv app test demo clean
 
 # The venv is rebuilt only when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -16,6 +16,10 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The recognition page's optional dependencies (FastAPI, uvicorn): python app.py --help
+app: venv
+	$(BIN)/python -m pip install -q -r requirements-app.txt
 
 test: $(DEPS)
 	$(RUN) -m pytest -q tests

@@ -56,7 +56,8 @@ pred=(--data-dir "$D" --train-csv "$D/train_competition.csv" --idx2landmark "$D/
       --spec "$OUT/spec.json" --cache-dir "$OUT/cache" --num-workers 0)
 # beyond the original: sink queries that look like non-landmarks, with a known set, then mined from the queries
 $PY predict.py "${pred[@]}" --out "$OUT/submission_nl_auto.csv" --non-landmark auto 2>/dev/null
-$PY predict.py "${pred[@]}" --out "$OUT/submission_nl.csv" --non-landmark "$D/non_landmark.csv" --write-parts 2>/dev/null
+$PY predict.py "${pred[@]}" --out "$OUT/submission_nl.csv" --non-landmark "$D/non_landmark.csv" --write-parts \
+    --report "$OUT/report.html" --solution "$D/solution.csv" --logs "$OUT"/logs/demo_*.txt 2>/dev/null
 # your-own-photos path: the same images as folders (gallery/<landmark id>/, queries/), predictions.csv
 $PY scripts/as_folders.py split "$D" "$D/train_competition.csv" "$OUT/photos"
 $PY predict.py --spec "$OUT/spec.json" --gallery-dir "$OUT/photos/gallery" --query-dir "$OUT/photos/queries" \
