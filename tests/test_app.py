@@ -26,7 +26,6 @@ import predict
 pytest.importorskip("fastapi", reason="app.py's dependencies: make app (requirements-app.txt); .ci/run installs them")
 pytest.importorskip("multipart", reason="python-multipart: make app")
 pytest.importorskip("uvicorn", reason="uvicorn: make app")
-import app  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
