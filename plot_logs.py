@@ -30,6 +30,20 @@ def read_log(path):
     return [rows[e] for e in sorted(rows)]
 
 
+def read_logs(paths, flag=""):
+    """{path: read_log(path)} of train.py logs; a missing file or one without epoch
+    lines is a UserError naming it (and the flag it came from)."""
+    logs = {}
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError(f"{flag + ' ' if flag else ''}{path}: no such log")
+        rows = read_log(path)
+        if not rows:
+            raise UserError(f"{flag + ' ' if flag else ''}{path}: no epoch lines of train.py in it")
+        logs[path] = rows
+    return logs
+
+
 def plot(logs, out):
     import matplotlib
     matplotlib.use("Agg")
@@ -57,14 +71,7 @@ def main(argv=None):
     p.add_argument("logs", nargs="+", help="train.py logs: {log_dir}/{kernel_type}.txt")
     p.add_argument("-o", "--out", default="curves.png")
     a = p.parse_args(argv)
-    logs = {}
-    for path in a.logs:
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: no such log")
-        rows = read_log(path)
-        if not rows:
-            raise UserError(f"{path}: no epoch lines of train.py in it")
-        logs[path] = rows
+    logs = read_logs(a.logs)
     plot(logs, a.out)
     print(f"{a.out}: {len(logs)} run(s), {sum(len(r) for r in logs.values())} epochs")
     return logs

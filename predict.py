@@ -828,10 +828,7 @@ def check_report_inputs(a):
     Returns the GLDv2 truth (folders: read once the gallery's names are known)."""
     import plot_logs
     from evaluate import read_solution
-    for path in a.logs or ():
-        if not os.path.isfile(path) or not plot_logs.read_log(path):
-            raise UserError(f"--logs {path}: " + ("no epoch lines of train.py in it" if os.path.isfile(path)
-                                                  else "no such log"))
+    plot_logs.read_logs(a.logs or (), "--logs")
     if a.solution and a.folders:
         read_csv_checked(a.solution, ["path", "landmark"])
     return read_solution(a.solution) if a.solution and not a.folders else None
@@ -846,8 +843,7 @@ def write_report(a, res, names, truth=None):
     notes = [f"spec {a.spec}" if a.spec else f"backbone {a.backbone} without training",
              f"answer: {'ensemble with non-landmarks sunk (' + a.non_landmark + ')' if a.non_landmark else 'ensemble'}"
              f"; truth: {a.solution or 'not given'}"]
-    report.report_from_result(a.report, res, res["ids"], res["query_paths"], res["gallery_paths"],
-                              res["gallery_labels"], names, truth, bool(a.non_landmark), a.logs, a.report_rows,
+    report.report_from_result(a.report, res, names, truth, bool(a.non_landmark), a.logs, a.report_rows,
                               notes=notes)
 
 

@@ -85,7 +85,11 @@ def png_uri(fig):
     b = io.BytesIO()
     fig.savefig(b, format="png", dpi=90)
     plt.close(fig)
-    img = cv2.imdecode(np.frombuffer(b.getvalue(), np.uint8), cv2.IMREAD_COLOR)
+    return _clean_png_uri(b.getvalue())
+
+
+def _clean_png_uri(png):
+    img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     return "data:image/png;base64," + base64.b64encode(cv2.imencode(".png", img)[1].tobytes()).decode()
 
 
@@ -205,19 +209,9 @@ def confidence_histogram(right, wrong, other):
 
 def curves_uri(log_paths):
     import plot_logs
-    from util import UserError
-    logs = {}
-    for path in log_paths:
-        if not os.path.isfile(path):
-            raise UserError(f"--logs {path}: no such log")
-        rows = plot_logs.read_log(path)
-        if not rows:
-            raise UserError(f"--logs {path}: no epoch lines of train.py in it")
-        logs[path] = rows
     b = io.BytesIO()
-    plot_logs.plot(logs, b)
-    img = cv2.imdecode(np.frombuffer(b.getvalue(), np.uint8), cv2.IMREAD_COLOR)
-    return "data:image/png;base64," + base64.b64encode(cv2.imencode(".png", img)[1].tobytes()).decode()
+    plot_logs.plot(plot_logs.read_logs(log_paths, "--logs"), b)
+    return _clean_png_uri(b.getvalue())
 
 
 def write_report(path, ids, images, final, parts=None, neighbours=None, truth=None, names=None, sunk=None,
@@ -308,19 +302,20 @@ def _answers(part):
     return [None if (lid is None or lid != lid) else (int(lid), float(c)) for lid, c in zip(landmarks, conf)]
 
 
-def report_from_result(path, res, ids, q_paths, g_paths, g_labels, names=None, truth=None, non_landmark=False,
-                       logs=None, rows=200, title="Recognition report", notes=()):
-    """write_report of predict.py's result (recognize()'s dict): the final answer
+def report_from_result(path, res, names=None, truth=None, non_landmark=False, logs=None, rows=200,
+                       title="Recognition report", notes=()):
+    """write_report of predict.py's result (recognize()'s dict with the queries'
+    'ids' and 'query_paths', the 'gallery_paths' and 'gallery_labels'): the final answer
     (the re-ranked ensemble, with its non-landmark sinking when asked for), the
     other parts, and each query's 5 nearest gallery images."""
     final_key = "ensemble_nl" if non_landmark else "ensemble"
     parts = {k: _answers(res[k]) for k in ("ensemble", "classifier", "retrieval")
              if k in res and k != final_key and not (k == "retrieval" and "classifier" not in res)}
     sims, nn = res["neighbours"]
-    g_labels = np.asarray(g_labels)
+    ids, g_paths, g_labels = res["ids"], res["gallery_paths"], np.asarray(res["gallery_labels"])
     neighbours = [[(g_paths[j], int(g_labels[j]), float(s)) for s, j in zip(sims[i], nn[i]) if np.isfinite(s)]
                   for i in range(len(ids))]
     final_name = "ensemble + non-landmarks sunk (submitted)" if non_landmark else "ensemble (submitted)"
-    return write_report(path, ids, q_paths, _answers(res[final_key]), parts, neighbours, truth, names,
+    return write_report(path, ids, res["query_paths"], _answers(res[final_key]), parts, neighbours, truth, names,
                         sunk=res.get("nl_flags"), unreadable=res["unreadable"][0], logs=logs, rows=rows,
                         title=title, notes=notes, final_name=final_name)
