@@ -150,7 +150,7 @@ def test_bad_uploads_get_a_message_and_the_app_goes_on(server):
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Chromium and chromedriver "
                     "(apt-get install chromium chromium-driver); .ci/run installs them")
-def test_browser_uploads_a_photo_and_sees_landmark_and_neighbours(server):
+def test_browser_picks_or_drops_photos_and_sees_landmark_and_neighbours(server):
     from browser import chrome
     k = 2
     row = server["pred"].iloc[k]
@@ -171,6 +171,24 @@ def test_browser_uploads_a_photo_and_sees_landmark_and_neighbours(server):
         assert decoded == 5
         names = [p.split(os.sep)[0] for p, _ in json.loads(row["neighbours"])]
         assert [n.text.splitlines()[-2] for n in nbs] == names  # each neighbour's landmark, then its cosine
+
+        # Dropping: a browser under WebDriver cannot drag a file from the desktop, so the test builds what the
+        # desktop would hand over, a DataTransfer holding real File objects (read from disk through a second,
+        # hidden input), and dispatches a 'drop' on the zone. The page's own handler does the rest.
+        b.get(server["url"] + "/")
+        b.execute_script("const i = document.createElement('input'); i.type = 'file'; i.multiple = true;"
+                         "i.id = 'src'; i.style.display = 'none'; document.body.appendChild(i);")
+        two = [server["pred"].iloc[j] for j in (0, 3)]
+        b.find_element("id", "src").send_keys("\n".join(os.path.join(server["queries"], r["path"]) for r in two))
+        b.execute_script("const dt = new DataTransfer();"
+                         "for (const f of document.getElementById('src').files) dt.items.add(f);"
+                         "const z = document.getElementById('drop');"
+                         "z.dispatchEvent(new DragEvent('dragover', {dataTransfer: dt, bubbles: true, cancelable: true}));"
+                         "z.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));")
+        WebDriverWait(b, 60).until(lambda d: d.find_elements("css selector", "tr.row"))
+        rows = b.find_elements("css selector", "tr.row")
+        assert [r.find_element("css selector", "b.pred").text for r in rows] == [r["landmark"] for r in two]
+        assert all(len(r.find_elements("css selector", "td.nb")) == 5 for r in rows)
 
 
 def test_temporary_folder_removed_at_stop(server):
