@@ -84,33 +84,30 @@ class Recognizer:
     activations."""
 
     def __init__(self, a, workdir):
-        from gallery import load_index
+        from gallery import load_index, model_signature
         self.device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        zero = ({"enet_type": a.backbone, "pretrained_path": a.pretrained_path, "image_size": a.image_size,
-                 "pool": a.pool, "whiten": a.whiten} if a.backbone else None)
         index = a.index
         if index is None:  # embed the gallery once, through predict.py's own path
             index = os.path.join(workdir, "index")
-            predict.run_folders(a.spec, gallery_dir=a.gallery_dir, save_index=index, idx2landmark=a.idx2landmark,
-                                device=self.device, num_workers=0, precision=a.precision,
-                                trust_checkpoint=a.trust_checkpoint, zero=zero)
-        self.setup = s = predict.folder_models(a.spec, zero, a.idx2landmark, self.device, a.trust_checkpoint,
-                                               a.rerank_vote, a.rerank_cls_power)
-        idx = load_index(index, s.signature)
+            predict.run_folders(predict.options(a, index=None, save_index=index, num_workers=0,
+                                                device=self.device.type))
+        opts = predict.options(a)  # predict.py's options, those of the page among them
+        self.setup = s = predict.load_setup(opts, self.device)
+        signature = s.signature if s.zero else model_signature(s.models, s.ckpts, s.pres)
+        idx = load_index(index, signature)
         self.g_emb, self.g_labels, self.g_rel = idx["emb"], idx["labels"], idx["paths"]
         self.names = s.known | idx["names"]
         root = a.gallery_dir or idx["gallery_dir"]
         self.g_paths = [os.path.join(root, p) if root else p for p in self.g_rel]
         self.precision, self.whitening = a.precision, None
-        if zero is None:
+        if s.zero is None:
             self.models = [(predict.load_model(m["enet_type"], c, self.device, a.trust_checkpoint,
                                                image_size=int(m["image_size"])), int(m["image_size"]))
                            for m, c in zip(s.models, s.ckpts)]
             self.heads = [m.metric_classify for m, _ in self.models]
         else:  # the whitening is learnt on the gallery once, not per request
             self.models, self.heads = [(s.zmodel, s.size)], None
-            w = predict.whitening_of(self.g_emb[0], a.whiten)
-            self.whitening = (w, predict.whitened(self.g_emb[0], w))
+            self.whitening = predict.gallery_whitening(s, self.g_emb)
         self.lock = threading.Lock()
         print(f"gallery: {len(self.g_rel)} photos of {len(set(self.g_labels.tolist()))} landmarks; "
               f"{len(self.models)} model(s) on {self.device}", flush=True)

@@ -14,7 +14,9 @@ A saved index is two files that never run code: I.npz (per model, the
 gallery's L2-normalised embeddings in float16; the landmark ids) and I.json
 (the gallery paths and landmark names, and for each model its backbone, image
 size, preprocessing and the SHA-1 of its checkpoint file). An index is used
-only with the models it was built with.
+only with the models it was built with. Built with --knn faiss, it also holds
+I.faiss (faiss' own format) and I.faiss.rows.npy: the faiss index of the same
+embeddings, used again while the gallery and --faiss-index are the same.
 """
 import hashlib
 import json
@@ -87,18 +89,45 @@ def model_signature(models, ckpts, preprocessing):
              "preprocessing": p} for m, c, p in zip(models, ckpts, preprocessing)]
 
 
-def save_index(path, embeddings, labels, paths, names, signature, gallery_dir=None):
+def _gallery_digest(paths):
+    return hashlib.sha1("\n".join(paths).encode()).hexdigest()
+
+
+def save_index(path, embeddings, labels, paths, names, signature, gallery_dir=None, faiss=None, whiten=None):
     """path.npz + path.json (see the module's docstring); gallery_dir, the folder
-    the paths are under, is recorded for showing the images (report.py, app.py)."""
+    the paths are under, is recorded for showing the images (report.py, app.py).
+    faiss: a retrieval.FaissGallery of these very images (predict.py --knn faiss),
+    kept as path.faiss with its factory string, the whitening it was built after
+    (--backbone) and a digest of the paths, so that a later run uses it only
+    for this gallery; without one, an earlier path.faiss is removed."""
     stem = path[:-4] if path.endswith(".npz") else path
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     np.savez(stem + ".npz", labels=np.asarray(labels, np.int64),
              **{f"emb{i}": np.asarray(e, np.float16) for i, e in enumerate(embeddings)})
+    for f in (stem + ".faiss", stem + ".faiss.rows.npy"):
+        if os.path.exists(f):
+            os.remove(f)
+    meta_faiss = None
+    if faiss is not None:
+        faiss.save(stem + ".faiss")
+        meta_faiss = {"factory": faiss.factory, "whiten": whiten, "paths_sha1": _gallery_digest(paths)}
     with open(stem + ".json", "w", encoding="utf-8") as f:
         json.dump({"format": "glr2020-index-1", "models": signature, "paths": list(paths),
                    "names": {str(k): v for k, v in names.items()},
-                   "gallery_dir": os.path.abspath(gallery_dir) if gallery_dir else None}, f, ensure_ascii=False)
+                   "gallery_dir": os.path.abspath(gallery_dir) if gallery_dir else None, "faiss": meta_faiss},
+                  f, ensure_ascii=False)
     return stem
+
+
+def saved_faiss(idx, factory, n, whiten=None):
+    """The faiss index saved beside a loaded index (load_index) when it was built with this
+    factory and whitening on this gallery of n images; else None (build it again)."""
+    meta = idx.get("faiss")
+    if (not meta or meta["factory"] != factory or meta.get("whiten") != whiten or len(idx["paths"]) != n
+            or meta["paths_sha1"] != _gallery_digest(idx["paths"]) or not os.path.isfile(idx["stem"] + ".faiss")):
+        return None
+    from retrieval import FaissGallery
+    return FaissGallery.load(idx["stem"] + ".faiss", factory)
 
 
 def load_index(path, signature):
@@ -118,7 +147,8 @@ def load_index(path, signature):
         raise UserError(f"--index {path}: built with other models than this spec (backbones, sizes, "
                         f"preprocessing or checkpoint files differ); build it again with --save-index")
     return {"emb": emb, "labels": labels, "paths": meta["paths"],
-            "names": {int(k): v for k, v in meta["names"].items()}, "gallery_dir": meta.get("gallery_dir")}
+            "names": {int(k): v for k, v in meta["names"].items()}, "gallery_dir": meta.get("gallery_dir"),
+            "faiss": meta.get("faiss"), "stem": stem}
 
 
 def read_folder_solution(path, names):

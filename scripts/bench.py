@@ -18,7 +18,7 @@ median over rounds, so drifting clocks or a noisy neighbour hit all alike.
 
 The measured side calls the repo's own functions (train.build_training and
 train.train_one_epoch, predict.embed_batch, dataset.LandmarkDataset with
-get_transforms and train.loader_kwargs, predict.topk_cosine). The baselines
+get_transforms and train.loader_kwargs, retrieval.topk_cosine). The baselines
 reproduce what the original code did for the same work:
 - train: fp16 autocast + grad scaler (apex O1), the ArcFace head under autocast,
   the original loss (margins gathered on the host each step, dense one-hot
@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
 import bench_transfer  # noqa: E402
 import predict  # noqa: E402
+import retrieval
 import train  # noqa: E402
 from losses import dynamic_margins  # noqa: E402
 from models import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
@@ -425,7 +426,7 @@ def cmd_knn(a):
         bound_mib = (a.queries * dtot * 4 + gc * dtot * 4 + qc * gc * 4 + gc * a.dim * 2) / 2**20
 
         def ours():
-            predict.topk_cosine(qs, gs, 5, device=device, query_chunk=a.query_chunk, gallery_chunk=a.gallery_chunk)
+            retrieval.topk_cosine(qs, gs, 5, device=device, query_chunk=a.query_chunk, gallery_chunk=a.gallery_chunk)
 
         with PeakMemory(device) as mem:
             warm = _warmup(ours, device, calls=1)

@@ -410,18 +410,19 @@ def test_zero_training_on_folders_equals_direct_retrieval(tmp_path, weights_file
 def test_zero_training_whitening_is_learnt_on_the_gallery(tmp_path, weights_file):
     """--whiten pca: retrieval on P (f - m) with (P, m) learnt from the gallery's pooled features."""
     import predict
+    import retrieval
     from finetune import learn_whitening, whiten
     g = np.random.default_rng(0).normal(size=(30, 16)).astype(np.float32)
     q = np.random.default_rng(1).normal(size=(5, 16)).astype(np.float32)
-    gw, qw, none = predict.whitened_embeddings(g, q, None, whiten_mode="pca")
+    gw, qw, none = retrieval.whitened_embeddings(g, q, None, whiten_mode="pca")
     P, m = learn_whitening(g)
     ref = whiten(q, P, m)
     assert none is None and np.allclose(qw, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
     # auto: a gallery of fewer than WHITEN_MIN_RATIO images per dimension stays as it is
-    gw, qw = predict.whitened_embeddings(g, q, whiten_mode="auto")
+    gw, qw = retrieval.whitened_embeddings(g, q, whiten_mode="auto")
     assert np.allclose(qw, q / np.linalg.norm(q, axis=1, keepdims=True), atol=1e-6)
     big = np.random.default_rng(2).normal(size=(16 * predict.WHITEN_MIN_RATIO, 16)).astype(np.float32)
-    gw, qw = predict.whitened_embeddings(big, q, whiten_mode="auto")
+    gw, qw = retrieval.whitened_embeddings(big, q, whiten_mode="auto")
     P, m = learn_whitening(big)
     ref = whiten(q, P, m)
     assert np.allclose(qw, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import TINY_BACKBONE
 import predict
+import retrieval
 from util import UserError
 
 
@@ -51,7 +52,8 @@ def test_index_refuses_other_models_and_grows_with_new_files(photos, tmp_path, c
     spec.write_text(json.dumps({"models": [{"enet_type": TINY_BACKBONE, "checkpoint": str(tmp_path / "other.pth"),
                                             "image_size": 32}]}))
     with pytest.raises(UserError, match="other models"):
-        predict.run_folders(str(spec), photos["queries"], index=str(photos["t"] / "idx"), device="cpu", num_workers=0)
+        predict.run_folders(predict.options(spec=str(spec), query_dir=photos["queries"], index=str(photos["t"] / "idx"),
+                                            device="cpu", num_workers=0))
     # an index of all but one landmark, then --add-to-index embeds that landmark's files alone
     part = tmp_path / "gallery"
     shutil.copytree(photos["gallery"], part)
@@ -77,22 +79,24 @@ def test_non_landmark_handling_with_folders(photos, tmp_path):
     non-landmarks are itself (cosine 1), closer than any gallery image, so every confidence is
     sunk by the factor 1e-100."""
     import glob
-    kw = dict(idx2landmark=photos["labels"], device="cpu", num_workers=0)
-    plain, _ = predict.run_folders(photos["spec"], photos["queries"], photos["gallery"], **kw)
+    kw = dict(spec=photos["spec"], query_dir=photos["queries"], gallery_dir=photos["gallery"],
+              idx2landmark=photos["labels"], device="cpu", num_workers=0)
+    plain, _ = predict.run_folders(predict.options(**kw))
     qs = sorted(glob.glob(os.path.join(photos["queries"], "**", "*.jpg"), recursive=True))
     pd.DataFrame({"filepath": qs * 3}).to_csv(tmp_path / "nl.csv", index=False)  # its 3 nearest: itself
-    frame, res = predict.run_folders(photos["spec"], photos["queries"], photos["gallery"],
-                                     non_landmark=str(tmp_path / "nl.csv"), **kw)
+    frame, res = predict.run_folders(predict.options(non_landmark=str(tmp_path / "nl.csv"), **kw))
     assert res["nl_flags"].all() and list(frame["landmark"]) == list(plain["landmark"])
-    np.testing.assert_allclose(frame["confidence"], plain["confidence"] * predict.NL_FACTOR, rtol=1e-6)
+    np.testing.assert_allclose(frame["confidence"], plain["confidence"] * retrieval.NL_FACTOR, rtol=1e-6)
 
 
 def test_folder_mode_user_mistakes(photos, tmp_path):
     with pytest.raises(UserError, match="no such folder"):
-        predict.run_folders(photos["spec"], str(tmp_path / "nope"), photos["gallery"], device="cpu")
+        predict.run_folders(predict.options(spec=photos["spec"], query_dir=str(tmp_path / "nope"),
+                                            gallery_dir=photos["gallery"], device="cpu"))
     with pytest.raises(UserError, match="--gallery-dir"):
-        predict.run_folders(photos["spec"], photos["queries"], device="cpu")
+        predict.run_folders(predict.options(spec=photos["spec"], query_dir=photos["queries"], device="cpu"))
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "a.jpg").write_bytes(b"x")
     with pytest.raises(UserError, match="one folder per landmark"):
-        predict.run_folders(photos["spec"], photos["queries"], str(tmp_path / "flat"), device="cpu")
+        predict.run_folders(predict.options(spec=photos["spec"], query_dir=photos["queries"],
+                                            gallery_dir=str(tmp_path / "flat"), device="cpu"))

@@ -138,6 +138,7 @@ def test_predict_with_unreadable_queries_and_gallery_images(stage1, tmp_path, ca
     import shutil
 
     import predict
+    import retrieval
     from conftest import TINY_BACKBONE
     d = str(tmp_path / "copy")
     shutil.copytree(stage1["data"], d, ignore=shutil.ignore_patterns("weights", "logs"))
@@ -152,9 +153,10 @@ def test_predict_with_unreadable_queries_and_gallery_images(stage1, tmp_path, ca
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"models": [{"enet_type": TINY_BACKBONE, "checkpoint": stage1["checkpoint"],
                                             "image_size": 40}]}))
-    kw = dict(device="cpu", batch_size=16, num_workers=0, cache_dir=str(tmp_path / "cache"))
-    res = predict.run(d, os.path.join(d, "train_competition.csv"), os.path.join(d, "idx2landmark_id.json"),
-                      str(spec), **kw)
+    kw = dict(data_dir=d, train_csv=os.path.join(d, "train_competition.csv"),
+              idx2landmark=os.path.join(d, "idx2landmark_id.json"), spec=str(spec), device="cpu", batch_size=16,
+              num_workers=0, cache_dir=str(tmp_path / "cache"))
+    res = predict.run(predict.options(**kw))
     assert "unreadable images: 2 of" in capsys.readouterr().out
     q_bad, g_bad = res["unreadable"]
     assert q_bad.sum() == 1 and q_bad[2] and g_bad.sum() == 2 and g_bad[0] and g_bad[5]
@@ -162,17 +164,15 @@ def test_predict_with_unreadable_queries_and_gallery_images(stage1, tmp_path, ca
     assert list(sub["id"]) == list(queries["id"]) and sub["landmarks"][2] == ""
     assert (sub["landmarks"] != "").sum() == len(queries) - 1
     # an excluded gallery row is never a neighbour, even a query's exact twin
-    sims, idx = predict.topk_cosine(np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), k=3,
+    sims, idx = retrieval.topk_cosine(np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), k=3,
                                     exclude=np.array([True, False, False]))
     assert 0 not in idx[:, :2] and sims[0, 0] == 0 and np.isneginf(sims[:, 2]).all()
     # the cached run (NaN rows kept in the cache) finds the same
-    res2 = predict.run(d, os.path.join(d, "train_competition.csv"), os.path.join(d, "idx2landmark_id.json"),
-                       str(spec), **kw)
+    res2 = predict.run(predict.options(**kw))
     assert (res2["unreadable"][1] == g_bad).all() and list(res2["ensemble"][0]) == list(res["ensemble"][0])
     # --exclude: the listed files are not read at all
     pd.DataFrame({"id": bad_g + bad_q}).to_csv(tmp_path / "bad.csv", index=False)
-    res3 = predict.run(d, os.path.join(d, "train_competition.csv"), os.path.join(d, "idx2landmark_id.json"),
-                       str(spec), exclude=str(tmp_path / "bad.csv"), **kw)
+    res3 = predict.run(predict.options(exclude=str(tmp_path / "bad.csv"), **kw))
     assert "left out 2 gallery images and 1 queries" in capsys.readouterr().out
     assert res3["unreadable"][0].sum() == 1 and res3["unreadable"][1].sum() == 0
 
@@ -243,6 +243,7 @@ def test_own_photos_from_folders(tmp_path):
     import json
 
     import predict
+
     import preprocess
     import synthetic
     from util import read_label_map
@@ -275,6 +276,7 @@ def test_own_photos_from_folders(tmp_path):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"models": [{"enet_type": "mobilenetv3_small_050",
                                             "checkpoint": os.path.join(out, "own1_fold0_final.pth"), "image_size": 32}]}))
-    res = predict.run(d, os.path.join(out, "train_0.csv"), os.path.join(out, "idx2landmark_id.json"), str(spec),
-                      device="cpu", num_workers=0, cache_dir=None)
+    res = predict.run(predict.options(data_dir=d, train_csv=os.path.join(out, "train_0.csv"),
+                                      idx2landmark=os.path.join(out, "idx2landmark_id.json"), spec=str(spec),
+                                      device="cpu", num_workers=0, cache_dir=None))
     assert set(res["ensemble"][0]) <= {int(k) for k in names} and not res["unreadable"][1].any()

@@ -9,6 +9,7 @@ import torch
 
 import evaluate
 import predict
+import retrieval
 import synthetic
 from conftest import ROOT, TINY_BACKBONE
 from models import build_model
@@ -36,7 +37,7 @@ def test_rerank_equals_direct_computation():
     nn_l = rng.integers(0, 8, (q, 5))          # few landmarks: repeats within a row
     cls_l = np.stack([rng.choice(12, 5, replace=False) for _ in range(q)])
     cls_s = np.sort(rng.uniform(0.0, 0.9, (q, 5)), axis=1)[:, ::-1].astype(np.float32)
-    got_l, got_c = predict.rerank(sims, nn_l, cls_s, cls_l)
+    got_l, got_c = retrieval.rerank(sims, nn_l, cls_s, cls_l)
     want_l, want_c = rerank_reference(sims, nn_l, cls_s, cls_l)
     np.testing.assert_array_equal(got_l, want_l)
     np.testing.assert_allclose(got_c, want_c, rtol=1e-12, atol=0)
@@ -50,7 +51,7 @@ def test_rerank_hand_example():
     nn_l = np.array([[1, 2, 2, 3, 2]])
     cls_l = np.array([[2, 1, 7, 8, 9]])
     cls_s = np.array([[0.6, 0.5, 0.1, 0.1, 0.1]])
-    l, c = predict.rerank(sims, nn_l, cls_s, cls_l)
+    l, c = retrieval.rerank(sims, nn_l, cls_s, cls_l)
     s2 = (0.8 ** 9 + 0.7 ** 9 + 0.5 ** 9) * 0.6 ** 10
     s1 = 0.9 ** 9 * 0.5 ** 10
     assert s2 > s1 and l[0] == 2 and c[0] == pytest.approx(s2, rel=1e-12)
@@ -64,9 +65,9 @@ def test_rerank_vote_max():
     nn_l = np.array([[1, 2, 2, 3, 2]])
     cls_l = np.array([[2, 1, 7, 8, 9]])
     cls_s = np.array([[0.6, 0.55, 0.1, 0.1, 0.1]])
-    l, c = predict.rerank(sims, nn_l, cls_s, cls_l)
+    l, c = retrieval.rerank(sims, nn_l, cls_s, cls_l)
     assert l[0] == 2  # summed: (0.8^9 + 0.7^9 + 0.5^9) 0.6^10 > 0.9^9 0.55^10 > 0.8^9 0.6^10
-    l, c = predict.rerank(sims, nn_l, cls_s, cls_l, vote="max")
+    l, c = retrieval.rerank(sims, nn_l, cls_s, cls_l, vote="max")
     assert l[0] == 1 and c[0] == pytest.approx(0.9 ** 9 * 0.55 ** 10, rel=1e-12)
     # random rows against a direct loop
     rng = np.random.default_rng(3)
@@ -75,7 +76,7 @@ def test_rerank_vote_max():
     nn_l = rng.integers(0, 6, (q, 5))
     cls_l = np.stack([rng.choice(9, 5, replace=False) for _ in range(q)])
     cls_s = np.sort(rng.uniform(0.0, 0.9, (q, 5)), axis=1)[:, ::-1]
-    got_l, got_c = predict.rerank(sims, nn_l, cls_s, cls_l, vote="max")
+    got_l, got_c = retrieval.rerank(sims, nn_l, cls_s, cls_l, vote="max")
     for i in range(q):
         cls = dict(zip(cls_l[i], cls_s[i]))
         best = {}
@@ -84,10 +85,10 @@ def test_rerank_vote_max():
             best[nn_l[i, k]] = max(best.get(nn_l[i, k], 0.0), v)
         want = max(best.values())
         assert got_c[i] == pytest.approx(want, rel=1e-12) and best[got_l[i]] == got_c[i]
-    assert predict.resolve_rerank("auto", None, ["finetune", "finetune"]) == ("max", 9, 3)
-    assert predict.resolve_rerank("auto", None, ["finetune", None]) == ("sum", 9, 10)  # an original model
-    assert predict.resolve_rerank("sum", 10, ["finetune"]) == ("sum", 9, 10.0)  # given values win
-    assert predict.resolve_rerank("max", None, []) == ("max", 9, 10)
+    assert retrieval.resolve_rerank("auto", None, ["finetune", "finetune"]) == ("max", 9, 3)
+    assert retrieval.resolve_rerank("auto", None, ["finetune", None]) == ("sum", 9, 10)  # an original model
+    assert retrieval.resolve_rerank("sum", 10, ["finetune"]) == ("sum", 9, 10.0)  # given values win
+    assert retrieval.resolve_rerank("max", None, []) == ("max", 9, 10)
     # the CLI: a power that is not a number is a user mistake naming the flag
     folders = ["--spec", "s.json", "--query-dir", "q", "--gallery-dir", "g"]
     with pytest.raises(SystemExit) as e:
@@ -102,21 +103,21 @@ def test_topk_equals_bruteforce_across_chunks(fp16):
     dt = np.float16 if fp16 else np.float32
     qa, qb = rng.normal(size=(37, 16)), rng.normal(size=(37, 8))
     ga, gb = rng.normal(size=(1000, 16)), rng.normal(size=(1000, 8))
-    sims, idx = predict.topk_cosine([qa.astype(np.float32), qb.astype(np.float32)], [ga.astype(dt), gb.astype(dt)],
+    sims, idx = retrieval.topk_cosine([qa.astype(np.float32), qb.astype(np.float32)], [ga.astype(dt), gb.astype(dt)],
                                     k=5, query_chunk=10, gallery_chunk=64)
     full = (qa @ ga.astype(dt).astype(np.float64).T + qb @ gb.astype(dt).astype(np.float64).T) / 2
     want = np.argsort(-full, axis=1, kind="stable")[:, :5]
     np.testing.assert_array_equal(idx, want)
     np.testing.assert_allclose(sims, np.take_along_axis(full, want, 1), rtol=1e-4, atol=1e-4)
     # a gallery smaller than k
-    s, i = predict.topk_cosine(qa[:3].astype(np.float32), ga[:2].astype(np.float32), k=5)
+    s, i = retrieval.topk_cosine(qa[:3].astype(np.float32), ga[:2].astype(np.float32), k=5)
     assert i.shape == (3, 2)
 
 
 def test_pred_mask_pushes_absent_classes_down():
     cos = np.array([[0.9, 0.1, 0.5, 0.3], [0.2, 0.95, 0.1, 0.0]], np.float32)
     present = np.array([False, True, True, True])
-    s, i = predict.pred_mask_topk(cos, present, k=4)
+    s, i = retrieval.pred_mask_topk(cos, present, k=4)
     np.testing.assert_array_equal(i, [[2, 3, 1, 0], [1, 2, 3, 0]])
     np.testing.assert_allclose(s[0], [0.5, 0.3, 0.1, 0.9 - 1], rtol=1e-6)
 
@@ -230,16 +231,16 @@ def test_non_landmark_flags_closed_form():
     q = unit(np.array([0.0, 0.1, 1.5, 1.4, 0.8]))
     s_lm = np.array([0.99, 0.98, 0.30, 0.50, 0.90])   # cosine to each query's best gallery image
     nl = unit(np.array([1.55, 1.45, 1.5]))
-    flags, s_nl = predict.non_landmark_flags(q, s_lm, nl, k=2)
+    flags, s_nl = retrieval.non_landmark_flags(q, s_lm, nl, k=2)
     want = np.sort(q @ nl.T, axis=1)[:, ::-1][:, :2].mean(1)
     np.testing.assert_allclose(s_nl, want, rtol=1e-5)
     np.testing.assert_array_equal(flags, want > s_lm)
     assert flags.tolist() == [False, False, True, True, False]
     # mined from the queries: the 2 least-close queries form the set, never matching themselves
-    flags, s_nl = predict.non_landmark_flags(q, s_lm, None, mine_frac=0.4, k=1)
+    flags, s_nl = retrieval.non_landmark_flags(q, s_lm, None, mine_frac=0.4, k=1)
     assert s_nl[2] == pytest.approx(float(q[2] @ q[3]), rel=1e-5) and s_nl[3] == pytest.approx(float(q[3] @ q[2]))
     conf = np.array([1e-3, 1e-80, 0.5, 1e-20, 1e-5])
-    out = predict.apply_non_landmark(conf, np.array([False, False, True, True, False]))
+    out = retrieval.apply_non_landmark(conf, np.array([False, False, True, True, False]))
     assert out.max() == 1e-3 and out[2] < 1e-80 and out[3] < out[2]  # below all others, order kept
 
 
@@ -253,8 +254,9 @@ def test_non_landmark_handling_measured_on_synthetic(trained, tmp_path):
     is_nl = np.array([truth[i] is None for i in pd.read_csv(os.path.join(d, "sample_submission.csv"))["id"]])
     report = {}
     for mode in ("auto", os.path.join(d, "non_landmark.csv")):
-        res = predict.run(d, os.path.join(d, "train_competition.csv"), os.path.join(d, "idx2landmark_id.pkl"),
-                          str(spec), device="cpu", num_workers=0, non_landmark=mode)
+        res = predict.run(predict.options(data_dir=d, train_csv=os.path.join(d, "train_competition.csv"),
+                                          idx2landmark=os.path.join(d, "idx2landmark_id.pkl"), spec=str(spec),
+                                          device="cpu", num_workers=0, non_landmark=mode))
         ids = res["ids"]
         gap = [evaluate.global_average_precision_score(truth, dict(zip(ids, zip(*res[k]))))
                for k in ("ensemble", "ensemble_nl")]
@@ -278,7 +280,7 @@ def test_classifier_topk_averages_models_across_chunks():
     heads = [ArcMarginProductSubcenter(512, 50), ArcMarginProductSubcenter(512, 50)]
     zs = [np.random.default_rng(i).normal(size=(10, 512)).astype(np.float32) for i in range(2)]
     present = np.arange(50) % 7 != 0
-    s, i = predict.classifier_topk(zs, heads, present, k=5, chunk=3)
+    s, i = retrieval.classifier_topk(zs, heads, present, k=5, chunk=3)
     with torch.no_grad():
         cos = (heads[0](torch.tensor(zs[0])) + heads[1](torch.tensor(zs[1]))) / 2
     want = cos.numpy() + present - 1.0

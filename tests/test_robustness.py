@@ -182,6 +182,7 @@ def test_predict_checks_every_model_before_reading_images(stage1, tmp_path, monk
     read, real = [], dataset.read_rgb
     monkeypatch.setattr(dataset, "read_rgb", lambda *a, **k: read.append(a) or real(*a, **k))
     with pytest.raises(util.UserError, match="7 classes but"):
-        predict.run(d, os.path.join(d, "train_competition.csv"), os.path.join(d, "idx2landmark_id.json"),
-                    str(spec), device="cpu", num_workers=0, cache_dir=None)
+        predict.run(predict.options(data_dir=d, train_csv=os.path.join(d, "train_competition.csv"),
+                                    idx2landmark=os.path.join(d, "idx2landmark_id.json"), spec=str(spec),
+                                    device="cpu", num_workers=0, cache_dir=None))
     assert read == []  # the second model's mismatch is found before the first model reads an image
