@@ -35,7 +35,7 @@ from models import build_model, check_enet_type, preprocessing_for
 from preprocess import read_clean_list
 from retrieval import (FAISS_NPROBE, FAISS_RERANK, RERANK, Search, faiss_index, import_faiss, recognize,
                        resolve_rerank, topk_cosine, unreadable_rows, whitened, whitening_of)
-from util import (UserError, cleanup_distributed, is_main, load_checkpoint, load_fitting, memory_format, print0,
+from util import (UserError, cleanup_distributed, cpu_budget, is_main, load_checkpoint, load_fitting, memory_format, print0,
                   read_label_map, run_main, setup_distributed)
 
 
@@ -277,6 +277,8 @@ def extract_features(model, paths, image_size, device, batch_size=64, num_worker
     n_batches = (n + batch_size - 1) // batch_size
     todo = [b for b in range(n_batches) if not covered[b * batch_size:(b + 1) * batch_size].all()]
     mine = [int(b) for b in np.array_split(np.array(todo, np.int64), world)[rank]] if todo else []
+    if todo and len(todo) < n_batches:
+        print0(f"{desc}: {int(covered.sum())} of {n} rows already in {f_arr}; embedding the rest")
     if mine:
         val = get_transforms(image_size, model.preprocessing["interpolation"])[1]  # as the model was validated
         ds = LandmarkDataset(pd.DataFrame({"filepath": paths}), "", "test", transform=val, skip_bad=True)
@@ -800,6 +802,9 @@ def main(argv=None):
                         "give a folder every rank can read and write")
     if launched:
         setup_distributed(a.local_rank, a.dist_timeout)
+        # the node's cores shared by its ranks: loader workers and intra-op threads (as train.py)
+        a.num_workers, threads = cpu_budget(a.num_workers)
+        torch.set_num_threads(threads)
     try:
         return _main(a)
     finally:
