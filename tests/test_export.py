@@ -1,0 +1,86 @@
+"""export.py: ONNX files that onnxruntime runs as PyTorch does (embeddings, class cosines, a dynamic
+batch), the preprocessing in their metadata, and the README's snippet runs as written."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY_BACKBONE
+
+ort = pytest.importorskip("onnxruntime", reason="export.py's dependencies: onnx, onnxscript, onnxruntime "
+                                                "(requirements-ci.txt)")
+pytest.importorskip("onnxscript", reason="torch.onnx.export's dynamo exporter needs onnxscript")
+import export  # noqa: E402
+import predict  # noqa: E402
+from dataset import get_transforms, read_rgb  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(stage1, tmp_path_factory):
+    t = tmp_path_factory.mktemp("onnx")
+    spec = t / "spec.json"
+    spec.write_text(json.dumps({"models": [{"enet_type": TINY_BACKBONE, "checkpoint": stage1["checkpoint"],
+                                            "image_size": 40}]}))
+    test_dir = os.path.join(stage1["data"], "test")
+    written = export.main(["--spec", str(spec), "--out", str(t / "out"), "--check-dir", test_dir])
+    return {"path": written[0], "checkpoint": stage1["checkpoint"], "test": test_dir, "t": t}
+
+
+def test_onnx_agrees_with_pytorch_on_any_batch(exported, stage1):
+    path = exported["path"]
+    assert os.path.basename(path) == "s1_fold0_final@40.onnx"
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    net = predict.load_model(TINY_BACKBONE, stage1["checkpoint"], image_size=40)
+    pre = json.loads(meta["preprocessing"])
+    assert pre["image_size"] == 40 and pre["mean"] == net.preprocessing["mean"] and pre["layout"] == "NCHW"
+    assert int(meta["classes"]) == net.metric_classify.weight.shape[0] // 3 and int(meta["embedding_dim"]) == 512
+    [inp] = sess.get_inputs()
+    assert inp.name == "images" and inp.type == "tensor(uint8)" and not isinstance(inp.shape[0], int)
+    # the test images resized as predict.py resizes them, batches of 1 and 7
+    val = get_transforms(40, pre["interpolation"])[1]
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(exported["test"]) for f in fs)[:7]
+    x = np.stack([val(image=read_rgb(f))["image"].transpose(2, 0, 1) for f in files])
+    with torch.no_grad():
+        ref_z = net.neck(torch.from_numpy(x))
+        ref_emb, ref_cos = torch.nn.functional.normalize(ref_z, dim=1).numpy(), net.metric_classify(ref_z).numpy()
+    for batch in (x[:1], x):
+        emb, cos = sess.run(["embedding", "cosines"], {"images": batch})
+        n = len(batch)
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+        assert (np.sum(emb * ref_emb[:n], axis=1) >= 0.9999).all()
+        np.testing.assert_allclose(cos, ref_cos[:n], atol=1e-4)
+        assert (np.argsort(-cos, 1)[:, :5] == np.argsort(-ref_cos[:n], 1)[:, :5]).all()
+    # the export's own check fails on a file of other weights
+    other = predict.load_model(TINY_BACKBONE, stage1["checkpoint"], image_size=40)
+    with torch.no_grad():
+        other.feat.weight.mul_(-1)
+    worst, same = export.verify(path, other, x)
+    assert worst < 0.9999 and not same
+
+
+def test_readme_snippet_runs(exported):
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    snippet = re.search(r"<!-- onnx snippet -->\n```python\n(.*?)```", text, re.S).group(1)
+    assert len(snippet.strip().splitlines()) <= 10
+    photo = sorted(os.path.join(r, f) for r, _, fs in os.walk(exported["test"]) for f in fs)[0]
+    code = snippet.replace("onnx/model.onnx", exported["path"]).replace("photo.jpg", photo)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    sess = ort.InferenceSession(exported["path"], providers=["CPUExecutionProvider"])
+    pre = json.loads(sess.get_modelmeta().custom_metadata_map["preprocessing"])
+    x = get_transforms(40, pre["interpolation"])[1](image=read_rgb(photo))["image"].transpose(2, 0, 1)[None]
+    emb, cos = sess.run(None, {"images": np.ascontiguousarray(x)})
+    assert p.stdout.split() == [str(int(cos.argmax())), f"{float(emb[0] @ emb[0]):.3f}"]
+
+
+def test_export_mistakes_are_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "export.py", "--checkpoint", str(tmp_path / "none.pth"), "--enet-type",
+                        TINY_BACKBONE, "--image-size", "40", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and "none.pth not found" in p.stderr and "Traceback" not in p.stderr
