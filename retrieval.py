@@ -129,6 +129,8 @@ FAISS_NPROBE = 32      # inverted lists visited per query (faiss' own default, 1
 FAISS_RERANK = 50      # candidates from the codes whose exact cosines pick the top 5 (0: the codes' own)
 FAISS_TRAIN_MIN = 1 << 16  # training sample: at least this many vectors, and 40 per inverted list
                            # (faiss warns below 39 per centroid), never more than the gallery
+FAISS_TRAIN_BYTES = 4 << 30  # nor more than 4 GiB of float32: GLDv2 x 9 models is 4608-d, where 40 x 65536
+                             # vectors would be 48 GB ('PCA512,IVF65536,PQ64' trains on 9x more per GiB)
 
 
 def import_faiss(flag="--knn faiss"):
@@ -170,7 +172,8 @@ def faiss_index(gallery, factory="Flat", exclude=None, train_size=None, seed=0, 
     """A FaissGallery of the gallery (a list over models of (N, D) arrays, maybe memory-mapped
     float16) built by faiss' index_factory(factory) with inner products. An index that needs
     training (IVF, PQ) is trained on `train_size` gallery rows drawn with `seed` (default:
-    40 per inverted list, at least FAISS_TRAIN_MIN, at most the gallery). Rows are added
+    40 per inverted list, at least FAISS_TRAIN_MIN, at most the gallery and
+    FAISS_TRAIN_BYTES). Rows are added
     chunk by chunk: only one chunk is ever in float32. exclude: (N,) bool, rows left out."""
     faiss = import_faiss()
     gs = gallery if isinstance(gallery, (list, tuple)) else [gallery]
@@ -183,7 +186,8 @@ def faiss_index(gallery, factory="Flat", exclude=None, train_size=None, seed=0, 
                         f"({str(e).strip().splitlines()[-1]})") from None
     if not index.is_trained:
         ivf = faiss.try_extract_index_ivf(index)
-        n = train_size or max(FAISS_TRAIN_MIN, 40 * (ivf.nlist if ivf is not None else 0))
+        n = train_size or min(max(FAISS_TRAIN_MIN, 40 * (ivf.nlist if ivf is not None else 0)),
+                              FAISS_TRAIN_BYTES // (4 * dim))
         n = min(n, len(keep))
         sample = np.sort(np.random.default_rng(seed).choice(keep, n, replace=False))
         try:

@@ -6,6 +6,9 @@
                                     [--precision P] [--compile] [--baseline]
     python scripts/bench.py loader  --image-size S [--data-dir D | --make N] [--workers W] [--baseline]
     python scripts/bench.py knn     --queries Q --gallery G --dim D [--models M] [--device D] [--baseline]
+                                    [--clusters K --noise S] [--faiss FACTORY [--nprobe N] [--rerank N]]
+    python scripts/bench.py ranks   --images N [--nproc W] [--enet-type T] [--image-size S]
+                                    (predict.py's extraction, one process against W torchrun ranks)
     python scripts/bench.py transfer --photos DIR [--distractors DIR] --enet-type T --pretrained-path W
                                     (real photos: zero training vs the original recipe vs --recipe finetune;
                                     scripts/bench_transfer.py)
@@ -28,6 +31,9 @@ reproduce what the original code did for the same work:
 - loader: full-size decode, the augmentations at full size step by step, then
   resize and normalise to float32 CHW (dataset.reference_transforms);
 - knn: the whole gallery on the device in float32, queries in batches of 4.
+With --faiss the knn figures are faiss' against exact search on the same vectors
+(recall@5 of the codes alone and after the exact shortlist, build and search
+time, the index's size); `ranks` times whole predict.py runs.
 """
 import argparse
 import glob
@@ -52,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
 import bench_transfer  # noqa: E402
 import predict  # noqa: E402
-import retrieval
+import retrieval  # noqa: E402
 import train  # noqa: E402
 from losses import dynamic_margins  # noqa: E402
 from models import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
@@ -408,17 +414,29 @@ def cmd_knn(a):
     tmp = tempfile.mkdtemp(prefix="bench_knn_")
     try:
         qs, gs = [], []
+        # uniform on the sphere, or --clusters: each image its landmark's centre plus noise (recall needs
+        # structure); an image keeps its landmark in every model of the ensemble
+        g_lab = rng.integers(0, a.clusters, a.gallery) if a.clusters else None
+        q_lab = rng.integers(0, a.clusters, a.queries) if a.clusters else None
         for j in range(a.models):  # float16 galleries on disk, memory-mapped, as predict.py's --fp16-cache
+            centres = rng.standard_normal((a.clusters, a.dim), dtype=np.float32) if a.clusters else None
+
+            def points(lab, n):
+                x = rng.standard_normal((n, a.dim), dtype=np.float32)
+                if centres is not None:
+                    x = centres[lab] + a.noise * x
+                return x / np.linalg.norm(x, axis=1, keepdims=True)
             g = np.lib.format.open_memmap(os.path.join(tmp, f"g{j}.npy"), mode="w+", dtype=np.float16,
                                           shape=(a.gallery, a.dim))
             for g0 in range(0, a.gallery, 65536):
-                blk = rng.standard_normal((min(65536, a.gallery - g0), a.dim), dtype=np.float32)
-                g[g0:g0 + len(blk)] = blk / np.linalg.norm(blk, axis=1, keepdims=True)
+                n = min(65536, a.gallery - g0)
+                g[g0:g0 + n] = points(None if g_lab is None else g_lab[g0:g0 + n], n)
             g.flush()
             del g
             gs.append(np.load(os.path.join(tmp, f"g{j}.npy"), mmap_mode="r"))
-            q = rng.standard_normal((a.queries, a.dim), dtype=np.float32)
-            qs.append(q / np.linalg.norm(q, axis=1, keepdims=True))
+            qs.append(points(q_lab, a.queries))
+        if a.faiss:
+            return _knn_faiss(a, qs, gs, device, tmp)
         dtot = a.dim * a.models
         qc, gc = min(a.query_chunk, a.queries), min(a.gallery_chunk, a.gallery)
         # what topk_cosine holds at once: the queries, one float32 gallery chunk, one similarity
@@ -449,6 +467,81 @@ def cmd_knn(a):
         if a.baseline:
             out |= dict(baseline_pairs_s=round(pairs / t["baseline"]), ratio=round(t["baseline"] / t["ours"], 3))
         emit(**out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _knn_faiss(a, qs, gs, device, tmp):
+    """faiss (a.faiss, the factory) against exact search on the same vectors: recall@5 of the
+    codes and of the exact shortlist, build time, search throughput and peak memory, index size."""
+    t0 = time.perf_counter()
+    with PeakMemory(device) as build_mem:
+        fg = retrieval.faiss_index(gs, a.faiss)
+    build_s = time.perf_counter() - t0
+    fg.save(os.path.join(tmp, "index.faiss"))
+    index_mib = os.path.getsize(os.path.join(tmp, "index.faiss")) / 2**20
+    _, exact = retrieval.topk_cosine(qs, gs, 5, device=device)
+
+    def search(rerank):
+        return lambda: retrieval.faiss_search(fg, qs, 5, a.nprobe, device=device, rerank=rerank, gallery=gs)
+    cases = {"exact": lambda: retrieval.topk_cosine(qs, gs, 5, device=device), "codes": search(0),
+             "shortlist": search(a.rerank)}
+    with PeakMemory(device) as mem:
+        found = {k: cases[k]()[1] for k in ("codes", "shortlist")}
+    t = interleaved(cases, device, a.rounds)
+    recall = {k: float(np.mean([len(set(x) & set(y)) / 5 for x, y in zip(exact, f)])) for k, f in found.items()}
+    emit(what="knn_faiss", factory=a.faiss, nprobe=a.nprobe, rerank=a.rerank, queries=a.queries,
+         gallery=a.gallery, dim=a.dim * a.models, clusters=a.clusters, noise=a.noise, device=str(device),
+         recall5_codes=round(recall["codes"], 4), recall5_shortlist=round(recall["shortlist"], 4),
+         build_s=round(build_s, 2), build_peak_mib=round(build_mem.peak_mib, 1), index_mib=round(index_mib, 1),
+         exact_q_s=round(a.queries / t["exact"], 1), codes_q_s=round(a.queries / t["codes"], 1),
+         shortlist_q_s=round(a.queries / t["shortlist"], 1), search_peak_mib=round(mem.peak_mib, 1))
+
+
+# ---------------------------------------------------------------- ranks
+
+def cmd_ranks(a):
+    """Whole predict.py runs (folders, --save-index: the gallery and the queries embedded) in one
+    process against --nproc torchrun ranks on this machine, interleaved rounds, fresh caches each."""
+    import subprocess
+    tmp = tempfile.mkdtemp(prefix="bench_ranks_")
+    try:
+        gal = os.path.join(tmp, "gallery")
+        paths = make_jpegs(tmp, a.images, min_size=a.image_size, max_size=2 * a.image_size)
+        for i, p in enumerate(paths):  # 8 "landmarks"
+            os.makedirs(os.path.join(gal, f"l{i % 8}"), exist_ok=True)
+            os.rename(p, os.path.join(gal, f"l{i % 8}", os.path.basename(p)))
+        qdir = os.path.join(tmp, "queries")
+        shutil.copytree(os.path.join(gal, "l0"), qdir)
+        net = build_model(a.enet_type, 8, pretrained=False)
+        ckpt = os.path.join(tmp, "model.pth")
+        torch.save({"model_state_dict": net.state_dict()}, ckpt)
+        spec = os.path.join(tmp, "spec.json")
+        with open(spec, "w") as f:
+            json.dump({"models": [{"enet_type": a.enet_type, "checkpoint": ckpt, "image_size": a.image_size}]}, f)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+        def cmd(kind, k):
+            args = ["predict.py", "--spec", spec, "--gallery-dir", gal, "--query-dir", qdir, "--device", "cpu",
+                    "--batch-size", str(a.batch_size), "--num-workers", str(a.workers),
+                    "--out", os.path.join(tmp, f"{kind}{k}.csv"), "--save-index", os.path.join(tmp, f"{kind}{k}"),
+                    "--cache-dir", os.path.join(tmp, f"cache_{kind}{k}")]
+            if kind == "one":
+                return [sys.executable, *args]
+            return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}", *args]
+        times, k = {"one": [], "ranks": []}, 0
+        for _ in range(a.rounds):
+            for kind in times:
+                k += 1
+                t0 = time.perf_counter()
+                subprocess.run(cmd(kind, k), cwd=root, check=True, capture_output=True)
+                times[kind].append(time.perf_counter() - t0)
+        one, ranks = statistics.median(times["one"]), statistics.median(times["ranks"])
+        n = a.images + len(os.listdir(qdir))
+        emit(what="ranks", images=n, enet_type=a.enet_type, image_size=a.image_size, nproc=a.nproc,
+             cores=len(os.sched_getaffinity(0)), one_s=round(one, 2), ranks_s=round(ranks, 2),
+             one_img_s=round(n / one, 2), ranks_img_s=round(n / ranks, 2), ratio=round(one / ranks, 3),
+             rounds=a.rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -498,6 +591,19 @@ def parse_args(argv=None):
     q.add_argument("--device", default=default_device)
     q.add_argument("--query-chunk", type=int, default=4096)
     q.add_argument("--gallery-chunk", type=int, default=32768)
+    q.add_argument("--clusters", type=int, default=0, help="gallery and queries around K centres (default: uniform)")
+    q.add_argument("--noise", type=float, default=0.5, help="with --clusters: the spread around a centre")
+    q.add_argument("--faiss", default=None, metavar="FACTORY", help="faiss against exact search, e.g. IVF1024,PQ64")
+    q.add_argument("--nprobe", type=int, default=retrieval.FAISS_NPROBE)
+    q.add_argument("--rerank", type=int, default=retrieval.FAISS_RERANK, help="the shortlist scored exactly")
+    q = sub.add_parser("ranks")
+    q.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    q.add_argument("--images", type=int, default=400)
+    q.add_argument("--nproc", type=int, default=2)
+    q.add_argument("--enet-type", default="tf_efficientnet_lite0")
+    q.add_argument("--image-size", type=int, default=256)
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--workers", type=int, default=1, help="loader workers asked of each process")
     bench_transfer.add_parser(sub)
     return p.parse_args(argv)
 
@@ -506,7 +612,7 @@ def main(argv=None):
     a = parse_args(argv)
     if a.cmd == "transfer":
         return bench_transfer.cmd_transfer(a, emit)
-    {"train": cmd_train, "extract": cmd_extract, "loader": cmd_loader, "knn": cmd_knn}[a.cmd](a)
+    {"train": cmd_train, "extract": cmd_extract, "loader": cmd_loader, "knn": cmd_knn, "ranks": cmd_ranks}[a.cmd](a)
 
 
 if __name__ == "__main__":
