@@ -6,7 +6,7 @@ PYTHON ?=
 RUN := $(if $(PYTHON),$(PYTHON),$(BIN)/python)
 DEPS := $(if $(PYTHON),,venv)
 
-.PHONY: venv app test demo clean
+.PHONY: venv app scale test demo clean
 
 # The venv is rebuilt only when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -20,6 +20,10 @@ venv: $(VENV)/.installed
 # The recognition page's optional dependencies (FastAPI, uvicorn): python app.py --help
 app: venv
 	$(BIN)/python -m pip install -q -r requirements-app.txt
+
+# Retrieval at scale and serving, optional: faiss-cpu (predict.py --knn faiss), onnx and onnxruntime (export.py)
+scale: venv
+	$(BIN)/python -m pip install -q -r requirements-scale.txt
 
 test: $(DEPS)
 	$(RUN) -m pytest -q tests

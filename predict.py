@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import socket
 from contextlib import nullcontext
 
 import numpy as np
@@ -163,6 +164,32 @@ def _rank_world():
 def _barrier():
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def check_shared_cache(cache_dir):
+    """Under torchrun, that every rank sees the files rank 0 writes under cache_dir: the ranks hand
+    their features over through them, so across nodes it must be a file system they all mount.
+    Without this check a rank on another node would fail deep in the extraction (no such file) or,
+    worse, read a stale cache of its own."""
+    rank, world = _rank_world()
+    if world == 1:
+        return
+    os.makedirs(cache_dir, exist_ok=True)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    token = torch.tensor([int.from_bytes(os.urandom(7), "little") if rank == 0 else 0], dtype=torch.int64,
+                         device=dev)
+    dist.broadcast(token, 0)
+    probe = os.path.join(cache_dir, f".rank0-{int(token.item()):x}")  # one sync point per run
+    if rank == 0:
+        open(probe, "w").close()
+    _barrier()
+    seen = os.path.exists(probe)
+    _barrier()  # every rank has looked before rank 0 removes it
+    if rank == 0:
+        os.remove(probe)
+    if not seen:
+        raise UserError(f"--cache-dir {cache_dir}: rank {rank} (on {socket.gethostname()}) does not see the files "
+                        f"rank 0 writes there; across nodes it must be a folder every node mounts (NFS, Lustre)")
 
 
 def _read_done(path):
@@ -480,11 +507,38 @@ def run(a):
         gallery_cache=a.cache_dir or None, gallery_digest=gallery_digest)
     if not is_main():
         return None
+    if search.kind == "faiss" and a.cache_dir:
+        search.index = _cached_faiss(a, setup, g_emb, gallery_digest)
     res = recognize(zqs, g_emb, heads, gallery["landmark_id"].to_numpy(), idx2lid, device=device,
                     non_landmark=a.non_landmark, nl_emb=nl_emb, rerank_with=setup.rerank_with, search=search)
     res |= {"ids": list(sub["id"]), "query_paths": q_paths, "gallery_paths": g_paths,
             "gallery_labels": gallery["landmark_id"].to_numpy(), "scratch": scratch}
     return res
+
+
+def _cached_faiss(a, setup, g_emb, gallery_digest):
+    """--knn faiss on the GLDv2 layout: the gallery's faiss index, kept in --cache-dir beside the
+    features it indexes (training an IVF on 1.58 M images is not to be repeated per run). Its
+    name follows from the factory and from each model's features file, its name, size and
+    modification time: features embedded again give a new index."""
+    from retrieval import FaissGallery
+    ident = [a.faiss_index]
+    for m, ckpt in zip(setup.models, setup.ckpts):
+        f = os.path.join(a.cache_dir, _cache_key(ckpt, int(m["image_size"]), gallery_digest, a.precision) + ".npy")
+        st = os.stat(f)
+        ident.append(f"{os.path.basename(f)}|{st.st_size}|{st.st_mtime_ns}")
+    path = os.path.join(a.cache_dir, "faiss-" + hashlib.sha1("\n".join(ident).encode()).hexdigest()[:20])
+    if os.path.exists(path + ".faiss") and os.path.exists(path + ".faiss.rows.npy"):
+        print(f"faiss index {a.faiss_index!r}: read from {path}.faiss", flush=True)
+        return FaissGallery.load(path + ".faiss", a.faiss_index)
+    bad = unreadable_rows(*g_emb)
+    fg = faiss_index(g_emb, a.faiss_index, exclude=bad if bad.any() else None)
+    tmp = f"{path}.part{os.getpid()}"
+    fg.save(tmp)  # then renamed: a run killed while writing leaves no index that looks whole
+    os.replace(tmp + ".rows.npy", path + ".faiss.rows.npy")
+    os.replace(tmp, path + ".faiss")
+    print(f"faiss index {a.faiss_index!r}: {len(fg)} gallery images, kept in {path}.faiss", flush=True)
+    return fg
 
 
 def folder_answer(setup, zqs, g_emb, heads, g_labels, device="cpu", non_landmark=None, nl_emb=None,
@@ -806,6 +860,7 @@ def main(argv=None):
         a.num_workers, threads = cpu_budget(a.num_workers)
         torch.set_num_threads(threads)
     try:
+        check_shared_cache(a.cache_dir)
         return _main(a)
     finally:
         cleanup_distributed()

@@ -211,12 +211,74 @@ def test_folder_index_keeps_its_faiss_index(photos, tmp_path, capsys):
     assert not (tmp_path / "idx.faiss").exists() and json.load(open(tmp_path / "idx.json"))["faiss"] is None
 
 
-def test_gldv2_run_with_faiss_flat_equals_exact(gld):
-    t = gld["t"]
-    run([sys.executable, "predict.py", *gld["args"]("flat"), "--knn", "faiss"], cwd=ROOT)
+def _same_answers(t, a, b):
+    """The same predictions in the submissions of runs a and b, confidences to float32 rounding."""
     for part in ("", "_retrieval", "_ensemble"):
-        a = pd.read_csv(t / f"one{part}.csv", keep_default_na=False)
-        b = pd.read_csv(t / f"flat{part}.csv", keep_default_na=False)
-        la, lb = [v.split() for v in a["landmarks"]], [v.split() for v in b["landmarks"]]
+        fa = pd.read_csv(t / f"{a}{part}.csv", keep_default_na=False)
+        fb = pd.read_csv(t / f"{b}{part}.csv", keep_default_na=False)
+        la, lb = [v.split() for v in fa["landmarks"]], [v.split() for v in fb["landmarks"]]
         assert [x[:1] for x in la] == [x[:1] for x in lb], part
         np.testing.assert_allclose([float(x[1]) for x in la if x], [float(x[1]) for x in lb if x], rtol=1e-4)
+
+
+def test_gldv2_run_with_faiss_flat_equals_exact(gld):
+    run([sys.executable, "predict.py", *gld["args"]("flat"), "--knn", "faiss"], cwd=ROOT)
+    _same_answers(gld["t"], "one", "flat")
+
+
+def test_gldv2_faiss_index_is_kept_in_the_cache(gld, capsys):
+    """The GLDv2 run's faiss index stays in --cache-dir: the next run reads it and answers the same;
+    features embedded again (a new file time) give a new index."""
+    t = gld["t"]
+    args = [*gld["args"]("ivf"), "--knn", "faiss", "--faiss-index", "IVF4,Flat", "--faiss-nprobe", "4"]
+    first = predict.main(args)
+    out = capsys.readouterr().out
+    assert "faiss index 'IVF4,Flat': 76 gallery images, kept in" in out
+    (kept,) = glob.glob(str(t / "cache_ivf" / "faiss-*.faiss"))
+    assert os.path.exists(kept + ".rows.npy") and not glob.glob(str(t / "cache_ivf" / "*.part*"))
+    stamp = os.stat(kept).st_mtime_ns
+    again = predict.main(args)
+    assert f"read from {kept}" in capsys.readouterr().out and os.stat(kept).st_mtime_ns == stamp
+    np.testing.assert_array_equal(first["neighbours"][1], again["neighbours"][1])
+    _same_answers(t, "one", "ivf")  # 4 lists, all visited: exact
+    feats = [f for f in glob.glob(str(t / "cache_ivf" / "*.npy")) if "faiss" not in f]
+    os.utime(feats[0], ns=(stamp, stamp + 10**9))
+    predict.main(args)
+    assert "kept in" in capsys.readouterr().out
+    assert len(glob.glob(str(t / "cache_ivf" / "faiss-*.faiss"))) == 2
+
+
+def _probe_rank(rank, port, dirs, results):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        predict.check_shared_cache(dirs[rank])
+        results.put((rank, "ok"))
+    except UserError as e:
+        results.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_every_rank_must_see_the_cache_of_rank_0(tmp_path, shared):
+    """Two ranks with one --cache-dir pass; with a folder each (as two nodes without a shared file
+    system see it), the rank that cannot see rank 0's probe file says so, and rank 0 removes it."""
+    import torch.multiprocessing as mp
+    dirs = [str(tmp_path / "c")] * 2 if shared else [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_probe_rank, args=(r, port, dirs, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert got[0] == "ok"
+    if shared:
+        assert got[1] == "ok"
+    else:
+        assert got[1].startswith(f"--cache-dir {dirs[1]}: rank 1 (on ") and "every node mounts" in got[1]
+    assert all(os.listdir(d) == [] for d in set(dirs))
