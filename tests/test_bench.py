@@ -3,7 +3,9 @@ import json
 import os
 import sys
 
-from conftest import ROOT
+import pytest
+
+from conftest import ROOT, TINY_BACKBONE
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import bench  # noqa: E402
@@ -56,3 +58,23 @@ def test_knn_memory_bound_and_speed(capsys):
              "--rounds", "3", "--device", "cpu")
     assert r["peak_mib"] <= 1.1 * r["bound_mib"] + 4, r
     assert r["ratio_to_matmul"] > 0.6, r
+
+
+def test_knn_faiss(capsys):
+    """Flat finds exact search's neighbours; an IVF-PQ on a clustered gallery finds fewer from its
+    codes, and its exact shortlist gets back at least as many."""
+    pytest.importorskip("faiss", reason="faiss-cpu (requirements-ci.txt)")
+    small = ["--queries", "50", "--gallery", "3000", "--dim", "32", "--clusters", "100", "--rounds", "1",
+             "--device", "cpu"]
+    r = _run(capsys, "knn", *small, "--faiss", "Flat")
+    assert r["what"] == "knn_faiss" and r["recall5_codes"] == r["recall5_shortlist"] == 1.0
+    assert r["index_mib"] > 3000 * 32 * 4 / 2**20 and r["codes_q_s"] > 0 and r["exact_q_s"] > 0
+    r = _run(capsys, "knn", *small, "--faiss", "IVF8,PQ4x4fs", "--nprobe", "8", "--rerank", "40")
+    assert 0 < r["recall5_codes"] < r["recall5_shortlist"] and r["recall5_shortlist"] > 0.9
+    assert r["index_mib"] < 3000 * 32 * 4 / 2**20
+
+
+def test_ranks(capsys):
+    r = _run(capsys, "ranks", "--images", "12", "--rounds", "1", "--enet-type", TINY_BACKBONE, "--image-size", "32",
+             "--batch-size", "4", "--workers", "0")
+    assert r["what"] == "ranks" and r["nproc"] == 2 and r["images"] == 12 + 2 and r["ratio"] > 0
