@@ -84,7 +84,9 @@ def test_rerank_vote_max():
             v = sims[i, k] ** 9 * cls.get(nn_l[i, k], 1e-8) ** 10
             best[nn_l[i, k]] = max(best.get(nn_l[i, k], 0.0), v)
         want = max(best.values())
-        assert got_c[i] == pytest.approx(want, rel=1e-12) and best[got_l[i]] == got_c[i]
+        # approx, not ==: numpy's vectorised pow and Python's ** may differ in the last bit
+        assert got_c[i] == pytest.approx(want, rel=1e-12)
+        assert best[got_l[i]] == pytest.approx(got_c[i], rel=1e-12)
     assert retrieval.resolve_rerank("auto", None, ["finetune", "finetune"]) == ("max", 9, 3)
     assert retrieval.resolve_rerank("auto", None, ["finetune", None]) == ("sum", 9, 10)  # an original model
     assert retrieval.resolve_rerank("sum", 10, ["finetune"]) == ("sum", 9, 10.0)  # given values win
