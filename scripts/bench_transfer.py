@@ -13,13 +13,12 @@ Each run goes through the real command lines, as a user would:
             ImageNet backbone, lr 1e-4, x10 warm-up, every layer trained, fold 0 held out), predict.py --spec;
 - finetune: the same with train.py --recipe finetune;
 
-then evaluate.py on each of predict.py's outputs. One JSON line per run and
+then evaluate.py's scorer (evaluate.evaluate, in this process) on each of predict.py's outputs. One JSON line per run and
 seed (`retrieval`, `classifier`, `ensemble` GAP; `seconds`), then one line per
 run with the means over the seeds (`what: transfer_mean`).
 """
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import pandas as pd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import evaluate  # noqa: E402
 from gallery import list_images  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -107,8 +107,7 @@ def _gap(predictions, names, solution):
                                       zip(p["landmark"], p["confidence"])]})
     path = os.path.splitext(predictions)[0] + "_submission.csv"
     sub.to_csv(path, index=False)
-    out = _cli("evaluate.py", "--submission", path, "--solution", solution)
-    return float(re.search(r"GAP: ([\d.]+)", out).group(1))
+    return evaluate.evaluate(path, solution)[0]  # evaluate.py's scorer, in this process (no torch import per part)
 
 
 def run_one(run, a, work, names):

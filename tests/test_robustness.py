@@ -29,6 +29,33 @@ def _cli(*argv, cwd=ROOT):
     return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+def _in_process(*argv):
+    """_cli's answer (returncode, stderr) from the command's main() run in this process through
+    util.run_main, as `python SCRIPT` runs it: for mistakes found before any work, where a
+    subprocess would spend its time importing torch. One check per test stays a subprocess."""
+    import contextlib
+    import importlib
+    import io
+    script, *args = argv
+    main = importlib.import_module(os.path.splitext(script)[0]).main
+    err, code = io.StringIO(), 0
+    old_argv, old_omp = sys.argv, os.environ.get("OMP_NUM_THREADS")
+    sys.argv = [script, *args]
+    os.environ["OMP_NUM_THREADS"] = "1"  # as _cli: train.py then leaves this process's thread count alone
+    try:
+        with torch.random.fork_rng(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            util.run_main(lambda: main(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old_argv
+        if old_omp is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = old_omp
+    return subprocess.CompletedProcess(argv, code, "", err.getvalue())
+
+
 def _one_line_error(p, *needles):
     lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
@@ -121,12 +148,15 @@ def test_train_user_mistakes(synth, tmp_path):
         return argv
 
     _one_line_error(_cli(*with_flag("--data-dir", _bad_data(tmp_path, synth))), "train.csv", "landmark_id")
-    _one_line_error(_cli(*with_flag("--enet-type", "tf_efficientnet_b3_nss")), "--enet-type", "tf_efficientnet_b3")
-    _one_line_error(_cli(*with_flag("--image-size", "0")), "--image-size")
-    _one_line_error(_cli(*with_flag("--fold", "7")), "--fold 7", folds)
-    _one_line_error(_cli(*with_flag("--folds-csv", str(tmp_path / "none.csv"))), "none.csv", "preprocess.py")
-    _one_line_error(_cli(*with_flag("--stop-at-epoch", "0")), "--stop-at-epoch")
-    _one_line_error(_cli(*with_flag("--load-from", str(tmp_path / "missing.pth"))), "missing.pth")
+    # the rest in this process: the same main() and run_main, without a torch import each
+    _one_line_error(_in_process(*with_flag("--enet-type", "tf_efficientnet_b3_nss")), "--enet-type",
+                    "tf_efficientnet_b3")
+    _one_line_error(_in_process(*with_flag("--image-size", "0")), "--image-size")
+    _one_line_error(_in_process(*with_flag("--fold", "7")), "--fold 7", folds)
+    _one_line_error(_in_process(*with_flag("--folds-csv", str(tmp_path / "none.csv"))), "none.csv", "preprocess.py")
+    _one_line_error(_in_process(*with_flag("--stop-at-epoch", "0")), "--stop-at-epoch")
+    _one_line_error(_in_process(*with_flag("--load-from", str(tmp_path / "missing.pth"))), "missing.pth")
+    assert _in_process(*with_flag("--image-size", "0")).returncode == 2 and os.listdir(tmp_path) == ["d"]
 
 
 def test_load_from_another_architecture_names_the_mismatch(stage1, tmp_path):
@@ -143,9 +173,9 @@ def test_predict_preprocess_evaluate_user_mistakes(synth, tmp_path):
                                             "image_size": 32}]}))
     args = ["predict.py", "--data-dir", synth, "--train-csv", os.path.join(synth, "train_competition.csv"),
             "--idx2landmark", os.path.join(synth, "idx2landmark_id.pkl"), "--out", str(tmp_path / "s.csv")]
-    _one_line_error(_cli(*args, "--spec", str(spec)), "nowhere.pth")
-    _one_line_error(_cli(*args, "--spec", str(tmp_path / "nospec.json")), "nospec.json")
-    _one_line_error(_cli("preprocess.py", "--train-csv", str(tmp_path / "nolist.csv")), "nolist.csv")
+    _one_line_error(_in_process(*args, "--spec", str(spec)), "nowhere.pth")
+    _one_line_error(_in_process(*args, "--spec", str(tmp_path / "nospec.json")), "nospec.json")
+    _one_line_error(_in_process("preprocess.py", "--train-csv", str(tmp_path / "nolist.csv")), "nolist.csv")
     (tmp_path / "sub.csv").write_text("id,landmarks\na,12 x\n")
     (tmp_path / "sol.csv").write_text("id,landmarks\na,12\n")
     _one_line_error(_cli("evaluate.py", "--submission", str(tmp_path / "sub.csv"), "--solution",
