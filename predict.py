@@ -34,7 +34,7 @@ from dataset import (LandmarkDataset, collate, drop_excluded, get_transforms, im
 from finetune import WHITEN_MIN_RATIO
 from models import build_model, check_enet_type, preprocessing_for
 from preprocess import read_clean_list
-from retrieval import (FAISS_NPROBE, FAISS_RERANK, RERANK, Search, faiss_index, import_faiss, recognize,
+from retrieval import (FAISS_EF_SEARCH, FAISS_NPROBE, FAISS_RERANK, RERANK, Search, faiss_index, import_faiss, recognize,
                        resolve_rerank, topk_cosine, unreadable_rows, whitened, whitening_of)
 from util import (UserError, cleanup_distributed, cpu_budget, is_main, load_checkpoint, load_fitting, memory_format, print0,
                   read_label_map, run_main, setup_distributed)
@@ -381,10 +381,10 @@ def _paths_digest(kind, paths):
 
 
 def search_of(a):
-    """--knn exact|faiss, --faiss-index, --faiss-nprobe, --faiss-rerank as a retrieval.Search."""
+    """--knn exact|faiss, --faiss-index, --faiss-nprobe, --faiss-ef, --faiss-rerank as a retrieval.Search."""
     if a.knn == "faiss":
         import_faiss()  # missing: one line now, not after hours of extraction
-    return Search(a.knn, a.faiss_index, a.faiss_nprobe, a.faiss_rerank)
+    return Search(a.knn, a.faiss_index, a.faiss_nprobe, a.faiss_rerank, ef_search=a.faiss_ef)
 
 
 def load_setup(a, device="cpu"):
@@ -766,6 +766,9 @@ def build_parser():
                         "IVF65536,PQ64 answers from 64-byte codes, trained on a sample of the gallery (default Flat)")
     p.add_argument("--faiss-nprobe", type=int, default=FAISS_NPROBE, metavar="N",
                    help=f"with an IVF index: inverted lists visited per query (default {FAISS_NPROBE})")
+    p.add_argument("--faiss-ef", type=int, default=FAISS_EF_SEARCH, metavar="N",
+                   help="with an HNSW index (e.g. HNSW32): search depth, efSearch; more finds more of the exact "
+                        f"neighbours, slower (default {FAISS_EF_SEARCH}; faiss' own is 16)")
     p.add_argument("--faiss-rerank", type=int, default=FAISS_RERANK, metavar="N",
                    help="with --knn faiss: the index's N best candidates are scored again by their exact cosines "
                         "(read for those rows alone from the features) and give the top 5; 0: the codes' own "
@@ -798,6 +801,8 @@ def check_options(a):
         raise UserError("--solution and --logs go with --report")
     if a.faiss_nprobe < 1:
         raise UserError(f"--faiss-nprobe {a.faiss_nprobe}: must be at least 1")
+    if a.faiss_ef < 1:
+        raise UserError(f"--faiss-ef {a.faiss_ef}: must be at least 1")
     if a.faiss_rerank < 0:
         raise UserError(f"--faiss-rerank {a.faiss_rerank}: must be 0 or more")
     return a

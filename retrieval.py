@@ -126,6 +126,8 @@ def topk_cosine(queries, gallery, k=TOP_K, device="cpu", query_chunk=4096, galle
 # ('IVF65536,PQ64': 64 bytes an image instead of 2 KB a model) is trained on a sample of the gallery and
 # answers from codes, approximately.
 FAISS_NPROBE = 32      # inverted lists visited per query (faiss' own default, 1, loses most neighbours)
+FAISS_EF_SEARCH = 64   # HNSW: candidates kept while walking the graph (faiss' default, 16, gave recall@5
+                       # 0.85 on bench.py knn's clustered 100k x 512, 64 gives 0.98; docs/performance.md)
 FAISS_RERANK = 50      # candidates from the codes whose exact cosines pick the top 5 (0: the codes' own)
 FAISS_TRAIN_MIN = 1 << 16  # training sample: at least this many vectors, and 40 per inverted list
                            # (faiss warns below 39 per centroid), never more than the gallery
@@ -200,7 +202,8 @@ def faiss_index(gallery, factory="Flat", exclude=None, train_size=None, seed=0, 
     return FaissGallery(index, keep, factory)
 
 
-def faiss_search(fg, queries, k=TOP_K, nprobe=FAISS_NPROBE, device="cpu", chunk=1024, rerank=0, gallery=None):
+def faiss_search(fg, queries, k=TOP_K, nprobe=FAISS_NPROBE, device="cpu", chunk=1024, rerank=0, gallery=None,
+                 ef_search=FAISS_EF_SEARCH):
     """topk_cosine's answer from a FaissGallery: (sims (Q, k) float32, gallery rows (Q, k) int64),
     best first; a slot the index cannot fill (fewer than k images in the visited lists) has
     similarity -inf and row 0, as topk_cosine's beyond a too small gallery.
@@ -208,7 +211,11 @@ def faiss_search(fg, queries, k=TOP_K, nprobe=FAISS_NPROBE, device="cpu", chunk=
     rerank > k, with the gallery's embeddings (a list over models, maybe memory-mapped): the
     index gives `rerank` candidates from its codes and their exact cosines, read from the
     embeddings for those rows alone, give the k. The re-ranking raises these similarities
-    to the 9th power: approximate ones would carry the codes' error into the answer."""
+    to the 9th power: approximate ones would carry the codes' error into the answer.
+
+    nprobe: an IVF index's inverted lists visited per query; ef_search: an HNSW graph's
+    (or an HNSW coarse quantizer's) search depth, through faiss' ParameterSpace, which
+    reaches it inside a PCA or other pre-transform; faiss searches at least k deep anyway."""
     faiss = import_faiss()
     qs = queries if isinstance(queries, (list, tuple)) else [queries]
     gs = None if gallery is None else (gallery if isinstance(gallery, (list, tuple)) else [gallery])
@@ -216,6 +223,8 @@ def faiss_search(fg, queries, k=TOP_K, nprobe=FAISS_NPROBE, device="cpu", chunk=
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = int(min(nprobe, ivf.nlist))
+    if "HNSW" in fg.factory.upper():
+        faiss.ParameterSpace().set_index_parameter(index, "efSearch", int(ef_search))
     if torch.device(device).type == "cuda" and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus():
         index = faiss.index_cpu_to_all_gpus(index)  # faiss-gpu: the search on the GPUs
     k_eff = min(k, len(fg))
@@ -251,14 +260,16 @@ def _exact_on_shortlist(qs, gs, rows, missing):
 
 
 class Search:
-    """How neighbours are found: kind 'exact' (topk_cosine) or 'faiss' (factory, nprobe, and
-    rerank, the shortlist re-scored exactly; `index` a FaissGallery already built for this very
-    gallery, e.g. from a saved index)."""
+    """How neighbours are found: kind 'exact' (topk_cosine) or 'faiss' (factory, nprobe,
+    ef_search, and rerank, the shortlist re-scored exactly; `index` a FaissGallery already built
+    for this very gallery, e.g. from a saved index)."""
 
-    def __init__(self, kind="exact", factory="Flat", nprobe=FAISS_NPROBE, rerank=FAISS_RERANK, index=None):
+    def __init__(self, kind="exact", factory="Flat", nprobe=FAISS_NPROBE, rerank=FAISS_RERANK, index=None,
+                 ef_search=FAISS_EF_SEARCH):
         if kind not in ("exact", "faiss"):
             raise ValueError(f"kind must be 'exact' or 'faiss', not {kind!r}")
         self.kind, self.factory, self.nprobe, self.rerank, self.index = kind, factory, nprobe, rerank, index
+        self.ef_search = ef_search
 
 
 def knn(queries, gallery, k=TOP_K, device="cpu", exclude=None, search=None):
@@ -269,7 +280,8 @@ def knn(queries, gallery, k=TOP_K, device="cpu", exclude=None, search=None):
     fg = search.index
     if fg is None:
         fg = faiss_index(gallery, search.factory, exclude=exclude)
-    return (*faiss_search(fg, queries, k, search.nprobe, device=device, rerank=search.rerank, gallery=gallery), fg)
+    return (*faiss_search(fg, queries, k, search.nprobe, device=device, rerank=search.rerank, gallery=gallery,
+                          ef_search=search.ef_search), fg)
 
 # ---------------------------------------------------------------- classifier and re-ranking
 

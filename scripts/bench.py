@@ -6,7 +6,7 @@
                                     [--precision P] [--compile] [--baseline]
     python scripts/bench.py loader  --image-size S [--data-dir D | --make N] [--workers W] [--baseline]
     python scripts/bench.py knn     --queries Q --gallery G --dim D [--models M] [--device D] [--baseline]
-                                    [--clusters K --noise S] [--faiss FACTORY [--nprobe N] [--rerank N]]
+                                    [--clusters K --noise S] [--faiss FACTORY [--nprobe N] [--ef N] [--rerank N]]
     python scripts/bench.py ranks   --images N [--nproc W] [--enet-type T] [--image-size S]
                                     (predict.py's extraction, one process against W torchrun ranks)
     python scripts/bench.py transfer --photos DIR [--distractors DIR] --enet-type T --pretrained-path W
@@ -483,14 +483,15 @@ def _knn_faiss(a, qs, gs, device, tmp):
     _, exact = retrieval.topk_cosine(qs, gs, 5, device=device)
 
     def search(rerank):
-        return lambda: retrieval.faiss_search(fg, qs, 5, a.nprobe, device=device, rerank=rerank, gallery=gs)
+        return lambda: retrieval.faiss_search(fg, qs, 5, a.nprobe, device=device, rerank=rerank, gallery=gs,
+                                              ef_search=a.ef)
     cases = {"exact": lambda: retrieval.topk_cosine(qs, gs, 5, device=device), "codes": search(0),
              "shortlist": search(a.rerank)}
     with PeakMemory(device) as mem:
         found = {k: cases[k]()[1] for k in ("codes", "shortlist")}
     t = interleaved(cases, device, a.rounds)
     recall = {k: float(np.mean([len(set(x) & set(y)) / 5 for x, y in zip(exact, f)])) for k, f in found.items()}
-    emit(what="knn_faiss", factory=a.faiss, nprobe=a.nprobe, rerank=a.rerank, queries=a.queries,
+    emit(what="knn_faiss", factory=a.faiss, nprobe=a.nprobe, ef=a.ef, rerank=a.rerank, queries=a.queries,
          gallery=a.gallery, dim=a.dim * a.models, clusters=a.clusters, noise=a.noise, device=str(device),
          recall5_codes=round(recall["codes"], 4), recall5_shortlist=round(recall["shortlist"], 4),
          build_s=round(build_s, 2), build_peak_mib=round(build_mem.peak_mib, 1), index_mib=round(index_mib, 1),
@@ -595,6 +596,7 @@ def parse_args(argv=None):
     q.add_argument("--noise", type=float, default=0.5, help="with --clusters: the spread around a centre")
     q.add_argument("--faiss", default=None, metavar="FACTORY", help="faiss against exact search, e.g. IVF1024,PQ64")
     q.add_argument("--nprobe", type=int, default=retrieval.FAISS_NPROBE)
+    q.add_argument("--ef", type=int, default=retrieval.FAISS_EF_SEARCH, help="HNSW efSearch")
     q.add_argument("--rerank", type=int, default=retrieval.FAISS_RERANK, help="the shortlist scored exactly")
     q = sub.add_parser("ranks")
     q.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")

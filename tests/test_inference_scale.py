@@ -174,6 +174,34 @@ def test_faiss_ivfpq_recall_on_a_clustered_gallery():
     assert shortlist >= 0.9 and shortlist > codes
 
 
+def test_faiss_hnsw_search_depth_reaches_the_graph():
+    """--faiss-ef sets HNSW's efSearch, also inside a PCA pre-transform: on 20k x 512 in 2k
+    clusters the default depth (64) finds more of the exact top 5 than faiss' own 16
+    (measured 0.9988 against 0.9908); predict.py's flag travels to the search."""
+    import faiss
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((2000, 512)).astype(np.float32)
+    g = _unit(centres[rng.integers(0, 2000, 20_000)] + 0.5 * rng.standard_normal((20_000, 512)))
+    q = _unit(centres[rng.integers(0, 2000, 500)] + 0.5 * rng.standard_normal((500, 512)))
+    _, i_e = retrieval.topk_cosine(q, g, 5)
+    fg = retrieval.faiss_index([g], "HNSW32")
+
+    def recall(ef):
+        i_f = retrieval.faiss_search(fg, [q], 5, rerank=0, ef_search=ef)[1]
+        assert faiss.downcast_index(fg.index).hnsw.efSearch == ef
+        return np.mean([len(set(a) & set(b)) / 5 for a, b in zip(i_e, i_f)])
+    shallow, deep = recall(16), recall(retrieval.FAISS_EF_SEARCH)
+    print(f"HNSW32 recall@5: efSearch 16 {shallow:.4f}, {retrieval.FAISS_EF_SEARCH} {deep:.4f}")
+    assert deep > shallow and deep >= 0.99
+    fp = retrieval.faiss_index([g[:3000]], "PCA64,HNSW32")
+    retrieval.faiss_search(fp, [q[:10]], 5, ef_search=99)
+    assert faiss.downcast_index(faiss.downcast_index(fp.index).index).hnsw.efSearch == 99
+    folders = ["--spec", "s.json", "--gallery-dir", "g", "--query-dir", "q", "--knn", "faiss"]
+    assert predict.search_of(predict.parse_args(folders + ["--faiss-ef", "7"])).ef_search == 7
+    with pytest.raises(UserError, match="--faiss-ef 0: must be at least 1"):
+        predict.parse_args(folders + ["--faiss-ef", "0"])
+
+
 def test_faiss_user_mistakes(monkeypatch):
     g = [_unit(np.random.default_rng(0).standard_normal((100, 8)))]
     with pytest.raises(UserError, match="--faiss-index 'IVFx': not a faiss index factory string"):
