@@ -68,6 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--rerank-vote", choices=["auto", "sum", "max"], default="auto", help="as predict.py")
     p.add_argument("--rerank-cls-power", type=predict._auto_or_power, default=None, metavar="auto|P",
                    help="as predict.py")
+    predict.add_search_args(p)  # --knn exact|faiss and the faiss flags, as predict.py
     a = p.parse_args(argv)
     if (a.spec is None) == (a.backbone is None):
         p.error("give --spec (trained models) or --backbone (no training), not both")
@@ -108,6 +109,10 @@ class Recognizer:
         else:  # the whitening is learnt on the gallery once, not per request
             self.models, self.heads = [(s.zmodel, s.size)], None
             self.whitening = predict.gallery_whitening(s, self.g_emb)
+        self.search = predict.search_of(opts)
+        if self.search.kind == "faiss":  # the saved index's own faiss index when it fits, else built once here
+            self.search.index = predict.folder_faiss(opts, idx, len(self.g_rel),
+                                                     [self.whitening[1]] if self.whitening else self.g_emb)
         self.lock = threading.Lock()
         print(f"gallery: {len(self.g_rel)} photos of {len(set(self.g_labels.tolist()))} landmarks; "
               f"{len(self.models)} model(s) on {self.device}", flush=True)
@@ -121,7 +126,7 @@ class Recognizer:
         with self.lock:
             zqs = [predict.embed_images(m, images, size, self.device, self.precision) for m, size in self.models]
             res, _, _ = predict.folder_answer(self.setup, zqs, self.g_emb, self.heads, self.g_labels, self.device,
-                                              whitening=self.whitening)
+                                              whitening=self.whitening, search=self.search)
         sims, nn = res["neighbours"]
         parts = {k: report._answers(res[k]) for k in ("classifier", "retrieval") if k in res and self.heads}
         out = []

@@ -630,7 +630,7 @@ def run_folders(a):
         raise UserError("the gallery is empty: nothing to retrieve from")
     whitening = gallery_whitening(setup, g_emb) if setup.zero else None
     if search.kind == "faiss":  # the searched vectors: the embeddings, or the whitened pooled features
-        search.index = _folder_faiss(a, idx, len(g_rel), [whitening[1]] if whitening else g_emb)
+        search.index = folder_faiss(a, idx, len(g_rel), [whitening[1]] if whitening else g_emb)
     if a.save_index or a.add_to_index:
         stem = write_index(a.save_index or a.index, g_emb, g_labels, g_rel, names, signature, g_root,
                            faiss=search.index, whiten=a.whiten if setup.zero else None)
@@ -656,7 +656,7 @@ def run_folders(a):
     return res["frames"][final], res
 
 
-def _folder_faiss(a, idx, n, vectors):
+def folder_faiss(a, idx, n, vectors):
     """The faiss index of a folder gallery: the saved index's own when it was built with this
     factory (and whitening) on this very gallery, else built now."""
     from gallery import saved_faiss
@@ -689,6 +689,25 @@ def _auto_or_power(v):
     if not f >= 0:
         raise argparse.ArgumentTypeError(f"{v!r} is neither 'auto' nor a power >= 0")
     return f
+
+
+def add_search_args(p):
+    """--knn and the faiss flags, on predict.py's parser and app.py's (search_of reads them)."""
+    p.add_argument("--knn", choices=["exact", "faiss"], default="exact",
+                   help="nearest-neighbour search: exact (the original's, in bounded memory) or faiss (pip install "
+                        "faiss-cpu, or faiss-gpu) with the index of --faiss-index")
+    p.add_argument("--faiss-index", default="Flat", metavar="FACTORY",
+                   help="with --knn faiss: a faiss index_factory string, by inner product; Flat is exact, e.g. "
+                        "IVF65536,PQ64 answers from 64-byte codes, trained on a sample of the gallery (default Flat)")
+    p.add_argument("--faiss-nprobe", type=int, default=FAISS_NPROBE, metavar="N",
+                   help=f"with an IVF index: inverted lists visited per query (default {FAISS_NPROBE})")
+    p.add_argument("--faiss-ef", type=int, default=FAISS_EF_SEARCH, metavar="N",
+                   help="with an HNSW index (e.g. HNSW32): search depth, efSearch; more finds more of the exact "
+                        f"neighbours, slower (default {FAISS_EF_SEARCH}; faiss' own is 16)")
+    p.add_argument("--faiss-rerank", type=int, default=FAISS_RERANK, metavar="N",
+                   help="with --knn faiss: the index's N best candidates are scored again by their exact cosines "
+                        "(read for those rows alone from the features) and give the top 5; 0: the codes' own "
+                        f"similarities (default {FAISS_RERANK})")
 
 
 def build_parser():
@@ -758,21 +777,7 @@ def build_parser():
     p.add_argument("--write-parts", action="store_true",
                    help="also write OUT's classifier-only, retrieval-only (and, with --non-landmark, plain "
                         "re-ranked) submissions or predictions: *_classifier.csv, *_retrieval.csv, *_ensemble.csv")
-    p.add_argument("--knn", choices=["exact", "faiss"], default="exact",
-                   help="nearest-neighbour search: exact (the original's, in bounded memory) or faiss (pip install "
-                        "faiss-cpu, or faiss-gpu) with the index of --faiss-index")
-    p.add_argument("--faiss-index", default="Flat", metavar="FACTORY",
-                   help="with --knn faiss: a faiss index_factory string, by inner product; Flat is exact, e.g. "
-                        "IVF65536,PQ64 answers from 64-byte codes, trained on a sample of the gallery (default Flat)")
-    p.add_argument("--faiss-nprobe", type=int, default=FAISS_NPROBE, metavar="N",
-                   help=f"with an IVF index: inverted lists visited per query (default {FAISS_NPROBE})")
-    p.add_argument("--faiss-ef", type=int, default=FAISS_EF_SEARCH, metavar="N",
-                   help="with an HNSW index (e.g. HNSW32): search depth, efSearch; more finds more of the exact "
-                        f"neighbours, slower (default {FAISS_EF_SEARCH}; faiss' own is 16)")
-    p.add_argument("--faiss-rerank", type=int, default=FAISS_RERANK, metavar="N",
-                   help="with --knn faiss: the index's N best candidates are scored again by their exact cosines "
-                        "(read for those rows alone from the features) and give the top 5; 0: the codes' own "
-                        f"similarities (default {FAISS_RERANK})")
+    add_search_args(p)
     p.add_argument("--dist-timeout", type=float, default=60,
                    help="under torchrun: minutes a rank waits for the others (their share of the images) before "
                         "the run fails (default 60)")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -213,9 +214,10 @@ def test_faiss_user_mistakes(monkeypatch):
         predict.main(["--spec", "s.json", "--gallery-dir", "g", "--query-dir", "q", "--knn", "faiss"])
 
 
-def test_folder_index_keeps_its_faiss_index(photos, tmp_path, capsys):
+def test_folder_index_keeps_its_faiss_index(photos, tmp_path, capsys, monkeypatch):
     """--knn faiss --save-index writes I.faiss; --index I --knn faiss answers from it (no new
-    build) with the exact answers; another factory builds again; --add-to-index rebuilds."""
+    build) with the exact answers, and so does app.py --knn faiss; another factory builds again;
+    --add-to-index rebuilds."""
     base = ["--spec", photos["spec"], "--query-dir", photos["queries"], "--idx2landmark", photos["labels"],
             "--device", "cpu", "--num-workers", "0"]
     exact = predict.main([*base, "--gallery-dir", photos["gallery"], "--out", str(tmp_path / "exact.csv")])
@@ -230,6 +232,23 @@ def test_folder_index_keeps_its_faiss_index(photos, tmp_path, capsys):
     assert list(a["landmark"]) == list(b["landmark"])
     np.testing.assert_allclose(a["confidence"], b["confidence"], rtol=1e-4)
     np.testing.assert_array_equal(res["neighbours"][1], exact["neighbours"][1])
+    # app.py --knn faiss: the saved faiss index (no new build), the answers of the exact page
+    import app
+    from dataset import read_rgb
+    images = [read_rgb(str(f)) for f in sorted(Path(photos["queries"]).rglob("*.jpg"))[:6]]
+    page = ["--spec", photos["spec"], "--index", str(tmp_path / "idx"), "--idx2landmark", photos["labels"],
+            "--device", "cpu"]
+    exact_page = app.Recognizer(app.parse_args(page), str(tmp_path))
+    capsys.readouterr()
+    faiss_page = app.Recognizer(app.parse_args(page + ["--knn", "faiss"]), str(tmp_path))
+    assert "faiss index" not in capsys.readouterr().out and faiss_page.search.index is not None
+    calls, real = [], retrieval.faiss_search
+    monkeypatch.setattr(retrieval, "faiss_search", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for x, y in zip(exact_page(images), faiss_page(images)):
+        assert x["landmark"] == y["landmark"] and [n[0] for n in x["neighbours"]] == [n[0] for n in y["neighbours"]]
+        assert x["confidence"] == pytest.approx(y["confidence"], rel=1e-4)
+    assert calls == [1]  # the faiss page searched with faiss, the exact one did not
+    monkeypatch.undo()
     predict.main([*base, "--index", str(tmp_path / "idx"), "--knn", "faiss", "--faiss-index", "IVF2,Flat",
                   "--out", str(tmp_path / "f3.csv")])
     assert "faiss index 'IVF2,Flat'" in capsys.readouterr().out
