@@ -223,9 +223,11 @@ def faiss_search(fg, queries, k=TOP_K, nprobe=FAISS_NPROBE, device="cpu", chunk=
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = int(min(nprobe, ivf.nlist))
-    if "HNSW" in fg.factory.upper():
+    graph = "HNSW" in fg.factory.upper()
+    if graph:
         faiss.ParameterSpace().set_index_parameter(index, "efSearch", int(ef_search))
-    if torch.device(device).type == "cuda" and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus():
+    if (torch.device(device).type == "cuda" and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus()
+            and not graph):  # faiss-gpu has no HNSW (its cloner throws for one): a graph searches on the CPU
         index = faiss.index_cpu_to_all_gpus(index)  # faiss-gpu: the search on the GPUs
     k_eff = min(k, len(fg))
     shortlist = min(max(rerank, k_eff), len(fg)) if gs is not None and rerank > k_eff else k_eff
