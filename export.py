@@ -9,6 +9,7 @@ returns `embedding` (B, 512) float32, unit norm, and `cosines` (B, classes) floa
 sub-centre cosine (the ArcFace head without its margin). The model normalises the pixels itself; mean,
 std, size, interpolation and layout are in the file's metadata (`preprocessing`, JSON), with the backbone,
 the checkpoint's SHA-1 and the number of classes. Class i is idx2landmark_id.json's i.
+OUT/models.json lists the files in the spec's order and how predict.py combines their outputs.
 
 On export each file is run with onnxruntime (CPU) on the images of --check-dir (else on seeded random
 images) and compared with PyTorch: every embedding's cosine with PyTorch's >= 0.9999 and the same top 5
@@ -92,12 +93,23 @@ def verify(path, net, images):
     return worst, same
 
 
+def onnx_name(checkpoint, image_size):
+    """The file a model is written to: <checkpoint's name>@<size>.onnx."""
+    return f"{os.path.splitext(os.path.basename(checkpoint))[0]}@{image_size}.onnx"
+
+
 def models_to_export(a):
     """[(enet_type, checkpoint path, image size)] from --spec or --checkpoint, checked before any export."""
     if a.spec:
         models, base = load_spec(a.spec)
         ckpts, _, _, _ = check_models(models, base, None, None, a.trust_checkpoint)
-        return [(m["enet_type"], c, int(m["image_size"])) for m, c in zip(models, ckpts)]
+        todo = [(m["enet_type"], c, int(m["image_size"])) for m, c in zip(models, ckpts)]
+        names = [onnx_name(c, s) for _, c, s in todo]
+        for i, n in enumerate(names):
+            if n in names[:i]:  # two checkpoints of one basename (other folders) at one size: one would overwrite the other
+                raise UserError(f"--spec {a.spec}: models {names.index(n) + 1} and {i + 1} would both be written "
+                                f"as {n}; give their checkpoints different file names")
+        return todo
     ckpt = resolve_checkpoint(a.checkpoint, os.getcwd())
     check_models([{"enet_type": a.enet_type, "checkpoint": ckpt, "image_size": a.image_size}], os.getcwd(), None,
                  None, a.trust_checkpoint)
@@ -135,11 +147,11 @@ def main(argv=None):
             raise UserError(f"export.py needs {mod}: pip install onnx onnxscript onnxruntime") from None
     todo = models_to_export(a)
     os.makedirs(a.out, exist_ok=True)
-    written, failed = [], []
+    written, failed, manifest = [], [], []
     for enet_type, ckpt, size in todo:
         net = load_model(enet_type, ckpt, "cpu", a.trust_checkpoint, image_size=size)
         pre = net.preprocessing
-        path = os.path.join(a.out, f"{os.path.splitext(os.path.basename(ckpt))[0]}@{size}.onnx")
+        path = os.path.join(a.out, onnx_name(ckpt, size))
         meta = {"preprocessing": {"layout": "NCHW", "dtype": "uint8", "color": "RGB", "image_size": size,
                                   "resize": "the whole image to image_size x image_size (aspect not kept), cv2",
                                   "interpolation": pre["interpolation"], "mean": pre["mean"], "std": pre["std"],
@@ -153,11 +165,18 @@ def main(argv=None):
         print(f"{path}: onnxruntime vs PyTorch, worst embedding cosine {worst:.6f}, top 5 "
               f"{'the same' if same else 'DIFFERENT'} -> {'ok' if ok else 'FAILED'}", flush=True)
         (written if ok else failed).append(path)
+        manifest.append({"file": os.path.basename(path), "enet_type": enet_type, "image_size": size,
+                         "checkpoint_sha1": meta["checkpoint_sha1"]})
         if not ok:
             for f in glob.glob(path + "*"):
                 os.remove(f)
     if failed:
         raise SystemExit(f"export.py: {len(failed)} of {len(todo)} exports disagree with PyTorch (removed)")
+    # models.json: the files in the spec's order and how predict.py combines them, for a server of the ensemble
+    with open(os.path.join(a.out, "models.json"), "w") as f:
+        json.dump({"models": manifest,
+                   "similarity": "the mean over models of the embeddings' inner products (predict.py's retrieval)",
+                   "classes": "the mean over models of the cosines (predict.py's classifier)"}, f, indent=1)
     return written
 
 

@@ -34,6 +34,10 @@ def exported(stage1, tmp_path_factory):
 def test_onnx_agrees_with_pytorch_on_any_batch(exported, stage1):
     path = exported["path"]
     assert os.path.basename(path) == "s1_fold0_final@40.onnx"
+    manifest = json.load(open(os.path.join(os.path.dirname(path), "models.json")))
+    from gallery import file_digest
+    assert manifest["models"] == [{"file": "s1_fold0_final@40.onnx", "enet_type": TINY_BACKBONE, "image_size": 40,
+                                   "checkpoint_sha1": file_digest(stage1["checkpoint"])}]
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     meta = sess.get_modelmeta().custom_metadata_map
     net = predict.load_model(TINY_BACKBONE, stage1["checkpoint"], image_size=40)
@@ -84,3 +88,23 @@ def test_export_mistakes_are_one_line(tmp_path):
                         TINY_BACKBONE, "--image-size", "40", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
                        text=True)
     assert p.returncode == 2 and "none.pth not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_two_checkpoints_of_one_name_are_refused_before_any_export(stage1, tmp_path):
+    import shutil
+
+    from util import UserError
+    models = []
+    for d in ("a", "b"):
+        os.makedirs(tmp_path / d)
+        shutil.copy(stage1["checkpoint"], tmp_path / d / "final.pth")
+        models.append({"enet_type": TINY_BACKBONE, "checkpoint": str(tmp_path / d / "final.pth"), "image_size": 40})
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"models": models}))
+    with pytest.raises(UserError, match=r"models 1 and 2 would both be written as final@40.onnx"):
+        export.main(["--spec", str(spec), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    models[1]["image_size"] = 48  # another size: another file name, no clash
+    spec.write_text(json.dumps({"models": models}))
+    assert [os.path.basename(p) for _, p, _ in export.models_to_export(export.parse_args(
+        ["--spec", str(spec), "--out", str(tmp_path / "out")]))] == ["final.pth", "final.pth"]
