@@ -74,7 +74,8 @@ def load_model(enet_type, checkpoint, device="cpu", trust=False, image_size=None
     """A model from a checkpoint of ours or of the original code (strict), fed
     as it was trained: the pooling and preprocessing recorded in our
     checkpoints' args, else the original's (avg, or GeM where the weights hold
-    `pool.p`; the backbone's mean/std)."""
+    `pool.p`; the backbone's mean/std). For inference only: channels-last, in
+    eval mode, the head's sub-centres normalised once (normalize_weight_)."""
     sd, trained = load_checkpoint(checkpoint, trust=trust)
     if "metric_classify.weight" not in sd:
         raise UserError(f"{checkpoint}: no 'metric_classify.weight': not a checkpoint of this model")
@@ -82,6 +83,7 @@ def load_model(enet_type, checkpoint, device="cpu", trust=False, image_size=None
     model = build_model(enet_type, sd["metric_classify.weight"].shape[0] // 3, pretrained=False, pool=pool,
                         preprocessing=trained.get("preprocessing"), image_size=image_size)
     load_fitting(model, sd, checkpoint)
+    model.metric_classify.normalize_weight_()  # inference only: the head's sub-centres normalised once
     return model.to(device, memory_format=memory_format(torch.device(device))).eval()
 
 

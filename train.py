@@ -379,7 +379,7 @@ def set_lr(optimizer, lr):
 
 def build_training(args, model, margins, device):
     """Everything a training step needs, around a built model: the model on the
-    device (SyncBatchNorm under DDP on GPUs, channels-last there), the module
+    device (SyncBatchNorm under DDP on GPUs; channels-last), the module
     the step calls (DDP-wrapped, and compiled with --compile), the loss, Adam,
     the grad scaler and the autocast context. train.main and scripts/bench.py
     train both build their step here. Returns a namespace with model,

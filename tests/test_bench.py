@@ -21,11 +21,22 @@ def _run(capsys, *argv):
 def test_train_and_extract(capsys):
     small = ["--enet-type", "resnet10t", "--image-size", "32", "--batch-size", "2", "--steps", "2",
              "--out-dim", "20", "--rounds", "1", "--device", "cpu", "--baseline"]
-    r = _run(capsys, "train", *small, "--compare-head")
+    r = _run(capsys, "train", *small, "--compare-head", "--compare-format")
     assert r["what"] == "train" and r["img_s"] > 0 and r["baseline_img_s"] > 0 and r["warmup_s"] >= 0
     assert r["ratio"] > 0 and "head_fp32_cost" in r and "peak_mib" in r
-    r = _run(capsys, "extract", *small)
+    assert r["contiguous_img_s"] > 0 and r["format_ratio"] > 0
+    r = _run(capsys, "extract", *small, "--compare-format")
     assert r["what"] == "extract" and r["precision"] == "fp32" and r["img_s"] > 0 and r["ratio"] > 0
+    assert r["contiguous_img_s"] > 0 and r["format_ratio"] > 0
+    assert bench.predict.memory_format is bench.memory_format and bench.train.memory_format is bench.memory_format
+
+
+def test_onnx(capsys):
+    pytest.importorskip("onnxruntime", reason="export.py's dependencies (requirements-ci.txt)")
+    pytest.importorskip("onnxscript", reason="torch.onnx.export's dynamo exporter needs onnxscript")
+    r = _run(capsys, "onnx", "--enet-type", TINY_BACKBONE, "--image-size", "32", "--batch-size", "2", "--steps", "1",
+             "--out-dim", "10", "--rounds", "1", "--threads", "1")
+    assert r["what"] == "onnx" and r["img_s"] > 0 and r["pytorch_img_s"] > 0 and r["file_mib"] > 0
 
 
 def test_loader(capsys, tmp_path):

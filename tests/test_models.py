@@ -291,3 +291,29 @@ def test_preprocessing_from_a_pretrained_files_config(tmp_path):
     assert p["mean"][0] == pytest.approx(0.48145466) and p["interpolation"] == "bicubic"
     assert preprocessing_for("vit_base_patch16_224")["mean"] == [0.5, 0.5, 0.5]  # the name's own config
     assert preprocessing_for("tf_efficientnet_b3_ns", str(w))["mean"] == [0.485, 0.456, 0.406]  # the original's stay
+
+
+def test_inference_head_normalised_once_gives_the_same_bits(tmp_path):
+    """predict.load_model normalises the sub-centres once (normalize_weight_) and forward then
+    skips it: the same cosines bit for bit as the training head, and the skip is real."""
+    import predict
+    from models import ArcMarginProductSubcenter
+    torch.manual_seed(0)
+    head = ArcMarginProductSubcenter(512, 2000)
+    x = torch.randn(6, 512)
+    with torch.no_grad():
+        want = head(x)
+        once = copy.deepcopy(head).normalize_weight_()
+        assert torch.equal(once(x), want)
+        torch.testing.assert_close(once.weight.norm(dim=1), torch.ones(6000))
+        once.weight.mul_(2)  # a head that still normalised would not see this
+        assert torch.equal(once(x), 2 * want)
+    # the model predict.py loads: its head is the checkpoint's, normalised, the cosines unchanged
+    m = build_model(TINY_BACKBONE, 40).eval()
+    torch.save({"model_state_dict": m.state_dict()}, tmp_path / "c.pth")
+    got = predict.load_model(TINY_BACKBONE, str(tmp_path / "c.pth"))
+    assert got.metric_classify.weight_is_unit and not m.metric_classify.weight_is_unit
+    xi = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        z = m.neck(xi)
+        assert torch.equal(got.metric_classify(z), m.metric_classify(z))
