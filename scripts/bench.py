@@ -602,6 +602,7 @@ def cmd_onnx(a):
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     net = build_model(a.enet_type, a.out_dim, pretrained=False).eval()
+    net.metric_classify.normalize_weight_()  # as predict.load_model gives export.py its model
     tmp = tempfile.mkdtemp(prefix="bench_onnx_")
     try:
         path = os.path.join(tmp, "model.onnx")
