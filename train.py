@@ -237,8 +237,11 @@ def latest_checkpoint(stem, trust=False):
     """For --resume auto: {stem}_step.pth (mid-epoch) when it is ahead of {stem}.pth
     (the last complete epoch), else {stem}.pth, else '' (nothing to resume)."""
     done, mid = f"{stem}.pth", f"{stem}_step.pth"
+
+    def epoch(path):  # memory-mapped: the epoch without the weights and Adam's state (GBs at 81,313 classes)
+        return torch_load(path, trust=trust, mmap=True)["epoch"]
     if os.path.isfile(mid):
-        if not os.path.isfile(done) or torch_load(mid, trust=trust)["epoch"] >= torch_load(done, trust=trust)["epoch"]:
+        if not os.path.isfile(done) or epoch(mid) >= epoch(done):
             return mid
     return done if os.path.isfile(done) else ""
 

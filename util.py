@@ -126,19 +126,20 @@ def _numpy_scalar_globals():
     return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtype_classes]
 
 
-def torch_load(path, map_location="cpu", trust=False):
+def torch_load(path, map_location="cpu", trust=False, mmap=False):
     """torch.load that never runs code from the file: weights_only=True, with
     numpy scalars allowed and nothing else. A file that needs more is refused
     (UserError naming --trust-checkpoint); with trust=True (the user's
     --trust-checkpoint) it is unpickled in full. Missing or unreadable files
-    are UserErrors too."""
+    are UserErrors too. mmap=True: tensors stay on disk until touched (a zip
+    checkpoint, as torch.save writes: to read its epoch without its gigabytes)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
     if trust:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     try:
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)

@@ -261,3 +261,22 @@ def test_mid_epoch_checkpoint_resumes_to_the_uninterrupted_weights(synth, tmp_pa
         assert torch.equal(v, b[key]), key
     strip = [line.split(" ", 5)[-1] for line in (tmp_path / "whole.txt").read_text().splitlines()]
     assert strip == [line.split(" ", 5)[-1] for line in (tmp_path / "cut.txt").read_text().splitlines()]
+
+
+def test_latest_checkpoint_compares_epochs_from_memory_mapped_files(tmp_path, monkeypatch):
+    """--resume auto's choice: the mid-epoch file when it is at least as far, else the epoch's;
+    the epochs are read memory-mapped (the weights and Adam's state stay on disk)."""
+    import train
+    import util
+    stem = str(tmp_path / "k_fold0")
+    assert train.latest_checkpoint(stem) == ""
+    seen = []
+    real = util.torch_load
+    monkeypatch.setattr(train, "torch_load", lambda p, **kw: seen.append(kw.get("mmap")) or real(p, **kw))
+    for done, mid, want in ((3, 4, "_step.pth"), (3, 3, "_step.pth"), (4, 3, ".pth")):
+        torch.save({"epoch": done, "w": torch.zeros(4)}, stem + ".pth")
+        torch.save({"epoch": mid, "w": torch.zeros(4)}, stem + "_step.pth")
+        assert train.latest_checkpoint(stem) == stem + want
+    assert seen and all(seen)
+    os.remove(stem + ".pth")
+    assert train.latest_checkpoint(stem) == stem + "_step.pth"
