@@ -41,7 +41,6 @@ batch, both computing the embedding and the class cosines (export.Serving).
 """
 import argparse
 import contextlib
-import copy
 import glob
 import json
 import math
@@ -332,7 +331,10 @@ def cmd_extract(a):
         warm["ours"] = _warmup(ours, device)
     peak["ours"] = mem.peak_mib
     if a.compare_format:
-        contig = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+        torch.manual_seed(0)
+        contig = build_model(a.enet_type, a.out_dim).to(device).eval()  # the same weights, contiguous
+        if a.compile:
+            contig.neck = torch.compile(contig.neck, dynamic=False)
         xc = x.contiguous()
 
         def contiguous():
