@@ -76,7 +76,8 @@ def load_model(enet_type, checkpoint, device="cpu", trust=False, image_size=None
     checkpoints' args, else the original's (avg, or GeM where the weights hold
     `pool.p`; the backbone's mean/std). For inference only: channels-last, in
     eval mode, the head's sub-centres normalised once (normalize_weight_)."""
-    sd, trained = load_checkpoint(checkpoint, trust=trust)
+    # mapped: only the weights are read, not the optimizer state a training checkpoint also holds (2x them)
+    sd, trained = load_checkpoint(checkpoint, trust=trust, mmap=True)
     if "metric_classify.weight" not in sd:
         raise UserError(f"{checkpoint}: no 'metric_classify.weight': not a checkpoint of this model")
     pool = trained.get("pool") or ("gem" if "pool.p" in sd else "avg")
@@ -92,7 +93,8 @@ def check_models(models, base, n_classes, label_map, trust=False):
     extraction takes hours): its checkpoint exists and loads, its backbone name
     is known, its image size is a positive integer, its head has one class per
     entry of the label map (n_classes None, no label map: the models agree among
-    themselves). Each checkpoint is read once here. Returns (the resolved
+    themselves). Each checkpoint is mapped, not read: the shapes and args come
+    from its index, the weights stay on disk (9 checkpoints of GBs). Returns (the resolved
     checkpoint paths, the number of classes, each model's preprocessing, each
     model's train.py --recipe or None)."""
     paths, pres, recipes = [], [], []
@@ -101,7 +103,7 @@ def check_models(models, base, n_classes, label_map, trust=False):
         check_enet_type(m["enet_type"])
         if not str(m["image_size"]).isdigit() or int(m["image_size"]) <= 0:
             raise UserError(f"{ckpt}: image_size {m['image_size']!r} is not a positive integer")
-        sd, trained = load_checkpoint(ckpt, trust=trust)
+        sd, trained = load_checkpoint(ckpt, trust=trust, mmap=True)
         if "metric_classify.weight" not in sd:
             raise UserError(f"{ckpt}: no 'metric_classify.weight': not a checkpoint of this model")
         n = sd["metric_classify.weight"].shape[0] // 3

@@ -6,6 +6,7 @@ import os
 import pickle
 import sys
 import tempfile
+import zipfile
 
 import numpy as np
 import torch
@@ -131,10 +132,12 @@ def torch_load(path, map_location="cpu", trust=False, mmap=False):
     numpy scalars allowed and nothing else. A file that needs more is refused
     (UserError naming --trust-checkpoint); with trust=True (the user's
     --trust-checkpoint) it is unpickled in full. Missing or unreadable files
-    are UserErrors too. mmap=True: tensors stay on disk until touched (a zip
-    checkpoint, as torch.save writes: to read its epoch without its gigabytes)."""
+    are UserErrors too. mmap=True: tensors stay on disk until touched, to read
+    a checkpoint's epoch or shapes without its gigabytes; a file in torch's
+    legacy (pre-1.6, non-zip) format cannot be mapped and is read in full."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
+    mmap = mmap and zipfile.is_zipfile(path)
     if trust:
         return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     try:
@@ -153,10 +156,10 @@ def torch_load(path, map_location="cpu", trust=False, mmap=False):
                         f"{str(e).splitlines()[0][:120]})") from e
 
 
-def load_checkpoint(path, map_location="cpu", trust=False):
+def load_checkpoint(path, map_location="cpu", trust=False, mmap=False):
     """(state dict, the training args recorded with it or {}): load_state_dict_file plus
-    what train.py wrote beside the weights (pool, preprocessing, ...)."""
-    ckpt = torch_load(path, map_location, trust)
+    what train.py wrote beside the weights (pool, preprocessing, ...). mmap: as torch_load."""
+    ckpt = torch_load(path, map_location, trust, mmap=mmap)
     args = ckpt.get("args") if isinstance(ckpt, dict) else None
     return _state_dict_of(ckpt, path), (args if isinstance(args, dict) else {})
 

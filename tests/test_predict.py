@@ -319,3 +319,29 @@ def test_extraction_precision(stage1, tmp_path):
     with pytest.raises(SystemExit):
         predict.parse_args(["--data-dir", "D", "--train-csv", "t", "--idx2landmark", "i", "--spec", "s",
                             "--precision", "fp8"])
+
+
+def test_check_models_maps_checkpoints_and_reads_legacy_files(tmp_path, monkeypatch):
+    """check_models reads shapes from memory-mapped checkpoints (the weights stay on disk); a file in
+    torch's pre-1.6 format, which cannot be mapped, is read in full and checked the same."""
+    import zipfile
+
+    import util
+    torch.manual_seed(0)
+    m = build_model(TINY_BACKBONE, out_dim=7)
+    sd = {f"module.{k}": v for k, v in m.state_dict().items()}
+    torch.save({"model_state_dict": sd}, tmp_path / "zip.pth")
+    torch.save({"model_state_dict": sd}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert zipfile.is_zipfile(tmp_path / "zip.pth") and not zipfile.is_zipfile(tmp_path / "legacy.pth")
+    seen = []
+    real = torch.load
+    monkeypatch.setattr(util.torch, "load", lambda *a, **kw: seen.append(kw.get("mmap")) or real(*a, **kw))
+    models = [{"enet_type": TINY_BACKBONE, "checkpoint": str(tmp_path / f), "image_size": 32}
+              for f in ("zip.pth", "legacy.pth")]
+    paths, n, _, _ = predict.check_models(models, str(tmp_path), None, None)
+    assert n == 7 and paths == [str(tmp_path / "zip.pth"), str(tmp_path / "legacy.pth")] and seen == [True, False]
+    sd_zip, _ = util.load_checkpoint(str(tmp_path / "zip.pth"), mmap=True)
+    sd_legacy, _ = util.load_checkpoint(str(tmp_path / "legacy.pth"), mmap=True)
+    assert all(torch.equal(sd_zip[k], sd_legacy[k]) for k in sd_zip)
+    with pytest.raises(util.UserError, match="the model has 7 classes but"):
+        predict.check_models(models[:1], str(tmp_path), 8, "idx2landmark_id.json")
