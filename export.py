@@ -104,11 +104,13 @@ def models_to_export(a):
         models, base = load_spec(a.spec)
         ckpts, _, _, _ = check_models(models, base, None, None, a.trust_checkpoint)
         todo = [(m["enet_type"], c, int(m["image_size"])) for m, c in zip(models, ckpts)]
-        names = [onnx_name(c, s) for _, c, s in todo]
-        for i, n in enumerate(names):
-            if n in names[:i]:  # two checkpoints of one basename (other folders) at one size: one would overwrite the other
-                raise UserError(f"--spec {a.spec}: models {names.index(n) + 1} and {i + 1} would both be written "
+        first = {}  # file name -> the model (1-based) written to it
+        for i, (_, c, s) in enumerate(todo, 1):
+            n = onnx_name(c, s)  # two checkpoints of one basename (other folders) at one size would overwrite
+            if n in first:
+                raise UserError(f"--spec {a.spec}: models {first[n]} and {i} would both be written "
                                 f"as {n}; give their checkpoints different file names")
+            first[n] = i
         return todo
     ckpt = resolve_checkpoint(a.checkpoint, os.getcwd())
     check_models([{"enet_type": a.enet_type, "checkpoint": ckpt, "image_size": a.image_size}], os.getcwd(), None,
@@ -167,7 +169,7 @@ def main(argv=None):
         print(f"{path}: onnxruntime vs PyTorch, worst embedding cosine {worst:.6f}, top 5 "
               f"{'the same' if same else 'DIFFERENT'} -> {'ok' if ok else 'FAILED'}", flush=True)
         (written if ok else failed).append(path)
-        manifest.append({"file": os.path.basename(path), "enet_type": enet_type, "image_size": size,
+        manifest.append({"file": onnx_name(ckpt, size), "enet_type": enet_type, "image_size": size,
                          "checkpoint_sha1": meta["checkpoint_sha1"]})
         if not ok:
             for f in glob.glob(path + "*"):

@@ -296,9 +296,9 @@ def strip_prefix(state_dict, prefixes=("module.", "_orig_mod.")):
 
 def memory_format(device):
     """channels-last on every device: cuDNN's fast convolutions under AMP on GPUs, and oneDNN's on
-    CPUs too (torch 2.14 on 2 cores, fp32, batch 8, against contiguous: inference 1.41x for B3@256,
-    1.53x rex20, 1.09x nest101, 1.15x resnet50; a training step 1.43x Lite0, 1.48x B3, 1.10x
-    resnet50). dataset.collate's batches are channels-last already: no copy on the way in."""
+    CPUs too (torch 2.14, 2 cores, `bench.py extract|train --compare-format`: embedding 1.46-1.71x
+    for EfficientNets and ReXNet, a training step 1.33-1.51x; docs/performance.md).
+    dataset.collate's batches are channels-last already: no copy on the way in."""
     return torch.channels_last
 
 
