@@ -9,11 +9,11 @@ predict.py on folders (predictions.csv, --save-index, --retrieval-ranks, --add-t
 --backbone without training, the report) and evaluate.py --report. Prints one SHA-1 per output;
 --compare names every output whose digest differs from REFERENCE's and exits 1.
 
-What is digested: CSV, HTML and JSON files byte for byte (WORK_DIR written as '<work>', so two
-work folders of the same name compare); a checkpoint by its tensors (weights, optimizer state) and
+What is digested: CSV, HTML and JSON files byte for byte (WORK_DIR written as '<work>'); a checkpoint by its tensors (weights, optimizer state) and
 epoch; a saved index's .npz by its arrays (the zip's time stamps are not content); logs not at
-all (they hold times). Compare runs of one machine at one thread count: floating-point results
-differ in the last bits with the CPU and OMP_NUM_THREADS.
+all (they hold times). Compare runs in the same WORK_DIR (a checkpoint file records the paths it
+was trained with, and a saved index the SHA-1 of that file), on one machine (floating-point
+results differ in the last bits with the CPU).
 """
 import argparse
 import hashlib
