@@ -12,7 +12,7 @@ Then open http://127.0.0.1:7860. Routes: GET / (the page), POST / (form field
 
 The models and the index are loaded once, at start; the answers are those of
 predict.py on the same files (the same resize, embeddings, retrieval and
-re-ranking: predict.folder_answer), drawn with the report's row (report.py).
+re-ranking: recognizer.Recognizer), drawn with the report's row (report.py).
 The page is rendered on the server and needs nothing from another host: it
 works offline, and uploads never leave the machine. FastAPI rather than
 Gradio: Gradio's page fetches its fonts from a CDN and brings a large
@@ -34,12 +34,16 @@ import shutil
 import tempfile
 import threading
 
-import numpy as np
+from types import SimpleNamespace
+
 import torch
 
-import predict
+import ensemble
+import features
 import report
 from dataset import BadImage, decode_rgb
+from features import Images
+from recognizer import Recognizer, add_search_args, open_gallery, search_of
 from util import UserError, run_main
 
 MAX_PIXELS = 100_000_000  # a decoded 100-megapixel RGB image is 300 MB
@@ -47,28 +51,17 @@ MAX_PIXELS = 100_000_000  # a decoded 100-megapixel RGB image is 300 MB
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--spec", help='JSON: {"models": [{"enet_type", "checkpoint", "image_size"}]}')
-    p.add_argument("--backbone", metavar="NAME", help="in place of --spec: no training (as predict.py --backbone)")
-    p.add_argument("--pretrained-path", default=None, help="with --backbone: its ImageNet weights file")
-    p.add_argument("--image-size", type=int, default=256, help="with --backbone: the input size (default 256)")
-    p.add_argument("--pool", choices=["avg", "gem"], default="avg", help="with --backbone: global pooling")
-    p.add_argument("--whiten", choices=["auto", "pca", "off"], default="auto", help="with --backbone: as predict.py")
+    ensemble.add_args(p)  # --spec or --backbone (no training) and their options, as predict.py
     p.add_argument("--index", help="a saved gallery index (predict.py --save-index), built with these models")
     p.add_argument("--gallery-dir", help="the gallery's folders: where the neighbours' photos are shown from "
                                          "(default: the folder the index was built from); without --index, "
                                          "embedded at start")
-    p.add_argument("--idx2landmark", default=None, help="the label map of --spec's models (names the classes)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest photo accepted, MB (default 20)")
     p.add_argument("--max-files", type=int, default=16, help="most photos per request (default 16)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--precision", choices=sorted(predict.PRECISIONS), default="fp32")
-    p.add_argument("--trust-checkpoint", action="store_true", help="as predict.py (only for files you trust)")
-    p.add_argument("--rerank-vote", choices=["auto", "sum", "max"], default="auto", help="as predict.py")
-    p.add_argument("--rerank-cls-power", type=predict._auto_or_power, default=None, metavar="auto|P",
-                   help="as predict.py")
-    predict.add_search_args(p)  # --knn exact|faiss and the faiss flags, as predict.py
+    features.add_args(p)  # --device, --precision
+    add_search_args(p)  # --knn exact|faiss and the faiss flags, as predict.py
     a = p.parse_args(argv)
     if (a.spec is None) == (a.backbone is None):
         p.error("give --spec (trained models) or --backbone (no training), not both")
@@ -76,67 +69,42 @@ def parse_args(argv=None):
         p.error("give --index (a saved one) or --gallery-dir (embedded at start)")
     if not a.max_upload_mb > 0 or a.max_files < 1:
         p.error("--max-upload-mb and --max-files must be positive")
+    if a.image_size <= 0:
+        p.error(f"--image-size {a.image_size}: must be positive")
     return a
 
 
-class Recognizer:
-    """The models and the gallery index in memory; answers RGB images. One answer
-    at a time (a lock): requests queue rather than each holding a batch of
-    activations."""
+# as predict.py embeds a gallery (its defaults): the page's gallery is the one predict.py --save-index writes
+GALLERY_EMBEDDING = SimpleNamespace(batch_size=64, num_workers=0, cache_dir=None)
 
-    def __init__(self, a, workdir):
-        from gallery import load_index, model_signature
+
+class Page:
+    """The models, kept in memory, and the Recognizer of the gallery; answers RGB images. One
+    answer at a time (a lock): requests queue rather than each holding a batch of activations."""
+
+    def __init__(self, a):
         self.device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        index = a.index
-        if index is None:  # embed the gallery once, through predict.py's own path
-            index = os.path.join(workdir, "index")
-            predict.run_folders(predict.options(a, index=None, save_index=index, num_workers=0,
-                                                device=self.device.type))
-        opts = predict.options(a)  # predict.py's options, those of the page among them
-        self.setup = s = predict.load_setup(opts, self.device)
-        signature = s.signature if s.zero else model_signature(s.models, s.ckpts, s.pres)
-        idx = load_index(index, signature)
-        self.g_emb, self.g_labels, self.g_rel = idx["emb"], idx["labels"], idx["paths"]
-        self.names = s.known | idx["names"]
-        root = a.gallery_dir or idx["gallery_dir"]
-        self.g_paths = [os.path.join(root, p) if root else p for p in self.g_rel]
-        self.precision, self.whitening = a.precision, None
-        if s.zero is None:
-            self.models = [(predict.load_model(m["enet_type"], c, self.device, a.trust_checkpoint,
-                                               image_size=int(m["image_size"])), int(m["image_size"]))
-                           for m, c in zip(s.models, s.ckpts)]
-            self.heads = [m.metric_classify for m, _ in self.models]
-        else:  # the whitening is learnt on the gallery once, not per request
-            self.models, self.heads = [(s.zmodel, s.size)], None
-            self.whitening = predict.gallery_whitening(s, self.g_emb)
-        self.search = predict.search_of(opts)
-        if self.search.kind == "faiss":  # the saved index's own faiss index when it fits, else built once here
-            self.search.index = predict.folder_faiss(opts, idx, len(self.g_rel),
-                                                     [self.whitening[1]] if self.whitening else self.g_emb)
+        self.precision = a.precision
+        ens = ensemble.load(a, self.device)
+        gallery, todo = open_gallery(ens, a.index, a.gallery_dir)
+        if todo:  # no saved index: the gallery is embedded once, at start
+            emb = features.embed_all(SimpleNamespace(**vars(GALLERY_EMBEDDING), precision=a.precision), ens,
+                                     [Images("gallery", [os.path.join(a.gallery_dir, p) for p, _ in todo])],
+                                     self.device)
+            gallery.extend(todo, emb.features["gallery"])
+        self.models = [(m.load(self.device), m.image_size) for m in ens.members]
+        heads = [m.metric_classify for m, _ in self.models] if ens.classifies else None
+        self.rec = Recognizer(ens, gallery, heads, search_of(a), self.device)
         self.lock = threading.Lock()
-        print(f"gallery: {len(self.g_rel)} photos of {len(set(self.g_labels.tolist()))} landmarks; "
+        print(f"gallery: {len(gallery)} photos of {len(set(gallery.labels.tolist()))} landmarks; "
               f"{len(self.models)} model(s) on {self.device}", flush=True)
 
-    def name_of(self, label):
-        return self.names.get(label, str(label))
-
     def __call__(self, images):
-        """[{'landmark', 'landmark_id', 'confidence', 'neighbours': [(path under the
-        gallery, photo path, landmark id, cosine)], 'answers': {part: (id, conf)}}]."""
+        """Recognizer.answers of the images (RGB uint8 arrays)."""
         with self.lock:
-            zqs = [predict.embed_images(m, images, size, self.device, self.precision) for m, size in self.models]
-            res, _, _ = predict.folder_answer(self.setup, zqs, self.g_emb, self.heads, self.g_labels, self.device,
-                                              whitening=self.whitening, search=self.search)
-        sims, nn = res["neighbours"]
-        parts = {k: report._answers(res[k]) for k in ("classifier", "retrieval") if k in res and self.heads}
-        out = []
-        for i, pred in enumerate(report._answers(res["ensemble"])):
-            out.append({"landmark": self.name_of(pred[0]) if pred else "", "landmark_id": pred[0] if pred else None,
-                        "confidence": pred[1] if pred else 0.0, "prediction": pred,
-                        "answers": {k: v[i] for k, v in parts.items()},
-                        "neighbours": [(self.g_rel[j], self.g_paths[j], int(self.g_labels[j]), float(c))
-                                       for c, j in zip(sims[i], nn[i]) if np.isfinite(c)]})
-        return out
+            zqs = [features.embed_images(m, images, size, self.device, self.precision) for m, size in self.models]
+            res = self.rec.answer(zqs)
+        return self.rec.answers(res)
 
 
 def check_upload(name, data, max_bytes):
@@ -218,8 +186,8 @@ APP_CSS = ("<style>.drop{display:block;border:2px dashed #aaa;border-radius:8px;
 
 
 def page_html(rec, messages=(), rows=""):
-    about = "" if rec is None else (f'<p class="muted">gallery: {len(rec.g_rel)} photos of '
-                                    f'{len(set(rec.g_labels.tolist()))} landmarks</p>')
+    about = "" if rec is None else (f'<p class="muted">gallery: {len(rec.gallery)} photos of '
+                                    f'{len(set(rec.gallery.labels.tolist()))} landmarks</p>')
     msgs = "".join(f'<p class="msg">{html.escape(m)}</p>' for m in messages)
     table = ('<table class="queries"><tr><th>photo</th><th>landmark</th>'
              + "".join(f"<th>{k}</th>" for k in range(1, 6)) + f"</tr>{rows}</table>") if rows else ""
@@ -229,7 +197,8 @@ def page_html(rec, messages=(), rows=""):
 def create_app(a, workdir):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
-    rec = Recognizer(a, workdir)
+    page = Page(a)
+    rec = page.rec
     thumbs = report.Thumbnails(limit=20000)
     max_bytes = int(a.max_upload_mb * 2**20)
 
@@ -258,7 +227,7 @@ def create_app(a, workdir):
         await form.close()
         if checked:  # the model runs in a worker thread: the server goes on answering
             from starlette.concurrency import run_in_threadpool
-            results = await run_in_threadpool(rec, [im for _, im in checked])
+            results = await run_in_threadpool(page, [im for _, im in checked])
         else:
             results = []
         return [(n, im, r) for (n, im), r in zip(checked, results)], messages
@@ -288,7 +257,7 @@ def create_app(a, workdir):
 
     @api.get("/healthz")
     def healthz():
-        return {"ok": True, "gallery": len(rec.g_rel)}
+        return {"ok": True, "gallery": len(rec.gallery)}
 
     return BodyLimit(api, a.max_files * max_bytes + 2**20)
 

@@ -26,10 +26,63 @@ import argparse
 import math
 import os
 
+import numpy as np
 import pandas as pd
 
-from util import UserError, global_average_precision_score, run_main
+from util import UserError, run_main
 
+
+# ---------------------------------------------------------------- GAP
+
+def _truth_set(v):
+    """A solution value as a set of landmarks: None or an empty collection is a non-landmark."""
+    if v is None:
+        return frozenset()
+    if isinstance(v, (set, frozenset, list, tuple)):
+        return frozenset(v)
+    return frozenset((v,))
+
+
+def global_average_precision_score(y_true, y_pred, ties="order"):
+    """Global Average Precision (micro AP), the GLDv2 / Kaggle 2020 metric.
+
+    y_true: {query: landmark, or a collection of landmarks (a prediction of any of
+            them is right), or None / empty for a non-landmark query}, or a sequence.
+    y_pred: {query: (landmark, confidence)}, or a sequence; queries without a
+            prediction may be left out.
+
+    GAP = 1/M * sum_i P(i) rel(i) over all predictions sorted by decreasing
+    confidence, M = number of queries that have a landmark. A prediction on a
+    non-landmark query is never relevant but still occupies its rank; a
+    landmark query without prediction still counts in M.
+
+    ties: "order" keeps y_pred's order among equal confidences (a stable sort:
+    the original's validation number in train.py); "id" breaks them by query id
+    ascending, then predicted landmark ascending, Kaggle's convention as in the
+    official GLDv2 metrics (DELF's google_landmarks_dataset/metrics.py), which
+    evaluate.py uses.
+    """
+    if not isinstance(y_true, dict):
+        y_true = dict(enumerate(y_true))
+    if not isinstance(y_pred, dict):
+        y_pred = dict(enumerate(y_pred))
+    m = sum(bool(_truth_set(v)) for v in y_true.values())
+    if m == 0 or not y_pred:
+        return 0.0
+    keys = list(y_pred.keys())
+    if ties == "id":
+        keys.sort(key=lambda k: (k, y_pred[k][0]))
+    elif ties != "order":
+        raise ValueError(f"ties must be 'order' or 'id', not {ties!r}")
+    conf = np.array([float(y_pred[k][1]) for k in keys], dtype=np.float64)
+    order = np.argsort(-conf, kind="stable")
+    rel = np.array([y_pred[keys[i]][0] in _truth_set(y_true.get(keys[i])) for i in order], dtype=np.float64)
+    precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)
+    return float((precision * rel).sum() / m)
+
+
+
+# ---------------------------------------------------------------- files
 
 class SubmissionError(UserError, ValueError):
     """A malformed submission or solution file: one line, exit status 2."""
@@ -132,6 +185,12 @@ def score(pred, truth):
     landmark = [i for i, v in truth.items() if v]
     acc = sum(i in pred and is_right(pred[i], truth[i]) for i in landmark) / max(len(landmark), 1)
     return gap, acc
+
+
+def score_answers(ids, answers, truth):
+    """score() of each answer: {name: per query of ids (landmark, confidence) or None} ->
+    {name: (GAP, accuracy)}, for report.write_report."""
+    return {name: score({q: p for q, p in zip(ids, preds) if p is not None}, truth) for name, preds in answers.items()}
 
 
 def read_retrieval_submission(path, k=100):
@@ -249,11 +308,13 @@ def write_report(a):
         examples = {int(k): image_path(a.data_dir, "train", v[0]) for k, v in first.items()}
         neighbours = [[(image_path(a.data_dir, "train", j), p[0], None) for j in first.get(p[0], [])]
                       if p is not None else [] for p in final]
-    report.write_report(a.report, ids, [image_path(a.data_dir, "test", i) for i in ids], final, parts, neighbours,
-                        truth, logs=a.logs, rows=a.report_rows, neighbours_are="examples", truth_images=examples,
-                        final_name="submission", title=f"Report: {os.path.basename(a.submission)}",
-                        notes=[f"submission {a.submission}; solution {a.solution}"
-                               + (f" ({a.usage} rows)" if a.usage else "")])
+    final_name = "submission"
+    answers = report.Answers(ids, [image_path(a.data_dir, "test", i) for i in ids], final, parts, neighbours,
+                             final_name=final_name, neighbours_are="examples", truth_images=examples)
+    view = report.View(truth, logs=a.logs, rows=a.report_rows, title=f"Report: {os.path.basename(a.submission)}",
+                       notes=[f"submission {a.submission}; solution {a.solution}"
+                              + (f" ({a.usage} rows)" if a.usage else "")])
+    report.write_report(a.report, answers, view, score_answers(ids, {final_name: final, **parts}, truth))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import json
 import os
 import pickle
 import tempfile
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -118,36 +119,36 @@ def ranks_from_features(db, queries):
     return np.argsort(-(queries @ db.T), axis=1, kind="stable")
 
 
-def features_from_images(image_dir, cfg, spec, device=None, batch_size=32, num_workers=2, ext=".jpg"):
-    """Each model's L2-normalised embeddings of the database and of the queries cropped
-    to their bounding boxes, concatenated over the models and scaled by 1/sqrt(M), so
-    that inner products are the mean of the models' cosines."""
+def features_from_images(a, cfg):
+    """The database's and the queries' (cropped to their bounding boxes) embeddings by the models of
+    --spec or --backbone (ensemble.load, checked before any image is read), compared as
+    predict.py compares them (a backbone's whitened on the database), concatenated over the
+    models and scaled by 1/sqrt(M), so that inner products are the mean of the models' cosines."""
     import cv2
     import torch
 
-    import predict
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    models, base = predict.load_spec(spec)
-    db_paths = [os.path.join(image_dir, n + ext) for n in cfg["imlist"]]
+    import ensemble
+    import features
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ens = ensemble.load(a, device)
+    db_paths = [os.path.join(a.images, n + ".jpg") for n in cfg["imlist"]]
     with tempfile.TemporaryDirectory() as tmp:
         q_paths = []
         for n, g in zip(cfg["qimlist"], cfg["gnd"]):
-            img = cv2.imread(os.path.join(image_dir, n + ext), cv2.IMREAD_COLOR)
+            img = cv2.imread(os.path.join(a.images, n + ".jpg"), cv2.IMREAD_COLOR)
             if img is None:
-                raise UserError(f"{os.path.join(image_dir, n + ext)}: cannot read the query image")
+                raise UserError(f"{os.path.join(a.images, n + '.jpg')}: cannot read the query image")
             x1, y1, x2, y2 = (int(round(v)) for v in g["bbx"])  # the protocol's crop (PIL rounds)
             q_paths.append(os.path.join(tmp, f"{len(q_paths)}.png"))  # lossless: no second compression
             cv2.imwrite(q_paths[-1], img[max(y1, 0):y2, max(x1, 0):x2])
-        dbs, qs = [], []
-        for m in models:
-            ckpt = predict.resolve_checkpoint(m["checkpoint"], base)
-            size = int(m["image_size"])
-            model = predict.load_model(m["enet_type"], ckpt, device, image_size=size)
-            kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, normalize=True)
-            dbs.append(predict.extract_features(model, db_paths, size, desc="database", **kw))
-            qs.append(predict.extract_features(model, q_paths, size, desc="queries", **kw))
-    scale = 1 / np.sqrt(len(models))
-    return np.concatenate(dbs, 1) * scale, np.concatenate(qs, 1) * scale
+        emb = features.embed_all(SimpleNamespace(batch_size=a.batch_size, num_workers=a.num_workers,
+                                                 precision=a.precision, cache_dir=None), ens,
+                                 [features.Images("database", db_paths), features.Images("queries", q_paths, neck=True)],
+                                 device)
+    space = ens.fit(emb.features["database"])
+    qs = space.embeddings(space.inputs(emb.features["queries"]))
+    scale = 1 / np.sqrt(len(qs))
+    return np.concatenate(space.gallery, 1) * scale, np.concatenate(qs, 1) * scale
 
 
 def format_results(res, kappas=KAPPAS):
@@ -172,9 +173,11 @@ def main(argv=None):
     src.add_argument("--features", help=".npz with arrays db (N, D) and queries (Q, D)")
     src.add_argument("--ranks", help=".npy (Q, N): database indices per query, best first; or the CSV of "
                                      "predict.py --retrieval-ranks")
-    src.add_argument("--images", help="folder of <name>.jpg for imlist and qimlist (with --spec)")
-    p.add_argument("--spec", help="with --images: the models, as predict.py's spec")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    src.add_argument("--images", help="folder of <name>.jpg for imlist and qimlist (with --spec or --backbone)")
+    import ensemble
+    import features
+    ensemble.add_args(p)  # with --images: --spec (trained models) or --backbone (no training), as predict.py
+    features.add_args(p)  # --device, --precision
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=2)
     a = p.parse_args(argv)
@@ -191,10 +194,9 @@ def main(argv=None):
             raise UserError(f"--ranks {a.ranks}: no such file")
         ranks = ranks_from_csv(a.ranks, cfg) if a.ranks.endswith(".csv") else np.load(a.ranks, allow_pickle=False)
     else:
-        if not a.spec:
-            p.error("--images needs --spec")
-        ranks = ranks_from_features(*features_from_images(a.images, cfg, a.spec, a.device, a.batch_size,
-                                                          a.num_workers))
+        if (a.spec is None) == (a.backbone is None):
+            p.error("--images needs --spec (trained models) or --backbone (no training)")
+        ranks = ranks_from_features(*features_from_images(a, cfg))
     if len(ranks) != len(cfg["gnd"]):
         raise UserError(f"{len(ranks)} ranked queries, but the ground truth has {len(cfg['gnd'])}")
     res = evaluate(ranks, cfg["gnd"])

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from dataset import BadImage, get_transforms, read_rgb
-from gallery import file_digest, list_images
-from predict import check_models, load_model, load_spec, resolve_checkpoint
-from util import UserError, run_main
+from ensemble import check_models, load_model, load_spec, resolve_checkpoint
+from gallery import list_images
+from util import UserError, file_digest, run_main
 
 OPSET = 18              # read by onnxruntime >= 1.14; the dynamo exporter's own default
 MIN_COSINE = 0.9999     # embedding agreement, onnxruntime against PyTorch

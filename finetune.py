@@ -35,58 +35,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dataset import LandmarkDataset, collate
+from retrieval import WHITEN_MIN_RATIO, learn_whitening, whiten
 from util import memory_format, print0
 
 # the largest pre-activation scale at which Swish still keeps the whitened cosines to this
 # tolerance on the init sample (measured, not assumed: it depends on the features)
 SWISH_LINEAR_TOL = 5e-4
 SCALE_GRID = (0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 5e-4, 2e-4, 1e-4)
-# whiten only from at least this many images per feature dimension (the --init-neck pca sample,
-# predict.py --whiten auto's gallery): learnt from fewer, even shrunk, a whitening costs retrieval
-# (realdev, 141 photos, C = 1280, mean of 5 splits: raw 0.975, shrunk by 1 - N/C 0.960, Ledoit-Wolf
-# 0.90; docs/transfer.md)
-WHITEN_MIN_RATIO = 2
 SUBCENTER_NOISE = 0.05  # norm of the noise that separates the sub-centres of a class with fewer than k images
-
-
-# ---------------------------------------------------------------- whitening
-
-def learn_whitening(features, dim=None, beta=None):
-    """PCA whitening of `features` (N, C): (P (D, C), m (C,)) in float64 such
-    that P (f - m) has identity covariance over the features, D = min(dim, C)
-    leading components.
-
-    The estimate is shrunk by beta: the covariance towards a multiple mu of the
-    identity, the mean towards 0, i.e. m = (1 - beta) mean and the covariance
-    about m blended with beta * mu * I (same eigenvectors, eigenvalues blended).
-    By default beta is the larger of Ledoit and Wolf's estimate (sklearn) and
-    1 - N/C: with fewer images than dimensions the sample covariance is
-    singular, and a whitening that trusts it blows up the directions the
-    sample did not see; its mean is noisy too. beta = 1 whitens nothing: P is
-    the projection onto the D leading directions of the uncentred second
-    moment (over 1/sqrt(mu)), which ranks the sampled images as the raw
-    features do. Returns (P, m)."""
-    from sklearn.covariance import ledoit_wolf_shrinkage
-    x = np.asarray(features, np.float64)
-    n, c = x.shape
-    mean = x.mean(axis=0)
-    if beta is None:
-        beta = max(ledoit_wolf_shrinkage(x - mean, assume_centered=True) if n > 1 else 1.0, 1.0 - n / c)
-    m = (1 - beta) * mean
-    xc = x - m
-    cov = xc.T @ xc / max(n, 1)
-    mu = np.trace(cov) / c if np.trace(cov) > 0 else 1.0
-    w, u = np.linalg.eigh(cov)
-    order = np.argsort(w)[::-1][:min(dim or c, c)]
-    w = np.maximum((1 - beta) * w[order] + beta * mu, mu * 1e-12)  # a zero eigenvalue (constant features): no division by 0
-    u = u[:, order]
-    u *= np.sign(u[np.abs(u).argmax(0), np.arange(u.shape[1])])  # each component's largest entry positive: reproducible
-    return u.T / np.sqrt(w)[:, None], m
-
-
-def whiten(features, P, m):
-    """The whitened features P (f - m), float32."""
-    return ((np.asarray(features, np.float64) - m) @ P.T).astype(np.float32)
 
 
 def _cosines(x):

@@ -1,4 +1,4 @@
-"""Your own photos: a gallery from folders, queries from a folder, and a saved index.
+"""Your own photos: a Gallery from folders, saved and loaded as an index, grown; queries from a folder.
 
     python predict.py --spec S --gallery-dir G --query-dir Q --out predictions.csv [--save-index I]
     python predict.py --spec S --index I --query-dir Q --out predictions.csv
@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from dataset import read_csv_checked
+from retrieval import FaissGallery, faiss_index, unreadable_rows
 from util import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -53,18 +54,6 @@ def folder_gallery(root):
     return rows
 
 
-def landmark_names(label_map_path):
-    """{landmark id: name} from landmark_names.json beside the label map (preprocess.py
-    --from-folder writes both), else {}."""
-    if not label_map_path:
-        return {}
-    path = os.path.join(os.path.dirname(os.path.abspath(label_map_path)), "landmark_names.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return {int(k): str(v) for k, v in json.load(f).items()}
-
-
 def ids_for_names(names, known):
     """Landmark ids of gallery folder names: the id of a name the classifier knows
     (`known`: id -> name), else a new id from NEW_LANDMARK_ID on (retrieval alone
@@ -75,80 +64,123 @@ def ids_for_names(names, known):
     return np.array([by_name[n] for n in names], np.int64), {i: n for n, i in by_name.items()}
 
 
-def file_digest(path, chunk=1 << 20):
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def model_signature(models, ckpts, preprocessing):
-    """What an index's embeddings depend on, per model of the spec."""
-    return [{"enet_type": m["enet_type"], "image_size": int(m["image_size"]), "checkpoint_sha1": file_digest(c),
-             "preprocessing": p} for m, c, p in zip(models, ckpts, preprocessing)]
-
-
 def _gallery_digest(paths):
     return hashlib.sha1("\n".join(paths).encode()).hexdigest()
 
 
-def save_index(path, embeddings, labels, paths, names, signature, gallery_dir=None, faiss=None, whiten=None):
-    """path.npz + path.json (see the module's docstring); gallery_dir, the folder
-    the paths are under, is recorded for showing the images (report.py, app.py).
-    faiss: a retrieval.FaissGallery of these very images (predict.py --knn faiss),
-    kept as path.faiss with its factory string, the whitening it was built after
-    (--backbone) and a digest of the paths, so that a later run uses it only
-    for this gallery; without one, an earlier path.faiss is removed."""
-    stem = path[:-4] if path.endswith(".npz") else path
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    np.savez(stem + ".npz", labels=np.asarray(labels, np.int64),
-             **{f"emb{i}": np.asarray(e, np.float16) for i, e in enumerate(embeddings)})
-    for f in (stem + ".faiss", stem + ".faiss.rows.npy"):
-        if os.path.exists(f):
-            os.remove(f)
-    meta_faiss = None
-    if faiss is not None:
-        faiss.save(stem + ".faiss")
-        meta_faiss = {"factory": faiss.factory, "whiten": whiten, "paths_sha1": _gallery_digest(paths)}
-    with open(stem + ".json", "w", encoding="utf-8") as f:
-        json.dump({"format": "glr2020-index-1", "models": signature, "paths": list(paths),
-                   "names": {str(k): v for k, v in names.items()},
-                   "gallery_dir": os.path.abspath(gallery_dir) if gallery_dir else None, "faiss": meta_faiss},
-                  f, ensure_ascii=False)
-    return stem
+def _stem(path):
+    return path[:-4] if path.endswith(".npz") else path
 
 
-def saved_faiss(idx, factory, n, whiten=None):
-    """The faiss index saved beside a loaded index (load_index) when it was built with this
-    factory and whitening on this gallery of n images; else None (build it again)."""
-    meta = idx.get("faiss")
-    if (not meta or meta["factory"] != factory or meta.get("whiten") != whiten or len(idx["paths"]) != n
-            or meta["paths_sha1"] != _gallery_digest(idx["paths"]) or not os.path.isfile(idx["stem"] + ".faiss")):
-        return None
-    from retrieval import FaissGallery
-    return FaissGallery.load(idx["stem"] + ".faiss", factory)
+class Gallery:
+    """The photos answers are drawn from: paths (under root, the folder they were found in, or
+    as given when root is None), labels (landmark ids), names (landmark id -> name), emb (per
+    model of the ensemble, (N, D) float16: embeddings, or a backbone's raw pooled features).
 
+    Built from folders (Gallery(...) empty, then extend), loaded from a saved index (load),
+    grown with the files a folder adds (missing, extend) and saved (save). An index is used only
+    with the models it was built with (signature: ensemble.Ensemble.signature)."""
 
-def load_index(path, signature):
-    """The index at path, checked against the current models' signature."""
-    stem = path[:-4] if path.endswith(".npz") else path
-    if not (os.path.isfile(stem + ".npz") and os.path.isfile(stem + ".json")):
-        raise UserError(f"--index {path}: no {stem}.npz and {stem}.json (written by --save-index)")
-    try:
-        with open(stem + ".json", encoding="utf-8") as f:
-            meta = json.load(f)
-        with np.load(stem + ".npz", allow_pickle=False) as z:
-            emb = [z[f"emb{i}"] for i in range(len(meta["models"]))]
-            labels = z["labels"]
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"--index {path}: not a readable index ({e})") from e
-    if meta.get("models") != signature:
-        raise UserError(f"--index {path}: built with other models than this spec (backbones, sizes, "
-                        f"preprocessing or checkpoint files differ); build it again with --save-index")
-    return {"emb": emb, "labels": labels, "paths": meta["paths"],
-            "names": {int(k): v for k, v in meta["names"].items()}, "gallery_dir": meta.get("gallery_dir"),
-            "faiss": meta.get("faiss"), "stem": stem}
+    def __init__(self, paths=(), labels=None, emb=None, names=None, root=None):
+        self.paths, self.emb, self.root = list(paths), emb, root
+        self.labels = np.zeros(0, np.int64) if labels is None else np.asarray(labels)
+        self.names = dict(names or {})
+        self._saved_faiss = None  # (metadata, path) of the faiss index saved beside a loaded index
+
+    def __len__(self):
+        return len(self.paths)
+
+    @property
+    def image_paths(self):
+        """Where the photos are now (shown by the report and the page)."""
+        return [os.path.join(self.root, p) if self.root else p for p in self.paths]
+
+    @classmethod
+    def load(cls, path, signature, known=None, root=None):
+        """The index at path (PATH.npz + PATH.json), checked against the current models' signature;
+        its names over `known` (the classifier's); root: where its photos are now (default: the
+        folder it was built from)."""
+        stem = _stem(path)
+        if not (os.path.isfile(stem + ".npz") and os.path.isfile(stem + ".json")):
+            raise UserError(f"--index {path}: no {stem}.npz and {stem}.json (written by --save-index)")
+        try:
+            with open(stem + ".json", encoding="utf-8") as f:
+                meta = json.load(f)
+            with np.load(stem + ".npz", allow_pickle=False) as z:
+                emb = [z[f"emb{i}"] for i in range(len(meta["models"]))]
+                labels = z["labels"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"--index {path}: not a readable index ({e})") from e
+        if meta.get("models") != signature:
+            raise UserError(f"--index {path}: built with other models than this spec (backbones, sizes, "
+                            f"preprocessing or checkpoint files differ); build it again with --save-index")
+        names = dict(known or {}) | {int(k): v for k, v in meta["names"].items()}
+        g = cls(meta["paths"], labels, emb, names, root or meta.get("gallery_dir"))
+        if meta.get("faiss") and os.path.isfile(stem + ".faiss"):
+            g._saved_faiss = (meta["faiss"], stem + ".faiss")
+        return g
+
+    def missing(self, folder):
+        """[(path under folder, landmark name)] of the photos of folder/<name>/ this gallery lacks."""
+        have = set(self.paths)
+        return [(p, n) for p, n in folder_gallery(folder) if p not in have]
+
+    def extend(self, todo, new_emb):
+        """Adds todo's photos ([(path under root, landmark name)]) with their features (per model,
+        NaN rows for unreadable images, which are left out); a name it does not know gets a new id."""
+        if not todo:
+            return
+        new_ids, by_id = ids_for_names([n for _, n in todo], self.names)
+        self.names |= by_id
+        good = ~unreadable_rows(*new_emb)
+        if not good.all():
+            print(f"unreadable gallery images: {int((~good).sum())} of {len(good)} (not indexed)", flush=True)
+        keep = [p for (p, _), ok in zip(todo, good) if ok]
+        self.paths += keep
+        self.labels = np.concatenate([self.labels, new_ids[good]])
+        self.emb = [np.asarray(e[good], np.float16) if self.emb is None else
+                    np.concatenate([self.emb[i], np.asarray(e[good], np.float16)]) for i, e in enumerate(new_emb)]
+        print(f"embedded {len(keep)} gallery images ({len(self.paths)} in all, {len(set(self.labels.tolist()))} "
+              f"landmarks)", flush=True)
+
+    def faiss_index(self, factory, vectors, whiten=None):
+        """The gallery's faiss index of `vectors` (what is searched: the embeddings, or the whitened
+        pooled features): the one saved beside the loaded index when it was built with this factory
+        and whitening on this very gallery, else built now."""
+        if self._saved_faiss:
+            meta, path = self._saved_faiss
+            if (meta["factory"] == factory and meta.get("whiten") == whiten
+                    and meta["paths_sha1"] == _gallery_digest(self.paths)):
+                return FaissGallery.load(path, factory)
+        bad = unreadable_rows(*vectors)  # a GLDv2 gallery's unreadable images; folders index readable ones only
+        fg = faiss_index(vectors, factory, exclude=bad if bad.any() else None)
+        print(f"faiss index {factory!r}: {len(fg)} gallery images", flush=True)
+        return fg
+
+    def save(self, path, signature, faiss=None, whiten=None):
+        """path.npz + path.json (see the module's docstring); the root is recorded for showing
+        the images (report.py, app.py). faiss: a retrieval.FaissGallery of these very images,
+        kept as path.faiss with its factory string, the whitening it was built after (--backbone)
+        and a digest of the paths, so that a later run uses it only for this gallery; without
+        one, an earlier path.faiss is removed. Returns the stem."""
+        stem = _stem(path)
+        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+        np.savez(stem + ".npz", labels=np.asarray(self.labels, np.int64),
+                 **{f"emb{i}": np.asarray(e, np.float16) for i, e in enumerate(self.emb)})
+        for f in (stem + ".faiss", stem + ".faiss.rows.npy"):
+            if os.path.exists(f):
+                os.remove(f)
+        meta_faiss = None
+        if faiss is not None:
+            faiss.save(stem + ".faiss")
+            meta_faiss = {"factory": faiss.factory, "whiten": whiten, "paths_sha1": _gallery_digest(self.paths)}
+        with open(stem + ".json", "w", encoding="utf-8") as f:
+            json.dump({"format": "glr2020-index-1", "models": signature, "paths": list(self.paths),
+                       "names": {str(k): v for k, v in self.names.items()},
+                       "gallery_dir": os.path.abspath(self.root) if self.root else None, "faiss": meta_faiss},
+                      f, ensure_ascii=False)
+        print(f"index: {stem}.npz, {stem}.json ({len(self.paths)} images)", flush=True)
+        return stem
 
 
 def read_folder_solution(path, names):

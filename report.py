@@ -14,18 +14,21 @@ nearest gallery images with their cosines, each marked right or wrong when
 the truth is known. The rows: the most confident wrong predictions first
 (those that cost GAP), then a sample of the rest (select_rows).
 
-app.py draws its answers with the same row (render_row).
+report.py draws; it computes no metric and reads no result of its own: callers hand it the
+answers (Answers), how to show them (View) and the scores (evaluate.score_answers):
+recognizer.write_report for predict.py, evaluate.write_report for a submission file. app.py draws
+its answers with the same row (render_row).
 """
 import base64
 import html
 import io
 import os
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
 from dataset import BadImage, read_rgb
-from evaluate import is_right, score
 
 QUERY_SIDE, NEIGHBOUR_SIDE = 128, 96  # thumbnails' longer side, px
 JPEG_QUALITY = 80  # ~3-5 kB per thumbnail on photographs: 200 rows of GLDv2 stay a few MB
@@ -107,11 +110,8 @@ def select_rows(ids, predictions, truth=None, n=200, seed=0):
     it, a random sample; all of them when n >= the number of queries (wrong
     first, then the rest). The sample is shown by decreasing confidence."""
     conf = np.array([p[1] if p is not None else -np.inf for p in predictions], np.float64)
-    if truth is not None:
-        wrong = [i for i, (q, p) in enumerate(zip(ids, predictions))
-                 if p is not None and q in truth and not is_right(p, truth[q])]
-    else:
-        wrong = []
+    wrong = [i for i, (q, p) in enumerate(zip(ids, predictions))
+             if truth is not None and p is not None and q in truth and mark_of(p, truth[q], True) == "wrong"]
     wrong = sorted(wrong, key=lambda i: -conf[i])[:n]
     rest = np.setdiff1d(np.arange(len(ids)), wrong)
     if len(wrong) + len(rest) > n:
@@ -122,12 +122,13 @@ def select_rows(ids, predictions, truth=None, n=200, seed=0):
 
 def mark_of(prediction, truth, known):
     """'right', 'wrong', 'nonlandmark' (no landmark and no prediction: nothing to
-    get wrong), or '' when the truth is not known."""
+    get wrong), or '' when the truth is not known. Right as evaluate.is_right: the
+    landmark is one of the true ones; any landmark on a non-landmark is wrong."""
     if not known:
         return ""
     if prediction is None:
         return "wrong" if truth else "nonlandmark"
-    return "right" if is_right(prediction, truth) else "wrong"
+    return "right" if truth and prediction[0] in truth else "wrong"
 
 
 def render_row(row, name_of, thumbs):
@@ -214,45 +215,65 @@ def curves_uri(log_paths):
     return _clean_png_uri(b.getvalue())
 
 
-def write_report(path, ids, images, final, parts=None, neighbours=None, truth=None, names=None, sunk=None,
-                 unreadable=None, logs=None, rows=200, title="Recognition report", neighbours_are="nearest",
-                 truth_images=None, notes=(), final_name="final"):
-    """The report at `path`; returns the indices of the queries shown.
+@dataclass
+class Answers:
+    """What was answered, per query: its id (the key of the truth) and image path; final: the answer
+    scored, (label, confidence) or None; parts: {name: [per query (label, confidence) or None]}
+    (e.g. classifier, retrieval), shown too; neighbours: [(gallery image, label, cosine or None)];
+    sunk, unreadable: bool (what predict.py knows; evaluate.py knows neither); final_name: the
+    final answer's name; neighbours_are: 'nearest' (by cosine) or 'examples' (gallery images of the
+    predicted landmark); truth_images: {label: a gallery image}, shown beside a wrong prediction."""
+    ids: list
+    images: list
+    final: list
+    parts: dict = field(default_factory=dict)
+    neighbours: list = None
+    sunk: object = None
+    unreadable: object = None
+    final_name: str = "final"
+    neighbours_are: str = "nearest"
+    truth_images: dict = None
 
-    ids, images: per query its id (the key of `truth`) and image path; final:
-    per query (label, confidence) or None, the answer scored; parts: {name:
-    [per query (label, confidence) or None]} (e.g. classifier, retrieval),
-    scored and shown too; neighbours: per query [(gallery image, label,
-    cosine or None)]; truth: {id: set of labels or None for a non-landmark};
-    names: {label: name}; sunk, unreadable: per query bool; logs: train.py
-    log files for the curves; neighbours_are: 'nearest' (by cosine) or
-    'examples' (gallery images of the predicted landmark); truth_images:
-    {label: a gallery image}, shown beside a wrong prediction."""
-    names = names or {}
+
+@dataclass
+class View:
+    """How a report shows them: truth ({id: set of labels, or None for a non-landmark}), names
+    ({label: name}), logs (train.py logs for the curves), rows (most queries shown), title, notes
+    (lines under the title)."""
+    truth: dict = None
+    names: dict = None
+    logs: list = None
+    rows: int = 200
+    title: str = "Recognition report"
+    notes: tuple = ()
+
+
+def write_report(path, answers, view, scores=None):
+    """The report of `answers` (Answers) at `path`, as `view` (View) says; returns the indices of
+    the queries shown. scores: with the truth, {answer: (GAP, accuracy)} of the final answer
+    (under its final_name) and the parts, as evaluate.score_answers computes them."""
+    ids, images, final, parts, truth = answers.ids, answers.images, answers.final, answers.parts, view.truth
+    names, final_name = view.names or {}, answers.final_name
 
     def name_of(label):
         n = names.get(label)
         return str(label) if n is None else (n if str(n) == str(label) else f"{n} ({label})")
 
-    parts = parts or {}
     thumbs = Thumbnails()
     n_q = len(ids)
     counts = [f"{n_q} queries", f"{sum(p is not None for p in final)} with a prediction"]
-    if unreadable is not None:  # what predict.py knows; evaluate.py knows neither
-        counts.append(f"{int(np.sum(unreadable))} unreadable")
-    if sunk is not None:
-        counts.append(f"{int(np.sum(sunk))} sunk as non-landmarks")
-    sunk = np.zeros(n_q, bool) if sunk is None else np.asarray(sunk, bool)
-    unreadable = np.zeros(n_q, bool) if unreadable is None else np.asarray(unreadable, bool)
-    head = [f"<h1>{html.escape(title)}</h1>"] + [f"<p>{html.escape(n)}</p>" for n in notes]
+    if answers.unreadable is not None:
+        counts.append(f"{int(np.sum(answers.unreadable))} unreadable")
+    if answers.sunk is not None:
+        counts.append(f"{int(np.sum(answers.sunk))} sunk as non-landmarks")
+    sunk = np.zeros(n_q, bool) if answers.sunk is None else np.asarray(answers.sunk, bool)
+    unreadable = np.zeros(n_q, bool) if answers.unreadable is None else np.asarray(answers.unreadable, bool)
+    head = [f"<h1>{html.escape(view.title)}</h1>"] + [f"<p>{html.escape(n)}</p>" for n in view.notes]
 
     # scores of the final answer and of each part, as evaluate.py computes them
     if truth is not None:
-        scored = {final_name: final, **parts}
         head.append('<table class="scores"><tr><th>answer</th><th>GAP</th><th>accuracy (landmark queries)</th></tr>')
-        for name, preds in scored.items():
-            pred = {q: p for q, p in zip(ids, preds) if p is not None}
-            gap, acc = score(pred, truth)
+        for name, (gap, acc) in scores.items():
             head.append(f'<tr class="score" data-part="{html.escape(name)}"><td>{html.escape(name)}</td>'
                         f'<td class="gap">{gap:.4f}</td><td class="acc">{acc:.4f}</td></tr>')
         head.append("</table>")
@@ -265,11 +286,11 @@ def write_report(path, ids, images, final, parts=None, neighbours=None, truth=No
     conf = lambda m: [p[1] for p, k in zip(final, marks) if p is not None and k == m]  # noqa: E731
     hist = confidence_histogram(conf("right"), conf("wrong"), conf(""))
     head.append(f'<h2>Confidence of the {html.escape(final_name)}</h2><div class="chart">{img_tag(hist, "histogram")}</div>')
-    if logs:
-        head.append(f'<h2>Training</h2><div class="chart">{img_tag(curves_uri(logs), "training curves")}</div>')
+    if view.logs:
+        head.append(f'<h2>Training</h2><div class="chart">{img_tag(curves_uri(view.logs), "training curves")}</div>')
 
-    shown = select_rows(ids, final, truth, rows)
-    what = ("the 5 nearest gallery images (cosine)" if neighbours_are == "nearest"
+    shown = select_rows(ids, final, truth, view.rows)
+    what = ("the 5 nearest gallery images (cosine)" if answers.neighbours_are == "nearest"
             else "gallery images of the predicted landmark")
     order = ("the most confident wrong predictions first, then a sample of the rest" if truth is not None
              else "a sample, by decreasing confidence")
@@ -280,42 +301,17 @@ def write_report(path, ids, images, final, parts=None, neighbours=None, truth=No
         q = ids[i]
         row = {"id": q, "image": images[i], "prediction": final[i],
                "answers": {k: v[i] for k, v in parts.items()},
-               "neighbours": neighbours[i] if neighbours is not None else (),
+               "neighbours": answers.neighbours[i] if answers.neighbours is not None else (),
                "tags": (["sunk"] if sunk[i] else []) + (["unreadable"] if unreadable[i] else [])}
         if truth is not None and q in truth:
             row["truth"] = truth[q]
-            if truth[q] and truth_images:
-                row["truth_image"] = next((truth_images[t] for t in sorted(truth[q], key=str) if t in truth_images),
-                                          None)
+            examples = answers.truth_images
+            if truth[q] and examples:
+                row["truth_image"] = next((examples[t] for t in sorted(truth[q], key=str) if t in examples), None)
         body.append(render_row(row, name_of, thumbs))
     body.append("</table>")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(page(title, "\n".join(head + body)))
+        f.write(page(view.title, "\n".join(head + body)))
     print(f"wrote {path} ({len(shown)} of {n_q} queries, {os.path.getsize(path) / 1e6:.1f} MB)", flush=True)
     return shown
-
-
-def _answers(part):
-    """recognize()'s (landmarks, confidences) as [(label, confidence) or None]."""
-    landmarks, conf = part
-    return [None if (lid is None or lid != lid) else (int(lid), float(c)) for lid, c in zip(landmarks, conf)]
-
-
-def report_from_result(path, res, names=None, truth=None, non_landmark=False, logs=None, rows=200,
-                       title="Recognition report", notes=()):
-    """write_report of predict.py's result (recognize()'s dict with the queries'
-    'ids' and 'query_paths', the 'gallery_paths' and 'gallery_labels'): the final answer
-    (the re-ranked ensemble, with its non-landmark sinking when asked for), the
-    other parts, and each query's 5 nearest gallery images."""
-    final_key = "ensemble_nl" if non_landmark else "ensemble"
-    parts = {k: _answers(res[k]) for k in ("ensemble", "classifier", "retrieval")
-             if k in res and k != final_key and not (k == "retrieval" and "classifier" not in res)}
-    sims, nn = res["neighbours"]
-    ids, g_paths, g_labels = res["ids"], res["gallery_paths"], np.asarray(res["gallery_labels"])
-    neighbours = [[(g_paths[j], int(g_labels[j]), float(s)) for s, j in zip(sims[i], nn[i]) if np.isfinite(s)]
-                  for i in range(len(ids))]
-    final_name = "ensemble + non-landmarks sunk (submitted)" if non_landmark else "ensemble (submitted)"
-    return write_report(path, ids, res["query_paths"], _answers(res[final_key]), parts, neighbours, truth, names,
-                        sunk=res.get("nl_flags"), unreadable=res["unreadable"][0], logs=logs, rows=rows,
-                        title=title, notes=notes, final_name=final_name)

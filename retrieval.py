@@ -1,4 +1,5 @@
-"""Retrieval and re-ranking on arrays: no files, no models (predict.py extracts, gallery.py keeps indexes).
+"""Retrieval and re-ranking on arrays: no files, no images, no models (features.py extracts, gallery.py keeps
+indexes, recognizer.py puts them together). Importing it loads numpy and torch, nothing that reads images.
 
 Embeddings come in as lists over the models of arrays (N, 512), maybe float16 and memory-mapped; the
 similarity of two images is the mean of the models' cosines, the cosine of the normalised concatenation.
@@ -9,18 +10,23 @@ similarity of two images is the mean of the models' cosines, the cosine of the n
 - the original's re-ranking score(l) = sum sim^9 cls(l)^10 over the top 5 (rerank, RERANK);
 - non-landmark queries flagged and sunk (non_landmark_flags, apply_non_landmark);
 - recognize(): all of it, for the queries' neck outputs against a gallery's embeddings;
-- PCA whitening learnt on a gallery, for recognition without training (whitening_of, whitened).
+- PCA whitening learnt on a gallery, for recognition without training and finetune.py's neck (learn_whitening,
+  whiten, whitening_of, whitened).
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from finetune import WHITEN_MIN_RATIO
 from util import UserError
 
 TOP_K = 5        # gallery neighbours per query
 CLS_TOP_K = 5    # classifier candidates per query
 CLS_MISSING = 1e-8  # cls(l) of a neighbour's landmark outside the classifier's top CLS_TOP_K
+# whiten only from at least this many images per feature dimension (the --init-neck pca sample,
+# predict.py --whiten auto's gallery): learnt from fewer, even shrunk, a whitening costs retrieval
+# (realdev, 141 photos, C = 1280, mean of 5 splits: raw 0.975, shrunk by 1 - N/C 0.960, Ledoit-Wolf
+# 0.90; docs/transfer.md)
+WHITEN_MIN_RATIO = 2
 NL_FACTOR = 1e-100  # confidence factor of a query that looks like a non-landmark: below every
                     # unflagged confidence (those are >= ~1e-90: sim^9 * (1e-8)^10 at worst)
 
@@ -446,9 +452,49 @@ def recognize(zqs, g_emb, heads, g_labels, idx2lid, device="cpu", non_landmark=N
     return res
 
 
+# ---------------------------------------------------------------- PCA whitening (zero training, finetune's neck)
+
+def learn_whitening(features, dim=None, beta=None):
+    """PCA whitening of `features` (N, C): (P (D, C), m (C,)) in float64 such
+    that P (f - m) has identity covariance over the features, D = min(dim, C)
+    leading components.
+
+    The estimate is shrunk by beta: the covariance towards a multiple mu of the
+    identity, the mean towards 0, i.e. m = (1 - beta) mean and the covariance
+    about m blended with beta * mu * I (same eigenvectors, eigenvalues blended).
+    By default beta is the larger of Ledoit and Wolf's estimate (sklearn) and
+    1 - N/C: with fewer images than dimensions the sample covariance is
+    singular, and a whitening that trusts it blows up the directions the
+    sample did not see; its mean is noisy too. beta = 1 whitens nothing: P is
+    the projection onto the D leading directions of the uncentred second
+    moment (over 1/sqrt(mu)), which ranks the sampled images as the raw
+    features do. Returns (P, m)."""
+    from sklearn.covariance import ledoit_wolf_shrinkage
+    x = np.asarray(features, np.float64)
+    n, c = x.shape
+    mean = x.mean(axis=0)
+    if beta is None:
+        beta = max(ledoit_wolf_shrinkage(x - mean, assume_centered=True) if n > 1 else 1.0, 1.0 - n / c)
+    m = (1 - beta) * mean
+    xc = x - m
+    cov = xc.T @ xc / max(n, 1)
+    mu = np.trace(cov) / c if np.trace(cov) > 0 else 1.0
+    w, u = np.linalg.eigh(cov)
+    order = np.argsort(w)[::-1][:min(dim or c, c)]
+    w = np.maximum((1 - beta) * w[order] + beta * mu, mu * 1e-12)  # a zero eigenvalue (constant features): no division by 0
+    u = u[:, order]
+    u *= np.sign(u[np.abs(u).argmax(0), np.arange(u.shape[1])])  # each component's largest entry positive: reproducible
+    return u.T / np.sqrt(w)[:, None], m
+
+
+def whiten(features, P, m):
+    """The whitened features P (f - m), float32."""
+    return ((np.asarray(features, np.float64) - m) @ P.T).astype(np.float32)
+
+
 def whitened_embeddings(g_raw, *others, whiten_mode="auto"):
     """The gallery's and the others' embeddings for zero-training retrieval, L2-normalised,
-    float32: PCA-whitened with a whitening learnt on the gallery (finetune.learn_whitening),
+    float32: PCA-whitened with a whitening learnt on the gallery (learn_whitening),
     or the pooled features as they are. 'auto' whitens galleries of at least
     WHITEN_MIN_RATIO images per dimension: a whitening learnt on fewer is mostly noise
     and costs retrieval (docs/transfer.md: GAP 0.975 raw, 0.960 whitened with a shrunk
@@ -459,7 +505,6 @@ def whitened_embeddings(g_raw, *others, whiten_mode="auto"):
 
 def whitening_of(g_raw, whiten_mode="auto"):
     """(P, m) of the whitening learnt on the gallery's features, or None (see whitened_embeddings)."""
-    from finetune import learn_whitening
     g = np.asarray(g_raw, np.float32)
     on = whiten_mode == "pca" or (whiten_mode == "auto" and len(g) >= WHITEN_MIN_RATIO * g.shape[1])
     return learn_whitening(g) if on else None
@@ -467,5 +512,4 @@ def whitening_of(g_raw, whiten_mode="auto"):
 
 def whitened(a, w):
     """Features a whitened with w = (P, m) (None: as they are), L2-normalised, float32."""
-    from finetune import whiten
     return F.normalize(torch.from_numpy(whiten(a, *w) if w else np.asarray(a, np.float32)), dim=1).numpy()

@@ -25,8 +25,9 @@ from finetune import RECIPES, apply_recipe, init_neck_and_head
 from dataset import EpochSampler, LandmarkDataset, collate, drop_excluded, get_df, get_transforms, worker_init
 from losses import ArcFaceLossAdaptiveMargin, dynamic_margins
 from models import build_model, check_enet_type, preprocessing_for
+from evaluate import global_average_precision_score
 from plot_logs import read_log
-from util import (UserError, cleanup_distributed, cpu_budget, get_lr, global_average_precision_score, is_main,
+from util import (UserError, cleanup_distributed, cpu_budget, get_lr, is_main,
                   load_fitting, load_state_dict_file, memory_format, print0, run_main, save_checkpoint,
                   setup_distributed, torch_load)
 

@@ -1,4 +1,5 @@
-"""Small helpers: GAP metric, learning-rate schedule, checkpoints, distributed set-up."""
+"""Small helpers: user errors, learning-rate schedule, checkpoints, distributed set-up (the metrics: evaluate.py)."""
+import hashlib
 import json
 import math
 from datetime import timedelta
@@ -28,55 +29,6 @@ def run_main(main):
     except UserError as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-
-
-# ---------------------------------------------------------------- metric
-
-def _truth_set(v):
-    """A solution value as a set of landmarks: None or an empty collection is a non-landmark."""
-    if v is None:
-        return frozenset()
-    if isinstance(v, (set, frozenset, list, tuple)):
-        return frozenset(v)
-    return frozenset((v,))
-
-
-def global_average_precision_score(y_true, y_pred, ties="order"):
-    """Global Average Precision (micro AP), the GLDv2 / Kaggle 2020 metric.
-
-    y_true: {query: landmark, or a collection of landmarks (a prediction of any of
-            them is right), or None / empty for a non-landmark query}, or a sequence.
-    y_pred: {query: (landmark, confidence)}, or a sequence; queries without a
-            prediction may be left out.
-
-    GAP = 1/M * sum_i P(i) rel(i) over all predictions sorted by decreasing
-    confidence, M = number of queries that have a landmark. A prediction on a
-    non-landmark query is never relevant but still occupies its rank; a
-    landmark query without prediction still counts in M.
-
-    ties: "order" keeps y_pred's order among equal confidences (a stable sort:
-    the original's validation number in train.py); "id" breaks them by query id
-    ascending, then predicted landmark ascending, Kaggle's convention as in the
-    official GLDv2 metrics (DELF's google_landmarks_dataset/metrics.py), which
-    evaluate.py uses.
-    """
-    if not isinstance(y_true, dict):
-        y_true = dict(enumerate(y_true))
-    if not isinstance(y_pred, dict):
-        y_pred = dict(enumerate(y_pred))
-    m = sum(bool(_truth_set(v)) for v in y_true.values())
-    if m == 0 or not y_pred:
-        return 0.0
-    keys = list(y_pred.keys())
-    if ties == "id":
-        keys.sort(key=lambda k: (k, y_pred[k][0]))
-    elif ties != "order":
-        raise ValueError(f"ties must be 'order' or 'id', not {ties!r}")
-    conf = np.array([float(y_pred[k][1]) for k in keys], dtype=np.float64)
-    order = np.argsort(-conf, kind="stable")
-    rel = np.array([y_pred[keys[i]][0] in _truth_set(y_true.get(keys[i])) for i in order], dtype=np.float64)
-    precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)
-    return float((precision * rel).sum() / m)
 
 
 # ---------------------------------------------------------------- schedule
@@ -242,6 +194,15 @@ def load_data_file(path):
             return json.load(f)
     with open(path, "rb") as f:
         return DataUnpickler(f, encoding="latin1").load()  # latin1: pickles written by Python 2 too
+
+
+def file_digest(path, chunk=1 << 20):
+    """The SHA-1 of a file's bytes (a checkpoint or weights file: what a saved index was built with)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_label_map(path):

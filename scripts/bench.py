@@ -22,7 +22,7 @@ Timed rounds of the variants compared are interleaved and each figure is the
 median over rounds, so drifting clocks or a noisy neighbour hit all alike.
 
 The measured side calls the repo's own functions (train.build_training and
-train.train_one_epoch, predict.embed_batch, dataset.LandmarkDataset with
+train.train_one_epoch, features.embed_batch, dataset.LandmarkDataset with
 get_transforms and train.loader_kwargs, retrieval.topk_cosine). The baselines
 reproduce what the original code did for the same work:
 - train: fp16 autocast + grad scaler (apex O1), the ArcFace head under autocast,
@@ -62,7 +62,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
 import bench_transfer  # noqa: E402
-import predict  # noqa: E402
+import features  # noqa: E402
 import retrieval  # noqa: E402
 import train  # noqa: E402
 from losses import dynamic_margins  # noqa: E402
@@ -326,7 +326,7 @@ def cmd_extract(a):
 
         def ours():
             for _ in range(a.steps):
-                predict.embed_batch(model, x, device, precision)
+                features.embed_batch(model, x, device, precision)
         cases["ours"] = ours
         warm["ours"] = _warmup(ours, device)
     peak["ours"] = mem.peak_mib
@@ -338,9 +338,9 @@ def cmd_extract(a):
         xc = x.contiguous()
 
         def contiguous():
-            with _memory_format(predict, torch.contiguous_format):
+            with _memory_format(features, torch.contiguous_format):
                 for _ in range(a.steps):
-                    predict.embed_batch(contig, xc, device, precision)
+                    features.embed_batch(contig, xc, device, precision)
         cases["contiguous"] = contiguous
         warm["contiguous"] = _warmup(contiguous, device)
     if a.baseline:
@@ -669,7 +669,7 @@ def parse_args(argv=None):
             q.add_argument("--compare-head", action="store_true",
                            help="also time the ArcFace head left to autocast: what its float32 run costs")
         else:
-            q.add_argument("--precision", choices=sorted(predict.PRECISIONS), default=None,
+            q.add_argument("--precision", choices=sorted(features.PRECISIONS), default=None,
                            help="default bf16 on GPUs, fp32 on CPU")
     q = sub.add_parser("loader")
     common(q)

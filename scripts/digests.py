@@ -1,6 +1,6 @@
 """Digests of what users get, to show that a change of the code changes none of it.
 
-    python scripts/digests.py WORK_DIR [--out digests.json] [--compare REFERENCE.json]
+    python scripts/digests.py WORK_DIR [--out digests.json] [--compare REFERENCE.json] [--no-run]
 
 Runs the CLIs on a small synthetic GLDv2 in WORK_DIR (replaced; about 2 minutes on 2 cores, one
 thread a process): train.py (step 0, step 1 from it, and --recipe finetune on folders), predict.py
@@ -11,14 +11,14 @@ predict.py on folders (predictions.csv, --save-index, --retrieval-ranks, --add-t
 
 What is digested: CSV, HTML and JSON files byte for byte (WORK_DIR written as '<work>'); a checkpoint by its tensors (weights, optimizer state) and
 epoch; a saved index's .npz by its arrays (the zip's time stamps are not content); logs not at
-all (they hold times). Compare runs in the same WORK_DIR (a checkpoint file records the paths it
-was trained with, and a saved index the SHA-1 of that file), on one machine (floating-point
-results differ in the last bits with the CPU).
+all (they hold times); an index's checkpoint SHA-1s left out (torch.save writes a new id into every
+file). Compare runs on one machine (floating-point results differ in the last bits with the CPU).
 """
 import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +35,10 @@ def sha1(data):
 
 def digest_text(path, work):
     with open(path, "rb") as f:
-        return sha1(f.read().replace(os.path.abspath(work).encode(), b"<work>"))
+        data = f.read().replace(os.path.abspath(work).encode(), b"<work>")
+    # torch.save writes a new serialization id into every file: a checkpoint's SHA-1 (an index records
+    # it) differs between two trainings of the same weights, which digest_checkpoint compares
+    return sha1(re.sub(rb'"checkpoint_sha1": "[0-9a-f]{40}"', b'"checkpoint_sha1": "-"', data))
 
 
 def digest_checkpoint(path):
@@ -137,6 +140,10 @@ def produce(w):
        f"{w}/ft/train_0.csv", "--model-dir", f"{w}/ft", "--log-dir", f"{w}/ft", "--enet-type", "resnet10t",
        "--pretrained-path", f"{w}/backbone.pth", "--recipe", "finetune", "--image-size", "48", "--n-epochs", "2",
        "--batch-size", "8", "--num-workers", "0")
+    return outputs(w)
+
+
+def outputs(w):
     return sorted(os.path.relpath(os.path.join(dp, f), w) for dp, _, fs in os.walk(w) for f in fs
                   if dp.startswith((w + "/weights", w + "/ft")) and f.endswith(".pth")
                   or (dp == w and f.endswith((".csv", ".html", ".npz", ".json")))
@@ -148,11 +155,13 @@ def main(argv=None):
     p.add_argument("work")
     p.add_argument("--out", default=None, help="write the digests as JSON here")
     p.add_argument("--compare", default=None, help="a JSON of digests to compare with")
+    p.add_argument("--no-run", action="store_true", help="digest what WORK_DIR holds, without running anything")
     a = p.parse_args(argv)
     w = os.path.abspath(a.work)
-    shutil.rmtree(w, ignore_errors=True)
-    os.makedirs(w)
-    out = {rel: digest(os.path.join(w, rel), w) for rel in produce(w)}
+    if not a.no_run:
+        shutil.rmtree(w, ignore_errors=True)
+        os.makedirs(w)
+    out = {rel: digest(os.path.join(w, rel), w) for rel in (outputs(w) if a.no_run else produce(w))}
     for k, v in out.items():
         print(f"{v}  {k}")
     if a.out:

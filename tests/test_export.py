@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime", reason="export.py's dependencies: onnx,
                                                 "(requirements-ci.txt)")
 pytest.importorskip("onnxscript", reason="torch.onnx.export's dynamo exporter needs onnxscript")
 import export  # noqa: E402
-import predict  # noqa: E402
+import ensemble  # noqa: E402
 from dataset import get_transforms, read_rgb  # noqa: E402
 
 
@@ -35,12 +35,12 @@ def test_onnx_agrees_with_pytorch_on_any_batch(exported, stage1):
     path = exported["path"]
     assert os.path.basename(path) == "s1_fold0_final@40.onnx"
     manifest = json.load(open(os.path.join(os.path.dirname(path), "models.json")))
-    from gallery import file_digest
+    from util import file_digest
     assert manifest["models"] == [{"file": "s1_fold0_final@40.onnx", "enet_type": TINY_BACKBONE, "image_size": 40,
                                    "checkpoint_sha1": file_digest(stage1["checkpoint"])}]
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     meta = sess.get_modelmeta().custom_metadata_map
-    net = predict.load_model(TINY_BACKBONE, stage1["checkpoint"], image_size=40)
+    net = ensemble.load_model(TINY_BACKBONE, stage1["checkpoint"], image_size=40)
     pre = json.loads(meta["preprocessing"])
     assert pre["image_size"] == 40 and pre["mean"] == net.preprocessing["mean"] and pre["layout"] == "NCHW"
     assert int(meta["classes"]) == net.metric_classify.weight.shape[0] // 3 and int(meta["embedding_dim"]) == 512
@@ -61,7 +61,7 @@ def test_onnx_agrees_with_pytorch_on_any_batch(exported, stage1):
         np.testing.assert_allclose(cos, ref_cos[:n], atol=1e-4)
         assert (np.argsort(-cos, 1)[:, :5] == np.argsort(-ref_cos[:n], 1)[:, :5]).all()
     # the export's own check fails on a file of other weights
-    other = predict.load_model(TINY_BACKBONE, stage1["checkpoint"], image_size=40)
+    other = ensemble.load_model(TINY_BACKBONE, stage1["checkpoint"], image_size=40)
     with torch.no_grad():
         other.feat.weight.mul_(-1)
     worst, same = export.verify(path, other, x)

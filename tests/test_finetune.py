@@ -409,7 +409,6 @@ def test_zero_training_on_folders_equals_direct_retrieval(tmp_path, weights_file
 
 def test_zero_training_whitening_is_learnt_on_the_gallery(tmp_path, weights_file):
     """--whiten pca: retrieval on P (f - m) with (P, m) learnt from the gallery's pooled features."""
-    import predict
     import retrieval
     from finetune import learn_whitening, whiten
     g = np.random.default_rng(0).normal(size=(30, 16)).astype(np.float32)
@@ -421,7 +420,7 @@ def test_zero_training_whitening_is_learnt_on_the_gallery(tmp_path, weights_file
     # auto: a gallery of fewer than WHITEN_MIN_RATIO images per dimension stays as it is
     gw, qw = retrieval.whitened_embeddings(g, q, whiten_mode="auto")
     assert np.allclose(qw, q / np.linalg.norm(q, axis=1, keepdims=True), atol=1e-6)
-    big = np.random.default_rng(2).normal(size=(16 * predict.WHITEN_MIN_RATIO, 16)).astype(np.float32)
+    big = np.random.default_rng(2).normal(size=(16 * retrieval.WHITEN_MIN_RATIO, 16)).astype(np.float32)
     gw, qw = retrieval.whitened_embeddings(big, q, whiten_mode="auto")
     P, m = learn_whitening(big)
     ref = whiten(q, P, m)

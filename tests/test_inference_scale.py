@@ -18,6 +18,7 @@ import pytest
 
 from conftest import ROOT, TINY_BACKBONE, free_port, run
 import predict
+import recognizer  # noqa: E402
 import retrieval
 from util import UserError
 
@@ -198,7 +199,7 @@ def test_faiss_hnsw_search_depth_reaches_the_graph():
     retrieval.faiss_search(fp, [q[:10]], 5, ef_search=99)
     assert faiss.downcast_index(faiss.downcast_index(fp.index).index).hnsw.efSearch == 99
     folders = ["--spec", "s.json", "--gallery-dir", "g", "--query-dir", "q", "--knn", "faiss"]
-    assert predict.search_of(predict.parse_args(folders + ["--faiss-ef", "7"])).ef_search == 7
+    assert recognizer.search_of(predict.parse_args(folders + ["--faiss-ef", "7"])).ef_search == 7
     with pytest.raises(UserError, match="--faiss-ef 0: must be at least 1"):
         predict.parse_args(folders + ["--faiss-ef", "0"])
 
@@ -238,10 +239,10 @@ def test_folder_index_keeps_its_faiss_index(photos, tmp_path, capsys, monkeypatc
     images = [read_rgb(str(f)) for f in sorted(Path(photos["queries"]).rglob("*.jpg"))[:6]]
     page = ["--spec", photos["spec"], "--index", str(tmp_path / "idx"), "--idx2landmark", photos["labels"],
             "--device", "cpu"]
-    exact_page = app.Recognizer(app.parse_args(page), str(tmp_path))
+    exact_page = app.Page(app.parse_args(page))
     capsys.readouterr()
-    faiss_page = app.Recognizer(app.parse_args(page + ["--knn", "faiss"]), str(tmp_path))
-    assert "faiss index" not in capsys.readouterr().out and faiss_page.search.index is not None
+    faiss_page = app.Page(app.parse_args(page + ["--knn", "faiss"]))
+    assert "faiss index" not in capsys.readouterr().out and faiss_page.rec.search.index is not None
     calls, real = [], retrieval.faiss_search
     monkeypatch.setattr(retrieval, "faiss_search", lambda *a, **k: calls.append(1) or real(*a, **k))
     for x, y in zip(exact_page(images), faiss_page(images)):

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from util import global_average_precision_score as gap
+from evaluate import global_average_precision_score as gap
 
 
 def test_gap_all_correct_is_one():

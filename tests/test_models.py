@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from conftest import TINY_BACKBONE
 from models import ReXNetV1, build_model, rexnet_from_timm_state_dict
 from util import load_state_dict_file, save_checkpoint
+import ensemble  # noqa: E402
 
 
 def _randomise_bn(model, seed=0):
@@ -262,12 +263,11 @@ def test_gem_refused_for_token_pooling_backbones():
 
 
 def test_predict_feeds_a_model_as_it_was_trained(tmp_path):
-    import predict
     torch.manual_seed(0)
     pre = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "interpolation": "bicubic"}
     m = build_model(TINY_BACKBONE, 5, pool="gem", preprocessing=pre)
     torch.save({"model_state_dict": m.state_dict(), "args": {"pool": "gem", "preprocessing": pre}}, tmp_path / "c.pth")
-    got = predict.load_model(TINY_BACKBONE, str(tmp_path / "c.pth"))
+    got = ensemble.load_model(TINY_BACKBONE, str(tmp_path / "c.pth"))
     assert got.preprocessing == pre and got.pool is not None
     torch.testing.assert_close(got.pixel_mean.flatten(), torch.tensor(pre["mean"]) * 255)
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
@@ -275,7 +275,7 @@ def test_predict_feeds_a_model_as_it_was_trained(tmp_path):
         torch.testing.assert_close(got.embed(x), m.eval().embed(x))
     # weights alone (the original's format): pooling from the keys, preprocessing from the backbone
     torch.save({"model_state_dict": m.state_dict()}, tmp_path / "bare.pth")
-    assert predict.load_model(TINY_BACKBONE, str(tmp_path / "bare.pth")).pool is not None
+    assert ensemble.load_model(TINY_BACKBONE, str(tmp_path / "bare.pth")).pool is not None
 
 
 def test_preprocessing_from_a_pretrained_files_config(tmp_path):
@@ -296,7 +296,6 @@ def test_preprocessing_from_a_pretrained_files_config(tmp_path):
 def test_inference_head_normalised_once_gives_the_same_bits(tmp_path):
     """predict.load_model normalises the sub-centres once (normalize_weight_) and forward then
     skips it: the same cosines bit for bit as the training head, and the skip is real."""
-    import predict
     from models import ArcMarginProductSubcenter
     torch.manual_seed(0)
     head = ArcMarginProductSubcenter(512, 2000)
@@ -311,7 +310,7 @@ def test_inference_head_normalised_once_gives_the_same_bits(tmp_path):
     # the model predict.py loads: its head is the checkpoint's, normalised, the cosines unchanged
     m = build_model(TINY_BACKBONE, 40).eval()
     torch.save({"model_state_dict": m.state_dict()}, tmp_path / "c.pth")
-    got = predict.load_model(TINY_BACKBONE, str(tmp_path / "c.pth"))
+    got = ensemble.load_model(TINY_BACKBONE, str(tmp_path / "c.pth"))
     assert got.metric_classify.weight_is_unit and not m.metric_classify.weight_is_unit
     xi = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():

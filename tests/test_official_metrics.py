@@ -80,7 +80,7 @@ def test_ties_broken_by_query_id(tmp_path):
     gap, acc = evaluate.evaluate(sub, sol)
     assert gap == pytest.approx(0.5) and acc == pytest.approx(0.5)  # a (right) ranks first: 1/1 over M = 2
     # train.py's validation keeps the original's stable order: b's wrong prediction first
-    from util import global_average_precision_score
+    from evaluate import global_average_precision_score
     assert global_average_precision_score({"a": 1, "b": 2}, {"b": (7, 0.5), "a": (1, 0.5)}) == pytest.approx(0.25)
 
 

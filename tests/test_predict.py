@@ -9,6 +9,9 @@ import torch
 
 import evaluate
 import predict
+import dataset  # noqa: E402
+import features  # noqa: E402
+import ensemble  # noqa: E402
 import retrieval
 import synthetic
 from conftest import ROOT, TINY_BACKBONE
@@ -148,7 +151,7 @@ def test_original_format_checkpoint_loads_in_predict(tmp_path):
     m = build_model(TINY_BACKBONE, out_dim=7).eval()
     torch.save({"epoch": 1, "model_state_dict": {f"module.{k}": v for k, v in m.state_dict().items()},
                 "optimizer_state_dict": {}}, tmp_path / "o.pth")
-    m2 = predict.load_model(TINY_BACKBONE, str(tmp_path / "o.pth"))
+    m2 = ensemble.load_model(TINY_BACKBONE, str(tmp_path / "o.pth"))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(m2(x), m(x))
@@ -157,16 +160,16 @@ def test_original_format_checkpoint_loads_in_predict(tmp_path):
 
 def test_feature_cache_reuses_and_resumes(stage1, tmp_path):
     d = stage1["data"]
-    model = predict.load_model(TINY_BACKBONE, stage1["checkpoint"])
+    model = ensemble.load_model(TINY_BACKBONE, stage1["checkpoint"])
     ids = pd.read_csv(os.path.join(d, "train_competition.csv"))["id"].tolist()[:20]
     paths = [os.path.join(d, "train", i[0], i[1], i[2], f"{i}.jpg") for i in ids]
     kw = dict(device=torch.device("cpu"), batch_size=6, num_workers=0, cache_dir=str(tmp_path), key="k",
               normalize=True)
-    full = np.array(predict.extract_features(model, paths, 40, **kw))
+    full = np.array(features.extract_features(model, paths, 40, **kw))
     np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1, rtol=1e-5)
     with torch.no_grad():
-        x = torch.stack([predict.LandmarkDataset(pd.DataFrame({"filepath": paths[:2]}), "", "test",
-                                                 predict.get_transforms(40, model.preprocessing["interpolation"])[1])[i]
+        x = torch.stack([dataset.LandmarkDataset(pd.DataFrame({"filepath": paths[:2]}), "", "test",
+                                                 dataset.get_transforms(40, model.preprocessing["interpolation"])[1])[i]
                          for i in range(2)])
         np.testing.assert_allclose(full[:2], model.embed(x).numpy(), rtol=1e-4, atol=1e-5)
     # an interrupted run: 12 rows done, the rest garbage -> resumed from row 12
@@ -174,10 +177,10 @@ def test_feature_cache_reuses_and_resumes(stage1, tmp_path):
     arr[12:] = 0
     arr.flush()
     (tmp_path / "k.done").write_text("12")
-    np.testing.assert_allclose(np.array(predict.extract_features(model, paths, 40, **kw)), full, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(features.extract_features(model, paths, 40, **kw)), full, rtol=1e-5, atol=1e-6)
     # complete: a second call reads the file and runs no model
     model.neck = None
-    np.testing.assert_array_equal(np.array(predict.extract_features(model, paths, 40, **kw)), full)
+    np.testing.assert_array_equal(np.array(features.extract_features(model, paths, 40, **kw)), full)
 
 
 def test_predict_cli_writes_submission_in_sample_order(stage1, tmp_path):
@@ -295,25 +298,25 @@ def test_extraction_precision(stage1, tmp_path):
     float32 forward; bf16 runs the backbone under autocast: close, not equal;
     the cache keeps the precisions apart."""
     d = stage1["data"]
-    model = predict.load_model(TINY_BACKBONE, stage1["checkpoint"])
+    model = ensemble.load_model(TINY_BACKBONE, stage1["checkpoint"])
     ids = pd.read_csv(os.path.join(d, "train_competition.csv"))["id"].tolist()[:8]
     paths = [os.path.join(d, "train", i[0], i[1], i[2], f"{i}.jpg") for i in ids]
     kw = dict(device=torch.device("cpu"), batch_size=4, num_workers=0)
     with torch.no_grad():
-        x = torch.stack([predict.LandmarkDataset(pd.DataFrame({"filepath": paths}), "", "test",
-                                                 predict.get_transforms(40, model.preprocessing["interpolation"])[1])[i]
+        x = torch.stack([dataset.LandmarkDataset(pd.DataFrame({"filepath": paths}), "", "test",
+                                                 dataset.get_transforms(40, model.preprocessing["interpolation"])[1])[i]
                          for i in range(8)])
         want = model.neck(x).numpy()
-    fp32 = predict.extract_features(model, paths, 40, **kw)
+    fp32 = features.extract_features(model, paths, 40, **kw)
     np.testing.assert_allclose(fp32, want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(predict.extract_features(model, paths, 40, precision="fp32", **kw), fp32)
-    bf16 = predict.extract_features(model, paths, 40, precision="bf16", **kw)
+    np.testing.assert_array_equal(features.extract_features(model, paths, 40, precision="fp32", **kw), fp32)
+    bf16 = features.extract_features(model, paths, 40, precision="bf16", **kw)
     assert bf16.dtype == np.float32 and not np.allclose(bf16, fp32, rtol=1e-4, atol=1e-5)
     cos = (bf16 * fp32).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(fp32, axis=1)
     assert cos.min() > 0.99
     ck = stage1["checkpoint"]
-    keys = {predict._cache_key(ck, 40, "ids", p) for p in ("fp32", "bf16", "fp16")}
-    assert len(keys) == 3 and predict._cache_key(ck, 40, "ids") == predict._cache_key(ck, 40, "ids", "fp32")
+    keys = {features.cache_key(ck, 40, "ids", p) for p in ("fp32", "bf16", "fp16")}
+    assert len(keys) == 3 and features.cache_key(ck, 40, "ids") == features.cache_key(ck, 40, "ids", "fp32")
     assert predict.parse_args(["--data-dir", "D", "--train-csv", "t", "--idx2landmark", "i",
                                "--spec", "s"]).precision == "fp32"
     with pytest.raises(SystemExit):
@@ -338,10 +341,10 @@ def test_check_models_maps_checkpoints_and_reads_legacy_files(tmp_path, monkeypa
     monkeypatch.setattr(util.torch, "load", lambda *a, **kw: seen.append(kw.get("mmap")) or real(*a, **kw))
     models = [{"enet_type": TINY_BACKBONE, "checkpoint": str(tmp_path / f), "image_size": 32}
               for f in ("zip.pth", "legacy.pth")]
-    paths, n, _, _ = predict.check_models(models, str(tmp_path), None, None)
+    paths, n, _, _ = ensemble.check_models(models, str(tmp_path), None, None)
     assert n == 7 and paths == [str(tmp_path / "zip.pth"), str(tmp_path / "legacy.pth")] and seen == [True, False]
     sd_zip, _ = util.load_checkpoint(str(tmp_path / "zip.pth"), mmap=True)
     sd_legacy, _ = util.load_checkpoint(str(tmp_path / "legacy.pth"), mmap=True)
     assert all(torch.equal(sd_zip[k], sd_legacy[k]) for k in sd_zip)
     with pytest.raises(util.UserError, match="the model has 7 classes but"):
-        predict.check_models(models[:1], str(tmp_path), 8, "idx2landmark_id.json")
+        ensemble.check_models(models[:1], str(tmp_path), 8, "idx2landmark_id.json")

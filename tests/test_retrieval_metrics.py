@@ -9,6 +9,8 @@ import pytest
 import evaluate
 import evaluate_retrieval as er
 from util import UserError
+import features  # noqa: E402
+import ensemble  # noqa: E402
 
 
 def test_map_at_100_hand_example(tmp_path, capsys):
@@ -92,7 +94,6 @@ def test_queries_cropped_to_their_boxes(tmp_path, stage1):
     import cv2
     import torch
 
-    import predict
     from conftest import TINY_BACKBONE
     rng = np.random.default_rng(0)
     names = [f"db{i}" for i in range(4)]
@@ -107,8 +108,8 @@ def test_queries_cropped_to_their_boxes(tmp_path, stage1):
     assert db.shape == (4, 512) and q.shape == (1, 512)
     crop = cv2.imread(str(tmp_path / "q0.jpg"))[6:45, 10:50]
     cv2.imwrite(str(tmp_path / "crop.png"), crop)
-    model = predict.load_model(TINY_BACKBONE, stage1["checkpoint"])
-    want = predict.extract_features(model, [str(tmp_path / "crop.png")], 40, torch.device("cpu"), num_workers=0,
+    model = ensemble.load_model(TINY_BACKBONE, stage1["checkpoint"])
+    want = features.extract_features(model, [str(tmp_path / "crop.png")], 40, torch.device("cpu"), num_workers=0,
                                     normalize=True)
     np.testing.assert_allclose(q, want, rtol=1e-5, atol=1e-6)
 
@@ -137,8 +138,8 @@ def test_ranks_from_predict_folders(tmp_path, stage1):
     cfg = {**GND, "imlist": [f"db{i}" for i in (3, 1, 4, 0, 5, 2)]}
     ranks = er.ranks_from_csv(str(tmp_path / "ranks.csv"), cfg)
     import torch
-    model = predict.load_model(TINY_BACKBONE, stage1["checkpoint"])
+    model = ensemble.load_model(TINY_BACKBONE, stage1["checkpoint"])
     kw = dict(device=torch.device("cpu"), num_workers=0, normalize=True)
-    db = predict.extract_features(model, [str(tmp_path / "db" / "all" / f"{n}.jpg") for n in cfg["imlist"]], 40, **kw)
-    q = predict.extract_features(model, [str(tmp_path / "q" / f"{n}.png") for n in cfg["qimlist"]], 40, **kw)
+    db = features.extract_features(model, [str(tmp_path / "db" / "all" / f"{n}.jpg") for n in cfg["imlist"]], 40, **kw)
+    q = features.extract_features(model, [str(tmp_path / "q" / f"{n}.png") for n in cfg["qimlist"]], 40, **kw)
     np.testing.assert_array_equal(ranks, er.ranks_from_features(db, q))

@@ -33,7 +33,7 @@ def test_ddp_validation_scores_each_row_once(ddp_run):
     from dataset import LandmarkDataset, get_df, get_transforms
     from losses import ArcFaceLossAdaptiveMargin, dynamic_margins
     from models import build_model
-    from util import global_average_precision_score
+    from evaluate import global_average_precision_score
     d, k = ddp_run["data"], ddp_run["kernel"]
     df, out_dim = get_df(k, d, 0, os.path.join(d, "train_0.csv"))
     rows = df[df.fold == 0].reset_index(drop=True)

@@ -1,0 +1,285 @@
+"""The models that answer: a spec's trained models, or a pretrained backbone without training, one interface.
+
+    ens = ensemble.load(a, device)        # from --spec (trained) or --backbone (no training), checked
+    for member in ens.members:            # features.py loads them one at a time
+        model = member.load(device)       # .neck(x) -> features, .preprocessing; .metric_classify if trained
+    space = ens.fit(gallery_features)     # how the queries and this gallery are compared
+
+- Trained models (--spec): each a models.Net from a checkpoint of ours or of the original code,
+  fed as it was trained. Their features are embeddings, L2-normalised at extraction; their ArcFace
+  heads classify, and the re-ranking follows how they were trained (retrieval.resolve_rerank).
+- A pretrained backbone (--backbone): its pooled features stand in for the neck output, with no
+  head. They are compared after a PCA whitening learnt on the gallery (retrieval.whitening_of;
+  --whiten auto whitens only galleries large enough for it, docs/transfer.md).
+
+Every check that can fail runs here, before any image is read: an ensemble's extraction takes
+hours, a wrong checkpoint path must not surface after them.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models import build_model, check_enet_type, preprocessing_for
+from retrieval import RERANK, WHITEN_MIN_RATIO, resolve_rerank, whitened, whitening_of
+from util import UserError, file_digest, load_checkpoint, load_fitting, memory_format, read_label_map
+
+
+def _auto_or_power(v):
+    if v == "auto":
+        return None
+    try:
+        f = float(v)
+    except ValueError:
+        f = -1.0
+    if not f >= 0:
+        import argparse
+        raise argparse.ArgumentTypeError(f"{v!r} is neither 'auto' nor a power >= 0")
+    return f
+
+
+def add_args(p):
+    """The options that choose the models and how they answer, on predict.py's parser and app.py's."""
+    p.add_argument("--spec", help='JSON: {"models": [{"enet_type", "checkpoint", "image_size"}]}')
+    p.add_argument("--idx2landmark",
+                   help="idx2landmark_id.json (or the original's .pkl) from preprocess.py; with folders, optional "
+                        "(landmark_names.json beside it names the classes)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the spec's checkpoints in full, objects included (only for files you trust)")
+    p.add_argument("--backbone", metavar="NAME",
+                   help="with folders, in place of --spec: no training, retrieval on this pretrained backbone's "
+                        "pooled features, PCA-whitened on the gallery (a timm name, e.g. tf_efficientnet_b3_ns)")
+    p.add_argument("--pretrained-path", default=None, help="with --backbone: its ImageNet weights file")
+    p.add_argument("--image-size", type=int, default=256, help="with --backbone: the input size (default 256)")
+    p.add_argument("--pool", choices=["avg", "gem"], default="avg", help="with --backbone: global pooling")
+    p.add_argument("--whiten", choices=["auto", "pca", "off"], default="auto",
+                   help="with --backbone: PCA whitening learnt on the gallery (auto: when the gallery has at least "
+                        f"{WHITEN_MIN_RATIO} images per feature dimension)")
+    p.add_argument("--rerank-vote", choices=["auto", "sum", "max"], default="auto",
+                   help="re-ranking: a landmark's score sums its neighbours among the top 5 (sum, the original) or "
+                        "takes its best (max); auto: max when every model was trained with --recipe finetune")
+    p.add_argument("--rerank-cls-power", type=_auto_or_power, default=None, metavar="auto|P",
+                   help="re-ranking: the power of the classifier's cosine in sim^9 cls^P; auto: the original's 10, "
+                        "3 when every model was trained with --recipe finetune")
+
+
+# ---------------------------------------------------------------- trained models
+
+def load_spec(path):
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the spec ({e.strerror})") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not JSON ({e})") from e
+    models = spec.get("models") if isinstance(spec, dict) else spec
+    if not isinstance(models, list) or not models or not all(isinstance(m, dict) for m in models):
+        raise UserError(f'{path}: expected {{"models": [{{"enet_type", "checkpoint", "image_size"}}, ...]}}')
+    base = os.path.dirname(os.path.abspath(path))
+    for m in models:
+        missing = {"enet_type", "checkpoint", "image_size"} - set(m)
+        if missing:
+            raise UserError(f"{path}: model entry {m} lacks {sorted(missing)}")
+    return models, base
+
+
+def resolve_checkpoint(path, base):
+    """A relative checkpoint path is looked up next to the spec file, then in the
+    working directory (where Kaggle's ../input/... paths live)."""
+    for p in ([path] if os.path.isabs(path) else [os.path.join(base, path), path]):
+        if os.path.exists(p):
+            return p
+    raise UserError(f"checkpoint {path} not found (looked in {base} and {os.getcwd()})")
+
+
+def load_model(enet_type, checkpoint, device="cpu", trust=False, image_size=None):
+    """A model from a checkpoint of ours or of the original code (strict), fed
+    as it was trained: the pooling and preprocessing recorded in our
+    checkpoints' args, else the original's (avg, or GeM where the weights hold
+    `pool.p`; the backbone's mean/std). For inference only: channels-last, in
+    eval mode, the head's sub-centres normalised once (normalize_weight_)."""
+    # mapped: only the weights are read, not the optimizer state a training checkpoint also holds (2x them)
+    sd, trained = load_checkpoint(checkpoint, trust=trust, mmap=True)
+    if "metric_classify.weight" not in sd:
+        raise UserError(f"{checkpoint}: no 'metric_classify.weight': not a checkpoint of this model")
+    pool = trained.get("pool") or ("gem" if "pool.p" in sd else "avg")
+    model = build_model(enet_type, sd["metric_classify.weight"].shape[0] // 3, pretrained=False, pool=pool,
+                        preprocessing=trained.get("preprocessing"), image_size=image_size)
+    load_fitting(model, sd, checkpoint)
+    model.metric_classify.normalize_weight_()  # inference only: the head's sub-centres normalised once
+    return model.to(device, memory_format=memory_format(torch.device(device))).eval()
+
+
+def check_models(models, base, n_classes, label_map, trust=False):
+    """Every model of the spec, checked before any image is read (an ensemble's
+    extraction takes hours): its checkpoint exists and loads, its backbone name
+    is known, its image size is a positive integer, its head has one class per
+    entry of the label map (n_classes None, no label map: the models agree among
+    themselves). Each checkpoint is mapped, not read: the shapes and args come
+    from its index, the weights stay on disk (9 checkpoints of GBs). Returns (the resolved
+    checkpoint paths, the number of classes, each model's preprocessing, each
+    model's train.py --recipe or None)."""
+    paths, pres, recipes = [], [], []
+    for m in models:
+        ckpt = resolve_checkpoint(m["checkpoint"], base)
+        check_enet_type(m["enet_type"])
+        if not str(m["image_size"]).isdigit() or int(m["image_size"]) <= 0:
+            raise UserError(f"{ckpt}: image_size {m['image_size']!r} is not a positive integer")
+        sd, trained = load_checkpoint(ckpt, trust=trust, mmap=True)
+        if "metric_classify.weight" not in sd:
+            raise UserError(f"{ckpt}: no 'metric_classify.weight': not a checkpoint of this model")
+        n = sd["metric_classify.weight"].shape[0] // 3
+        if n_classes is None:
+            n_classes, label_map = n, paths[0] if paths else ckpt
+        if n != n_classes:
+            raise UserError(f"{ckpt}: the model has {n} classes but {label_map} maps {n_classes}")
+        paths.append(ckpt)
+        pres.append(trained.get("preprocessing") or preprocessing_for(m["enet_type"]))
+        recipes.append(trained.get("recipe"))
+        del sd
+    return paths, n_classes, pres, recipes
+
+
+class TrainedModel:
+    """One model of a spec: its checkpoint, loaded when asked (one on the device at a time).
+    Its features are embeddings (normalised at extraction) and its head classifies."""
+    classifies = True
+
+    def __init__(self, enet_type, checkpoint, image_size, preprocessing, trust=False, compile=False):
+        self.enet_type, self.checkpoint, self.image_size = enet_type, checkpoint, int(image_size)
+        self.preprocessing, self.trust, self.compile = preprocessing, trust, compile
+        self.name = f"{os.path.basename(checkpoint)}@{self.image_size}"
+        self.cache_ident = None  # features.cache_key names it by its checkpoint file's path, size and time
+
+    def signature(self):
+        """What a saved index's embeddings depend on (gallery.py refuses an index of other models)."""
+        return {"enet_type": self.enet_type, "image_size": self.image_size,
+                "checkpoint_sha1": file_digest(self.checkpoint), "preprocessing": self.preprocessing}
+
+    def load(self, device="cpu"):
+        model = load_model(self.enet_type, self.checkpoint, device, self.trust, image_size=self.image_size)
+        if self.compile:  # the backbone and neck; a ragged last batch compiles once more
+            model.neck = torch.compile(model.neck)
+        return model
+
+
+# ---------------------------------------------------------------- a pretrained backbone, no training
+
+class PooledFeatures(torch.nn.Module):
+    """Recognition without training: a pretrained backbone's pooled features
+    stand in for the neck output (predict.py --backbone)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.preprocessing = net, net.preprocessing
+        self.neck_dim = net.feat.in_features
+
+    def neck(self, x):
+        return self.net.extract(x)
+
+
+class PretrainedBackbone:
+    """The backbone with its ImageNet weights (a --pretrained-path file, or timm's download or
+    cache), built at once: a missing file or an offline machine fails before any image is read.
+    Its features are raw pooled features (whitened on the gallery by Space); no head."""
+    classifies = False
+
+    def __init__(self, backbone, pretrained_path=None, pool="avg", image_size=256, device="cpu"):
+        check_enet_type(backbone)
+        if pretrained_path is not None and not os.path.isfile(pretrained_path):
+            raise UserError(f"--pretrained-path {pretrained_path}: no such file")
+        net = build_model(backbone, 1, pretrained=True, pretrained_path=pretrained_path, pool=pool,
+                          image_size=image_size)
+        self.model = PooledFeatures(net).to(device, memory_format=memory_format(torch.device(device))).eval()
+        self.image_size, self.name, self.checkpoint = int(image_size), f"{backbone}@{int(image_size)}", None
+        self._signature = {"enet_type": backbone, "image_size": int(image_size), "pool": pool, "features": "pooled",
+                           "weights_sha1": file_digest(pretrained_path) if pretrained_path else f"timm:{backbone}",
+                           "preprocessing": net.preprocessing}
+        self.cache_ident = json.dumps([self._signature], sort_keys=True)
+
+    def signature(self):
+        return self._signature
+
+    def load(self, device="cpu"):
+        return self.model
+
+
+# ---------------------------------------------------------------- the ensemble
+
+class Space:
+    """How the queries are compared with one gallery. inputs(zqs): the queries' features as
+    retrieval.recognize takes them (it normalises them); embeddings(inputs): the unit vectors it
+    compares, for a full ranking (--retrieval-ranks); gallery: the gallery's side; whiten: the
+    whitening mode it was learnt with (None for trained models), recorded with a faiss index."""
+
+    def __init__(self, gallery, transform=None, whiten=None):
+        self.gallery, self.transform, self.whiten = gallery, transform, whiten
+
+    def inputs(self, zqs):
+        return zqs if self.transform is None else [self.transform(zqs[0])]
+
+    def embeddings(self, inputs):
+        if self.transform is None:
+            return [F.normalize(torch.as_tensor(np.asarray(z)), dim=1).numpy() for z in inputs]
+        return inputs  # whitened() gives unit vectors
+
+
+class Ensemble:
+    """members: TrainedModel or PretrainedBackbone, in the spec's order; classifies: whether they
+    have heads (all or none); idx2lid: the heads' class index -> landmark id; known: the names of
+    the landmarks the classifier knows (landmark id -> name); rerank_with: (vote, sim power, cls
+    power) of retrieval.rerank; description: one line for reports."""
+
+    def __init__(self, members, idx2lid, known, rerank_with, description, whiten="auto"):
+        self.members, self.idx2lid, self.known = members, idx2lid, known
+        self.rerank_with, self.description, self.whiten = rerank_with, description, whiten
+        self.classifies = all(m.classifies for m in members)
+
+    def signature(self):
+        return [m.signature() for m in self.members]
+
+    def fit(self, g_emb):
+        """The Space of this gallery (its features per model, as features.embed_all gives them):
+        as they are for trained models; for a backbone, the PCA whitening learnt on them."""
+        if self.classifies:
+            return Space(g_emb)
+        w = whitening_of(g_emb[0], self.whiten)
+        return Space([whitened(g_emb[0], w)], lambda z: whitened(z, w), self.whiten)
+
+
+def landmark_names(label_map_path):
+    """{landmark id: name} from landmark_names.json beside the label map (preprocess.py
+    --from-folder writes both), else {}."""
+    if not label_map_path:
+        return {}
+    path = os.path.join(os.path.dirname(os.path.abspath(label_map_path)), "landmark_names.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return {int(k): str(v) for k, v in json.load(f).items()}
+
+
+def load(a, device="cpu"):
+    """The Ensemble of the options of add_args (and a.compile where the caller has it), checked:
+    --spec's models (checkpoints, backbones, sizes, classes against --idx2landmark) or --backbone
+    built with its weights."""
+    idx2lid = read_label_map(a.idx2landmark) if a.idx2landmark else None
+    # the classes' names: landmark_names.json beside the label map, else the landmark ids themselves
+    # (GLDv2's landmarks have no other name): a gallery folder named so is a class the classifier knows
+    known = landmark_names(a.idx2landmark) or ({lid: str(lid) for lid in idx2lid.values()} if idx2lid else {})
+    if a.backbone:
+        member = PretrainedBackbone(a.backbone, a.pretrained_path, a.pool, a.image_size, device)
+        return Ensemble([member], idx2lid, known, RERANK["original"], f"backbone {a.backbone} without training",
+                        a.whiten)
+    models, base = load_spec(a.spec) if isinstance(a.spec, str) else (a.spec, os.getcwd())
+    ckpts, n, pres, recipes = check_models(models, base, len(idx2lid) if idx2lid else None, a.idx2landmark,
+                                           a.trust_checkpoint)
+    if idx2lid is None:  # anonymous classes: the classifier can name no gallery landmark
+        idx2lid = {i: -1 - i for i in range(n)}
+    members = [TrainedModel(m["enet_type"], c, m["image_size"], p, a.trust_checkpoint, getattr(a, "compile", False))
+               for m, c, p in zip(models, ckpts, pres)]
+    return Ensemble(members, idx2lid, known, resolve_rerank(a.rerank_vote, a.rerank_cls_power, recipes),
+                    f"spec {a.spec}")

@@ -1,0 +1,152 @@
+"""One recognizer: models, a gallery, a search and the re-ranking, built once and asked to answer.
+
+    rec = Recognizer(ens, gallery, heads, search_of(a), device, non_landmark=None)
+    res = rec.answer(zqs)               # zqs: per model the queries' features (features.embed_all)
+    rec.predictions(res)                # predictions.csv, one frame per part
+    rec.answers(res)                    # per query: landmark, confidence, neighbours (app.py's page and JSON)
+
+predict.py's folder mode and GLDv2 run, app.py and evaluate_retrieval.py all answer through it, so
+that a photo gets the same answer whichever of them is asked. The maths is retrieval.py's; this
+module only puts the pieces together: the ensemble's Space (a backbone's whitening, learnt once on
+the gallery), the faiss index when asked for, and the names of the landmarks.
+"""
+import numpy as np
+import torch
+
+from gallery import Gallery, predictions_frame
+from retrieval import FAISS_EF_SEARCH, FAISS_NPROBE, FAISS_RERANK, Search, import_faiss, recognize, topk_cosine
+from util import UserError
+
+PARTS = ("classifier", "retrieval", "ensemble", "ensemble_nl")
+
+
+def add_search_args(p):
+    """--knn and the faiss flags, on predict.py's parser and app.py's (search_of reads them)."""
+    p.add_argument("--knn", choices=["exact", "faiss"], default="exact",
+                   help="nearest-neighbour search: exact (the original's, in bounded memory) or faiss (pip install "
+                        "faiss-cpu, or faiss-gpu) with the index of --faiss-index")
+    p.add_argument("--faiss-index", default="Flat", metavar="FACTORY",
+                   help="with --knn faiss: a faiss index_factory string, by inner product; Flat is exact, e.g. "
+                        "IVF65536,PQ64 answers from 64-byte codes, trained on a sample of the gallery (default Flat)")
+    p.add_argument("--faiss-nprobe", type=int, default=FAISS_NPROBE, metavar="N",
+                   help=f"with an IVF index: inverted lists visited per query (default {FAISS_NPROBE})")
+    p.add_argument("--faiss-ef", type=int, default=FAISS_EF_SEARCH, metavar="N",
+                   help="with an HNSW index (e.g. HNSW32): search depth, efSearch; more finds more of the exact "
+                        f"neighbours, slower (default {FAISS_EF_SEARCH}; faiss' own is 16)")
+    p.add_argument("--faiss-rerank", type=int, default=FAISS_RERANK, metavar="N",
+                   help="with --knn faiss: the index's N best candidates are scored again by their exact cosines "
+                        "(read for those rows alone from the features) and give the top 5; 0: the codes' own "
+                        f"similarities (default {FAISS_RERANK})")
+
+
+def search_of(a):
+    """--knn exact|faiss, --faiss-index, --faiss-nprobe, --faiss-ef, --faiss-rerank as a retrieval.Search."""
+    if a.knn == "faiss":
+        import_faiss()  # missing: one line now, not after hours of extraction
+    return Search(a.knn, a.faiss_index, a.faiss_nprobe, a.faiss_rerank, ef_search=a.faiss_ef)
+
+
+def open_gallery(ens, index=None, gallery_dir=None, add=False):
+    """The gallery of a saved index (checked against the ensemble) or a new one of gallery_dir, and
+    the files of gallery_dir it lacks, to embed: all of them for a new gallery, those the index does
+    not hold with add (--add-to-index), none otherwise (gallery_dir then says where its photos are)."""
+    gallery = (Gallery.load(index, ens.signature(), ens.known, root=gallery_dir) if index is not None
+               else Gallery(names=ens.known, root=gallery_dir))
+    todo = gallery.missing(gallery_dir) if gallery_dir is not None else []  # checks the folder either way
+    return gallery, (todo if index is None or add else [])
+
+
+def pairs(part):
+    """recognize()'s (landmarks, confidences) as [(landmark id, confidence) or None] per query."""
+    landmarks, conf = part
+    return [None if (lid is None or lid != lid) else (int(lid), float(c)) for lid, c in zip(landmarks, conf)]
+
+
+class Recognizer:
+    """ens: an ensemble.Ensemble; gallery: a gallery.Gallery with ens's features; heads: per model
+    its ArcFace head (features.embed_all gives them; None for a backbone without training);
+    search: a retrieval.Search (its faiss index built here when it has none); non_landmark: None,
+    'auto' (mined from the queries) or anything true with nl_emb given to answer (a known set)."""
+
+    def __init__(self, ens, gallery, heads, search=None, device="cpu", non_landmark=None):
+        if gallery.emb is None or not len(gallery):
+            raise UserError("the gallery is empty: nothing to retrieve from")
+        self.ens, self.gallery, self.heads = ens, gallery, heads
+        self.device, self.non_landmark = torch.device(device), non_landmark
+        self.space = ens.fit(gallery.emb)  # a backbone's whitening: learnt on the gallery once, not per answer
+        self.search = search or Search()
+        if self.search.kind == "faiss" and self.search.index is None:
+            self.search.index = gallery.faiss_index(self.search.factory, self.space.gallery, self.space.whiten)
+
+    def name_of(self, label):
+        return self.gallery.names.get(label, str(label))
+
+    def answer(self, zqs, nl_emb=None, ids=None, query_paths=None):
+        """retrieval.recognize's result for the queries' features (per model), with the queries'
+        ids and paths (default: their indices) and the gallery's paths, labels and names."""
+        sp = self.space
+        inputs = sp.inputs(zqs)  # recognize() zeroes an unreadable query's row in them: ranking() reads them after
+        res = recognize(inputs, sp.gallery, self.heads, self.gallery.labels, self.ens.idx2lid,
+                        device=self.device, non_landmark=self.non_landmark,
+                        nl_emb=sp.inputs(nl_emb) if nl_emb else nl_emb, rerank_with=self.ens.rerank_with,
+                        search=self.search)
+        ids = list(range(len(zqs[0]))) if ids is None else ids
+        return res | {"query_inputs": inputs, "ids": ids, "query_paths": query_paths if query_paths is not None else ids,
+                      "gallery_paths": self.gallery.image_paths, "gallery_labels": np.asarray(self.gallery.labels),
+                      "names": self.gallery.names}
+
+    def final(self, res):
+        """The answer given: the ensemble, with its non-landmarks sunk when asked for."""
+        return "ensemble_nl" if self.non_landmark is not None else "ensemble"
+
+    def ranking(self, res, k):
+        """Each query of an answer: its first k gallery rows by decreasing similarity
+        (--retrieval-ranks), unreadable gallery images left out."""
+        g_bad = res["unreadable"][1]
+        _, order = topk_cosine(self.space.embeddings(res["query_inputs"]), self.space.gallery, min(k, len(self.gallery)),
+                               device=self.device, exclude=g_bad if g_bad.any() else None)
+        return [[j for j in row if not g_bad[j]] for row in order]
+
+    def predictions(self, res):
+        """{part: predictions.csv's frame}: path, landmark (name), confidence, neighbours (JSON)."""
+        sims, nn = res["neighbours"]
+        return {part: predictions_frame(res["ids"], *res[part], sims, nn, self.gallery.paths, self.gallery.names)
+                for part in PARTS if part in res}
+
+    def answers(self, res):
+        """Per query {'landmark' (name, '' for none), 'landmark_id', 'confidence', 'prediction'
+        ((id, confidence) or None), 'answers' ({part: (id, confidence) or None}: the classifier's
+        and retrieval's own, with trained models), 'neighbours' ([(path under the gallery, photo
+        path, landmark id, cosine)])}."""
+        sims, nn = res["neighbours"]
+        parts = {k: pairs(res[k]) for k in ("classifier", "retrieval") if k in res and self.heads}
+        g_rel, g_paths, g_labels = self.gallery.paths, self.gallery.image_paths, self.gallery.labels
+        out = []
+        for i, pred in enumerate(pairs(res[self.final(res)])):
+            out.append({"landmark": self.name_of(pred[0]) if pred else "", "landmark_id": pred[0] if pred else None,
+                        "confidence": pred[1] if pred else 0.0, "prediction": pred,
+                        "answers": {k: v[i] for k, v in parts.items()},
+                        "neighbours": [(g_rel[j], g_paths[j], int(g_labels[j]), float(c))
+                                       for c, j in zip(sims[i], nn[i]) if np.isfinite(c)]})
+        return out
+
+
+def write_report(path, res, view, non_landmark=False):
+    """report.write_report of an answer (Recognizer.answer's result): the final answer (the re-ranked
+    ensemble, with its non-landmarks sunk when non_landmark), the other parts, each query's 5 nearest
+    gallery images, and with the truth the scores of evaluate.py. view: a report.View."""
+    import report
+    from evaluate import score_answers
+    final_key = "ensemble_nl" if non_landmark else "ensemble"
+    parts = {k: pairs(res[k]) for k in ("ensemble", "classifier", "retrieval")
+             if k in res and k != final_key and not (k == "retrieval" and "classifier" not in res)}
+    sims, nn = res["neighbours"]
+    ids, g_paths, g_labels = res["ids"], res["gallery_paths"], np.asarray(res["gallery_labels"])
+    neighbours = [[(g_paths[j], int(g_labels[j]), float(s)) for s, j in zip(sims[i], nn[i]) if np.isfinite(s)]
+                  for i in range(len(ids))]
+    final_name = "ensemble + non-landmarks sunk (submitted)" if non_landmark else "ensemble (submitted)"
+    final = pairs(res[final_key])
+    answers = report.Answers(ids, res["query_paths"], final, parts, neighbours, sunk=res.get("nl_flags"),
+                             unreadable=res["unreadable"][0], final_name=final_name)
+    scores = score_answers(ids, {final_name: final, **parts}, view.truth) if view.truth is not None else None
+    return report.write_report(path, answers, view, scores)
