@@ -5,10 +5,11 @@ BIN := $(VENV)/bin
 PYTHON ?=
 RUN := $(if $(PYTHON),$(PYTHON),$(BIN)/python)
 DEPS := $(if $(PYTHON),,venv)
+TEST_DEPS := $(if $(PYTHON),,$(VENV)/.installed-test)
 
 .PHONY: venv app scale test demo clean
 
-# The venv is rebuilt only when requirements.txt changes.
+# The venv is rebuilt only when requirements.txt changes; the test dependencies are added when a requirements file changes.
 $(VENV)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -16,6 +17,11 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 venv: $(VENV)/.installed
+
+# What the suite uses beyond training and inference (requirements-test.txt: the page, faiss, ONNX, pytest, Selenium)
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements-app.txt requirements-scale.txt
+	$(BIN)/python -m pip install -q -r requirements-test.txt
+	touch $@
 
 # The recognition page's optional dependencies (FastAPI, uvicorn): python app.py --help
 app: venv
@@ -25,8 +31,9 @@ app: venv
 scale: venv
 	$(BIN)/python -m pip install -q -r requirements-scale.txt
 
-test: $(DEPS)
-	$(RUN) -m pytest -q tests
+# The whole suite, as CI runs it; the browser tests skip (named) where Chromium and chromedriver are missing.
+test: $(TEST_DEPS)
+	$(RUN) -m pytest -q -rs tests
 
 # The whole pipeline on a synthetic GLDv2, CPU only: prints GAP classifier / retrieval / ensemble.
 demo: $(DEPS)

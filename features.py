@@ -220,13 +220,14 @@ class FeatureCache:
 # ---------------------------------------------------------------- extraction
 
 @torch.no_grad()
-def embed_batch(model, x, device, precision="fp32"):
+def embed_batch(model, x, device, precision="fp32", fmt=None):
     """The neck output z (B, 512), float32, of one batch of images (uint8 from
     the loader: the model normalises them). extract_features stores these;
-    scripts/bench.py extract times this very function."""
+    scripts/bench.py extract times this very function. fmt: the inputs' memory
+    format (default util.memory_format's; bench.py --compare-format sets another)."""
     amp_dtype = PRECISIONS[precision]
     with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-        return model.neck(x.to(device, non_blocking=True, memory_format=memory_format(device))).float()
+        return model.neck(x.to(device, non_blocking=True, memory_format=fmt or memory_format(device))).float()
 
 
 def my_batches(covered, n, batch_size):

@@ -196,25 +196,26 @@ def load_weights(model, path, train_step, trust=False):
     load_fitting(model, sd, path, skip=("metric_classify.weight",) if train_step == 1 else ())
 
 
-def train_one_epoch(args, model, loader, optimizer, criterion, scaler, autocast, device, bad_images=None,
-                    start_step=0, start_totals=None, on_step=None):
-    """One epoch of steps; returns the mean loss over the finite-loss steps.
-    Batches are (x, y) or, from a LandmarkDataset with skip_bad, (x, y, bad
-    paths per sample): those paths are appended to `bad_images`. A run resumed
-    mid-epoch passes the steps done and their (loss sum, finite, non-finite)
-    totals; on_step(steps done, totals) runs after every step."""
+def train_one_epoch(args, t, loader, bad_images=None, start_step=0, start_totals=None, on_step=None):
+    """One epoch of steps of t (build_training's namespace: train_model, train_criterion,
+    optimizer, scaler, autocast, device, memory_format, progress); returns the mean loss over the
+    finite-loss steps and the number of non-finite ones. Batches are (x, y) or, from a
+    LandmarkDataset with skip_bad, (x, y, bad paths per sample): those paths are appended to
+    `bad_images`. A run resumed mid-epoch passes the steps done and their (loss sum, finite,
+    non-finite) totals; on_step(steps done, totals) runs after every step."""
+    model, device, optimizer, scaler = t.train_model, t.device, t.optimizer, t.scaler
     model.train()
     totals = torch.zeros(3, device=device) if start_totals is None else start_totals.to(device).clone()
     loss_sum, n_ok, n_bad = totals[0], totals[1], totals[2]  # views: updated in place
-    bar = tqdm(loader, disable=not is_main(), mininterval=1.0)
+    bar = tqdm(loader, disable=not (t.progress and is_main()), mininterval=1.0)
     for step, (x, y, *bad) in enumerate(bar, start=start_step):
         if bad and bad_images is not None:
             bad_images.extend(p for paths in bad[0] if paths for p in paths.split("\n"))
-        x = x.to(device, non_blocking=True, memory_format=memory_format(device))
+        x = x.to(device, non_blocking=True, memory_format=t.memory_format)
         y = y.to(device, non_blocking=True)
-        with autocast():
+        with t.autocast():
             logits = model(x)
-        loss = criterion(logits, y)  # float32, outside autocast
+        loss = t.train_criterion(logits, y)  # float32, outside autocast
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)  # skips the update when fp16 grads overflowed
@@ -223,7 +224,7 @@ def train_one_epoch(args, model, loader, optimizer, criterion, scaler, autocast,
         loss_sum += torch.where(ok, loss.detach(), 0.0)
         n_ok += ok
         n_bad += ~ok
-        if is_main() and (step + 1) % args.log_interval == 0:
+        if t.progress and is_main() and (step + 1) % args.log_interval == 0:
             # sync point: one .item() per log interval for the progress bar
             bar.set_postfix(loss=f"{(loss_sum / n_ok.clamp_min(1)).item():.5f}")
         if on_step is not None:
@@ -388,9 +389,11 @@ def build_training(args, model, margins, device):
     the grad scaler and the autocast context. train.main and scripts/bench.py
     train both build their step here. Returns a namespace with model,
     train_model, criterion (eager, for validation), train_criterion (compiled
-    with --compile), optimizer, scaler, autocast, and wrap(): DDP and compile
-    built again around `model` after its trainable parameters changed
-    (the end of --freeze-backbone-epochs)."""
+    with --compile), optimizer, scaler, autocast, device, memory_format (of
+    the inputs; bench.py train --compare-format sets another), progress (the
+    progress bar; off in timed runs), and wrap(): DDP and compile built again
+    around `model` after its trainable parameters changed (the end of
+    --freeze-backbone-epochs)."""
     if device.type == "cuda" and dist.is_initialized() and not getattr(args, "freeze_bn", False):
         # SyncBatchNorm has no CPU kernel: CPU keeps BatchNorm. Frozen batch norm
         # (--freeze-bn) runs on its loaded statistics: nothing to synchronise.
@@ -426,12 +429,29 @@ def build_training(args, model, margins, device):
 
     train_criterion = torch.compile(criterion, dynamic=False, backend=args.compile) if args.compile else criterion
     return SimpleNamespace(model=model, train_model=wrap(), criterion=criterion, train_criterion=train_criterion,
-                           optimizer=optimizer, scaler=scaler, autocast=autocast, wrap=wrap)
+                           optimizer=optimizer, scaler=scaler, autocast=autocast, wrap=wrap, device=device,
+                           memory_format=memory_format(device), progress=True)
 
 
 def main(argv=None):
+    """One stage: set-up, data, model and inits, resume, epochs, finish."""
     args = parse_args(argv)
     check_args(args)
+    run = set_up(args)
+    try:
+        data = build_data(args, run)
+        t = build_model_and_inits(args, run, data)
+        start = resume(args, t)
+        log = open_log(args, run, data)
+        epoch, timing = run_epochs(args, run, data, t, start, log)
+        finish(args, t, epoch, log, timing)
+    finally:
+        cleanup_distributed()
+
+
+def set_up(args):
+    """The process: its rank and device (torchrun's environment, or one process), its share of
+    the cores, the seed. Returns a namespace rank, world_size, device."""
     if args.CUDA_VISIBLE_DEVICES:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.CUDA_VISIBLE_DEVICES  # before CUDA initialises
     rank, local_rank, world_size, device = setup_distributed(args.local_rank, args.dist_timeout)
@@ -445,12 +465,17 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # same head initialisation on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    return SimpleNamespace(rank=rank, world_size=world_size, device=device)
 
+
+def build_data(args, run):
+    """The stage's images and labels (get_df), the dynamic margins, the train/validation split and
+    their loaders. Sets args.preprocessing (what the backbone's weights expect)."""
     df, out_dim = get_df(args.kernel_type, args.data_dir, args.train_step, args.folds_csv)
     folds = sorted(int(f) for f in df["fold"].dropna().unique())
     if args.fold not in folds:
         raise UserError(f"--fold {args.fold}: {args.folds_csv} has folds {folds}")
-    print0(f"out_dim = {out_dim}, {len(df)} images, world size {world_size}, device {device}")
+    print0(f"out_dim = {out_dim}, {len(df)} images, world size {run.world_size}, device {run.device}")
     # margins from the whole frame of the stage, validation rows included (as the original)
     margins = dynamic_margins(np.bincount(df["landmark_id"].to_numpy(), minlength=out_dim))
 
@@ -461,6 +486,21 @@ def main(argv=None):
     df, n_excluded = drop_excluded(df, args.exclude)
     if n_excluded:
         print0(f"left out {n_excluded} images listed in {args.exclude}")
+    df_train, df_valid = split(args, df, run.world_size)
+    dataset_train = LandmarkDataset(df_train, "train", "train", transforms_train, seed=args.seed, rank=run.rank,
+                                    skip_bad=True)
+    dataset_valid = LandmarkDataset(df_valid, "train", "val", transforms_val, skip_bad=True)
+    # (epoch, index) pairs: the persistent workers seed each epoch's augmentations from them
+    sampler = EpochSampler(DistributedSampler(dataset_train, num_replicas=run.world_size, rank=run.rank,
+                                              shuffle=True, seed=args.seed))
+    train_loader = DataLoader(dataset_train, sampler=sampler, drop_last=True, **loader_kwargs(args, run.device))
+    valid_loader, valid_idx = validation_loader(args, dataset_valid, run.device, run.rank, run.world_size)
+    return SimpleNamespace(out_dim=out_dim, margins=margins, df_train=df_train, transforms_val=transforms_val,
+                           sampler=sampler, train_loader=train_loader, valid_loader=valid_loader, valid_idx=valid_idx)
+
+
+def split(args, df, world_size):
+    """(training rows, validation rows): the held-out fold's every --valid-stride-th row validates."""
     if args.valid_stride:
         df_train = df[df["fold"] != args.fold]  # NaN fold (not in the clean list): always training
         df_valid = df[df["fold"] == args.fold].reset_index(drop=True).iloc[::args.valid_stride]
@@ -480,15 +520,19 @@ def main(argv=None):
     elif len(df_valid) < MIN_VALID:
         print0(f"warning: only {len(df_valid)} images are validated (fold {args.fold}, every {args.valid_stride}-th): "
                f"the validation figures will jump; --valid-stride 1 validates the whole fold, 0 trains on it")
-    dataset_train = LandmarkDataset(df_train, "train", "train", transforms_train, seed=args.seed, rank=rank,
-                                    skip_bad=True)
-    dataset_valid = LandmarkDataset(df_valid, "train", "val", transforms_val, skip_bad=True)
-    # (epoch, index) pairs: the persistent workers seed each epoch's augmentations from them
-    sampler = EpochSampler(DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
-                                              seed=args.seed))
-    train_loader = DataLoader(dataset_train, sampler=sampler, drop_last=True, **loader_kwargs(args, device))
-    valid_loader, valid_idx = validation_loader(args, dataset_valid, device, rank, world_size)
+    return df_train, df_valid
 
+
+def frozen(args, epoch):
+    """(backbone, batch norm) frozen in this epoch."""
+    return epoch <= args.freeze_backbone_epochs, args.freeze_bn
+
+
+def build_model_and_inits(args, run, data):
+    """The model (pretrained, --load-from or, resumed, whatever: the checkpoint overwrites it), its
+    frozen parts, build_training's step around it, and --init-neck/--init-head (a new run only).
+    Resolves --resume auto. Returns build_training's namespace, with stem (the checkpoints' path
+    prefix)."""
     stem = os.path.join(args.model_dir, f"{args.kernel_type}_fold{args.fold}")
     if args.resume == "auto":
         # the same command line after a kill or pre-emption continues where it stopped: from the
@@ -496,44 +540,53 @@ def main(argv=None):
         args.resume = latest_checkpoint(stem, args.trust_checkpoint)
         print0(f"--resume auto: {'continuing from ' + args.resume if args.resume else 'no checkpoint yet, starting'}")
     pretrained = args.pretrained and not args.load_from and not args.resume
-    model = build_model(args.enet_type, out_dim, pretrained=pretrained, pretrained_path=args.pretrained_path,
+    model = build_model(args.enet_type, data.out_dim, pretrained=pretrained, pretrained_path=args.pretrained_path,
                         pool=args.pool, preprocessing=args.preprocessing, image_size=args.image_size)
     if args.load_from and not args.resume:  # a resumed run has its own weights
         load_weights(model, args.load_from, args.train_step, args.trust_checkpoint)
-
-    def frozen(epoch):  # (backbone, batch norm) frozen in this epoch
-        return epoch <= args.freeze_backbone_epochs, args.freeze_bn
-
-    model.set_frozen(*frozen(args.start_from_epoch))  # before DDP is built: it syncs what trains
-    t = build_training(args, model, margins, device)
-    model, criterion, optimizer, scaler, autocast = t.model, t.criterion, t.optimizer, t.scaler, t.autocast
+    model.set_frozen(*frozen(args, args.start_from_epoch))  # before DDP is built: it syncs what trains
+    t = build_training(args, model, data.margins, run.device)
     if not args.resume and (args.init_neck != "random" or args.init_head != "random"):
-        neck_mult = init_neck_and_head(model, df_train, transforms_val, args, device, autocast, rank, world_size)
+        neck_mult = init_neck_and_head(t.model, data.df_train, data.transforms_val, args, run.device, t.autocast,
+                                       run.rank, run.world_size)
         if neck_mult is not None:  # --init-neck pca: the neck has its own group (param_groups)
-            next(g for g in optimizer.param_groups if g["name"] == "neck")["lr_mult"] = neck_mult
+            next(g for g in t.optimizer.param_groups if g["name"] == "neck")["lr_mult"] = neck_mult
+    t.stem = stem
+    return t
 
+
+def resume(args, t):
+    """--resume: the weights, optimizer, scaler and epoch of a checkpoint of train.py. Returns (the
+    steps of the epoch already done, their loss totals) for a mid-epoch checkpoint, else (0, None);
+    sets args.start_from_epoch."""
+    if not args.resume:
+        return 0, None
+    ckpt = torch_load(args.resume, map_location=t.device, trust=args.trust_checkpoint)
+    if not isinstance(ckpt, dict) or not {"model_state_dict", "optimizer_state_dict", "epoch"} <= set(ckpt):
+        raise UserError(f"{args.resume}: not a checkpoint of train.py (--resume needs its weights, "
+                        f"optimizer and epoch; --load-from takes weights alone)")
+    load_fitting(t.model, ckpt["model_state_dict"], args.resume)
+    groups = len(ckpt["optimizer_state_dict"]["param_groups"])
+    if groups != len(t.optimizer.param_groups):
+        raise UserError(f"--resume {args.resume}: its optimizer has {groups} parameter group(s), this run "
+                        f"{len(t.optimizer.param_groups)}: resume with the --backbone-lr-mult and --init-neck it "
+                        f"was trained with ({ckpt.get('args', {}).get('backbone_lr_mult', 1.0)}, "
+                        f"{ckpt.get('args', {}).get('init_neck', 'random')})")
+    t.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+    if ckpt.get("scaler_state_dict"):
+        t.scaler.load_state_dict(ckpt["scaler_state_dict"])
+    args.start_from_epoch = ckpt["epoch"] + 1
     start_step, start_totals = 0, None
-    if args.resume:
-        ckpt = torch_load(args.resume, map_location=device, trust=args.trust_checkpoint)
-        if not isinstance(ckpt, dict) or not {"model_state_dict", "optimizer_state_dict", "epoch"} <= set(ckpt):
-            raise UserError(f"{args.resume}: not a checkpoint of train.py (--resume needs its weights, "
-                            f"optimizer and epoch; --load-from takes weights alone)")
-        load_fitting(model, ckpt["model_state_dict"], args.resume)
-        groups = len(ckpt["optimizer_state_dict"]["param_groups"])
-        if groups != len(optimizer.param_groups):
-            raise UserError(f"--resume {args.resume}: its optimizer has {groups} parameter group(s), this run "
-                            f"{len(optimizer.param_groups)}: resume with the --backbone-lr-mult and --init-neck it "
-                            f"was trained with ({ckpt.get('args', {}).get('backbone_lr_mult', 1.0)}, "
-                            f"{ckpt.get('args', {}).get('init_neck', 'random')})")
-        optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-        if ckpt.get("scaler_state_dict"):
-            scaler.load_state_dict(ckpt["scaler_state_dict"])
-        args.start_from_epoch = ckpt["epoch"] + 1
-        if ckpt.get("step"):  # a mid-epoch checkpoint: continue that epoch after its last saved step
-            start_step, start_totals = int(ckpt["step"]), ckpt["totals"] if is_main() else None
-        print0(f"resumed from {args.resume} at epoch {args.start_from_epoch}"
-               + (f", step {start_step + 1}" if start_step else ""))
+    if ckpt.get("step"):  # a mid-epoch checkpoint: continue that epoch after its last saved step
+        start_step, start_totals = int(ckpt["step"]), ckpt["totals"] if is_main() else None
+    print0(f"resumed from {args.resume} at epoch {args.start_from_epoch}"
+           + (f", step {start_step + 1}" if start_step else ""))
+    return start_step, start_totals
 
+
+def open_log(args, run, data):
+    """The stage's log file (a new one for a new run of the kernel) and, on rank 0, its args as JSON
+    beside it. Returns a namespace file, args (as recorded in checkpoints), out_dim."""
     os.makedirs(args.model_dir, exist_ok=True)
     os.makedirs(args.log_dir, exist_ok=True)
     log_file = os.path.join(args.log_dir, f"{args.kernel_type}.txt")
@@ -542,28 +595,38 @@ def main(argv=None):
     args_dict = vars(args).copy()
     if is_main():
         with open(os.path.join(args.log_dir, f"{args.kernel_type}_args.json"), "w") as f:
-            json.dump({**args_dict, "world_size": world_size, "out_dim": out_dim}, f, indent=1)
+            json.dump({**args_dict, "world_size": run.world_size, "out_dim": data.out_dim}, f, indent=1)
+    return SimpleNamespace(file=log_file, args=args_dict, out_dim=data.out_dim)
 
-    def checkpoint(epoch):
-        return {"epoch": epoch, "model_state_dict": model.state_dict(),
-                "optimizer_state_dict": optimizer.state_dict(), "scaler_state_dict": scaler.state_dict(),
-                "args": args_dict, "out_dim": out_dim}
 
+def checkpoint_of(t, epoch, log):
+    return {"epoch": epoch, "model_state_dict": t.model.state_dict(),
+            "optimizer_state_dict": t.optimizer.state_dict(), "scaler_state_dict": t.scaler.state_dict(),
+            "args": log.args, "out_dim": log.out_dim}
+
+
+def run_epochs(args, run, data, t, start, log):
+    """The epochs from --start-from-epoch to --n-epochs (or --stop-at-epoch): the schedule's rate,
+    the backbone unfrozen on time, an epoch of steps (mid-epoch checkpoints with
+    --checkpoint-every-steps), the checks, validation, the log line and the epoch's checkpoint.
+    Returns (the last epoch, (wall start, seconds in training steps, images trained))."""
+    start_step, start_totals = start
+    model, optimizer = t.model, t.optimizer
     epoch = args.start_from_epoch - 1
     t_run, t_train, n_train = time.time(), 0.0, 0
     for epoch in range(args.start_from_epoch, args.n_epochs + 1):
         print0(time.ctime(), "Epoch:", epoch)
         lr = get_lr(epoch, args.init_lr, args.n_epochs, args.warmup_factor)
         set_lr(optimizer, lr)
-        if frozen(epoch) != (model.backbone_frozen, model.bn_frozen):
-            model.set_frozen(*frozen(epoch))
+        if frozen(args, epoch) != (model.backbone_frozen, model.bn_frozen):
+            model.set_frozen(*frozen(args, epoch))
             t.train_model = t.wrap()  # DDP (and the compiled step) built again for the new set of trainables
         if len(optimizer.param_groups) > 1 or model.backbone_frozen:
             print0(f"epoch {epoch}: " + ", ".join(
                 f"{g.get('name', 'all')} " + ("frozen" if g.get("name") == "backbone" and model.backbone_frozen
                                               else f"lr {g['lr']:.3g}") for g in optimizer.param_groups))
         skip = start_step if epoch == args.start_from_epoch else 0
-        sampler.set_epoch(epoch, start=skip * args.batch_size)  # a mid-epoch resume skips the steps done
+        data.sampler.set_epoch(epoch, start=skip * args.batch_size)  # a mid-epoch resume skips the steps done
         bad, t0 = [], time.time()
 
         def save_step(done, totals, epoch=epoch):
@@ -573,39 +636,45 @@ def main(argv=None):
             if dist.is_initialized():
                 dist.all_reduce(totals)  # every rank is at this step; rank 0 keeps the sums
             if is_main():
-                save_checkpoint({**checkpoint(epoch - 1), "step": done, "totals": totals.cpu()}, f"{stem}_step.pth")
+                save_checkpoint({**checkpoint_of(t, epoch - 1, log), "step": done, "totals": totals.cpu()},
+                                f"{t.stem}_step.pth")
 
-        train_loss, n_nonfinite = train_one_epoch(args, t.train_model, train_loader, optimizer, t.train_criterion,
-                                                  scaler, autocast, device, bad, skip,
+        train_loss, n_nonfinite = train_one_epoch(args, t, data.train_loader, bad, skip,
                                                   start_totals if skip else None, save_step)
         t_train += time.time() - t0
-        n_train += len(train_loader) * args.batch_size * world_size
-        check_finite(model, epoch, n_nonfinite, len(train_loader), scaler.is_enabled())
-        report_bad_images(args, epoch, bad, len(train_loader) * args.batch_size, world_size)
-        val_loss, acc_m, gap_m = (validate(model, valid_loader, valid_idx, criterion, autocast, device, world_size)
+        n_train += len(data.train_loader) * args.batch_size * run.world_size
+        check_finite(model, epoch, n_nonfinite, len(data.train_loader), t.scaler.is_enabled())
+        report_bad_images(args, epoch, bad, len(data.train_loader) * args.batch_size, run.world_size)
+        val_loss, acc_m, gap_m = (validate(model, data.valid_loader, data.valid_idx, t.criterion, t.autocast,
+                                           run.device, run.world_size)
                                   if args.valid_stride else (float("nan"),) * 3)
         if is_main():
             content = (time.ctime() + " " + f"Fold {args.fold}, Epoch {epoch}, lr: {lr:.7f}, "
                        f"train loss: {train_loss:.5f}, valid loss: {val_loss:.5f}, "
                        f"acc_m: {acc_m:.6f}, gap_m: {gap_m:.6f}.")
             print(content, flush=True)
-            with open(log_file, "a") as f:
+            with open(log.file, "a") as f:
                 f.write(content + "\n")
-            ckpt = checkpoint(epoch)
-            save_checkpoint(ckpt, f"{stem}.pth")
-            if os.path.exists(f"{stem}_step.pth"):
-                os.remove(f"{stem}_step.pth")  # the epoch is complete: its mid-epoch checkpoint is stale
+            ckpt = checkpoint_of(t, epoch, log)
+            save_checkpoint(ckpt, f"{t.stem}.pth")
+            if os.path.exists(f"{t.stem}_step.pth"):
+                os.remove(f"{t.stem}_step.pth")  # the epoch is complete: its mid-epoch checkpoint is stale
             if epoch in args.save_epochs:
-                save_checkpoint(ckpt, f"{stem}_ep{epoch}.pth")
+                save_checkpoint(ckpt, f"{t.stem}_ep{epoch}.pth")
         if epoch == args.stop_at_epoch:
             print0(time.ctime(), "Training Finished!")
             break
+    return epoch, (t_run, t_train, n_train)
+
+
+def finish(args, t, epoch, log, timing):
+    """The final checkpoint and the summary; every rank waits until the checkpoint exists."""
+    t_run, t_train, n_train = timing
     if is_main():
-        save_checkpoint(checkpoint(epoch), f"{stem}_final.pth")
-        print_summary(log_file, f"{stem}_final.pth", n_train, t_train, time.time() - t_run)
+        save_checkpoint(checkpoint_of(t, epoch, log), f"{t.stem}_final.pth")
+        print_summary(log.file, f"{t.stem}_final.pth", n_train, t_train, time.time() - t_run)
     if dist.is_initialized():
         dist.barrier()  # the final checkpoint exists before any rank exits
-    cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -35,12 +35,14 @@ from gallery import list_images  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from as_folders import _link  # noqa: E402  (hard link, or a copy across file systems)
+from benchkit import emit  # noqa: E402
 
 RUNS = ("zero", "original", "finetune")
 
 
-def add_parser(sub):
+def add_parser(sub, common=None, default_device=None):
     q = sub.add_parser("transfer", help="real-photo transfer: zero training vs the original recipe vs --recipe finetune")
+    q.set_defaults(run=cmd_transfer)
     q.add_argument("--photos", required=True, help="one folder per landmark")
     q.add_argument("--distractors", default=None, help="images of no landmark (non-landmark queries)")
     q.add_argument("--enet-type", default="tf_efficientnet_lite0")
@@ -150,7 +152,7 @@ def run_one(run, a, work, names):
     return res
 
 
-def cmd_transfer(a, emit):
+def cmd_transfer(a, emit=emit):
     runs = [r for r in a.runs.split(",") if r]
     bad = [r for r in runs if r not in RUNS]
     if bad:

@@ -3,7 +3,6 @@ folder removed, and the page driven by a headless browser."""
 import io
 import json
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -22,13 +21,12 @@ import pytest
 
 from conftest import ROOT, free_port
 import predict
+from browser import needs_browser  # noqa: E402
 
-pytest.importorskip("fastapi", reason="app.py's dependencies: make app (requirements-app.txt); .ci/run installs them")
+pytest.importorskip("fastapi", reason="app.py's dependencies: make app, or make test (requirements-test.txt)")
 pytest.importorskip("multipart", reason="python-multipart: make app")
 pytest.importorskip("uvicorn", reason="uvicorn: make app")
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 MAX_MB = 0.05  # 50 kB: the synthetic photos are a few kB; an "oversized" one is easy to make
 
 
@@ -148,8 +146,7 @@ def test_bad_uploads_get_a_message_and_the_app_goes_on(server):
     assert urllib.request.urlopen(server["url"] + "/healthz", timeout=5).status == 200
 
 
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Chromium and chromedriver "
-                    "(apt-get install chromium chromium-driver); .ci/run installs them")
+@needs_browser
 def test_browser_picks_or_drops_photos_and_sees_landmark_and_neighbours(server):
     from browser import chrome
     k = 2

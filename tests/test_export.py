@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, TINY_BACKBONE
 
 ort = pytest.importorskip("onnxruntime", reason="export.py's dependencies: onnx, onnxscript, onnxruntime "
-                                                "(requirements-ci.txt)")
+                                                "(requirements-test.txt)")
 pytest.importorskip("onnxscript", reason="torch.onnx.export's dynamo exporter needs onnxscript")
 import export  # noqa: E402
 import ensemble  # noqa: E402

@@ -2,7 +2,6 @@
 import base64
 import os
 import re
-import shutil
 from html.parser import HTMLParser
 
 import cv2
@@ -14,9 +13,8 @@ import evaluate
 import predict
 import report
 from util import UserError
+from browser import needs_browser  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 
 
 class Rows(HTMLParser):
@@ -161,8 +159,7 @@ def test_report_input_mistakes_are_one_line(tmp_path, gld_report, capsys):
         predict.main(base[:-2] + ["--solution", "s.csv"])  # --solution without --report
 
 
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Chromium and chromedriver "
-                    "(apt-get install chromium chromium-driver); .ci/run installs them")
+@needs_browser
 def test_browser_opens_report_offline(gld_report):
     from browser import chrome
     with chrome() as b:
