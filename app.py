@@ -194,6 +194,29 @@ def page_html(rec, messages=(), rows=""):
     return report.page("Landmark recognition", f"{APP_CSS}<h1>Landmark recognition</h1>{about}{FORM}{msgs}{table}")
 
 
+async def answer_request(request, page, max_files, max_bytes):
+    """([(file name, RGB image, Page's answer)], [message per refused file]) of a request's photos
+    (form field `photos`)."""
+    form = await request.form(max_files=max_files, max_fields=10)
+    files = [f for f in form.getlist("photos") if hasattr(f, "filename")]
+    if not files:
+        return [], ["choose one or more photos"]
+    checked, messages = [], []
+    for f in files:
+        name = os.path.basename(f.filename or "upload")
+        data = await f.read(max_bytes + 1)
+        try:
+            checked.append((name, check_upload(name, data, max_bytes)))
+        except ValueError as e:
+            messages.append(f"{name}: {e}")
+    await form.close()
+    results = []
+    if checked:  # the model runs in a worker thread: the server goes on answering
+        from starlette.concurrency import run_in_threadpool
+        results = await run_in_threadpool(page, [im for _, im in checked])
+    return [(n, im, r) for (n, im), r in zip(checked, results)], messages
+
+
 def create_app(a, workdir):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
@@ -210,27 +233,8 @@ def create_app(a, workdir):
 
     api = FastAPI(title="Landmark recognition", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
-    async def answers(request):
-        """[(file name, answer or None, message or None)] of the request's photos."""
-        form = await request.form(max_files=a.max_files, max_fields=10)
-        files = [f for f in form.getlist("photos") if hasattr(f, "filename")]
-        if not files:
-            return [], ["choose one or more photos"]
-        checked, messages = [], []
-        for f in files:
-            name = os.path.basename(f.filename or "upload")
-            data = await f.read(max_bytes + 1)
-            try:
-                checked.append((name, check_upload(name, data, max_bytes)))
-            except ValueError as e:
-                messages.append(f"{name}: {e}")
-        await form.close()
-        if checked:  # the model runs in a worker thread: the server goes on answering
-            from starlette.concurrency import run_in_threadpool
-            results = await run_in_threadpool(page, [im for _, im in checked])
-        else:
-            results = []
-        return [(n, im, r) for (n, im), r in zip(checked, results)], messages
+    def answers(request):
+        return answer_request(request, page, a.max_files, max_bytes)
 
     @api.get("/", response_class=HTMLResponse)
     def index():

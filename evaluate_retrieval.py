@@ -166,7 +166,7 @@ def format_results(res, kappas=KAPPAS):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--gnd", required=True, help="gnd_roxford5k.pkl / gnd_rparis6k.pkl, or the same as JSON")
     src = p.add_mutually_exclusive_group(required=True)
@@ -181,6 +181,13 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=2)
     a = p.parse_args(argv)
+    if a.images and (a.spec is None) == (a.backbone is None):
+        p.error("--images needs --spec (trained models) or --backbone (no training)")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
     cfg = read_gnd(a.gnd)
     if a.features:
         if not os.path.isfile(a.features):
@@ -194,8 +201,6 @@ def main(argv=None):
             raise UserError(f"--ranks {a.ranks}: no such file")
         ranks = ranks_from_csv(a.ranks, cfg) if a.ranks.endswith(".csv") else np.load(a.ranks, allow_pickle=False)
     else:
-        if (a.spec is None) == (a.backbone is None):
-            p.error("--images needs --spec (trained models) or --backbone (no training)")
         ranks = ranks_from_features(*features_from_images(a, cfg))
     if len(ranks) != len(cfg["gnd"]):
         raise UserError(f"{len(ranks)} ranked queries, but the ground truth has {len(cfg['gnd'])}")

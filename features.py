@@ -248,20 +248,39 @@ def _covered(done, n):
     return np.cumsum(c[:n]) > 0
 
 
+@dataclass
+class Extraction:
+    """How images are embedded: on `device`, in batches of batch_size read by num_workers loader
+    processes, the backbone's arithmetic in `precision` (PRECISIONS)."""
+    device: torch.device
+    batch_size: int = 64
+    num_workers: int = 2
+    precision: str = "fp32"
+
+
+@dataclass
+class Store:
+    """Where one list's rows go: a FeatureCache (folder, key) or, folder None, this process's memory;
+    dtype: as stored (float16 halves a large gallery)."""
+    folder: str = None
+    key: str = None
+    dtype: type = np.float32
+
+
 @torch.no_grad()
-def extract_features(model, paths, image_size, device, batch_size=64, num_workers=2, cache_dir=None,
-                     key=None, dtype=np.float32, normalize=False, desc="extract", precision="fp32"):
+def extract_features(model, paths, image_size, how, store=None, normalize=False, desc="extract"):
     """The neck output z (N, 512) of every image, or with normalize=True the
     embedding normalize(z) (`model.embed`). Cosines are the head applied to z,
-    so a query's embedding and cosines come from this one pass.
+    so a query's embedding and cosines come from this one pass. how: an
+    Extraction; store: a Store (default: in memory, float32).
 
-    precision: the backbone and neck run in float32 ('fp32', as the original
-    notebook), or under autocast in 'bf16' or 'fp16'; z is returned in float32
-    either way, and the head always runs in float32.
+    how.precision: the backbone and neck run in float32 ('fp32', as the
+    original notebook), or under autocast in 'bf16' or 'fp16'; z is returned
+    in float32 either way, and the head always runs in float32.
 
-    With cache_dir, the rows go into a FeatureCache as they come: a second run
-    reads the file (read-only memory map), an interrupted one does only what
-    is left. Under torchrun (a process group of W ranks), cache_dir is
+    With a cache folder, the rows go into a FeatureCache as they come: a second
+    run reads the file (read-only memory map), an interrupted one does only
+    what is left. Under torchrun (a process group of W ranks) the folder is
     required: the batches not yet done are split into W contiguous runs, rank
     r embeds the r-th, and every rank returns the whole array. The features
     are those of one process (bit for bit on CPU with the same thread count).
@@ -269,34 +288,36 @@ def extract_features(model, paths, image_size, device, batch_size=64, num_worker
     An unreadable image (missing, empty, truncated, not an image) gets a row
     of NaN, in the cache too: `retrieval.unreadable_rows` finds them.
     """
-    n, dim = len(paths), model.neck_dim
+    n, dim, device, store = len(paths), model.neck_dim, torch.device(how.device), store or Store()
     rank, world = rank_world()
-    if world > 1 and cache_dir is None:
-        raise ValueError("extract_features under torchrun shares its rows through cache_dir")
-    store = InMemory(n, dim, dtype) if cache_dir is None else FeatureCache(cache_dir, key, n, dim, dtype)
-    covered = _covered(store.done, n)
-    todo, mine, n_batches = my_batches(covered, n, batch_size)
+    if world > 1 and store.folder is None:
+        raise ValueError("extract_features under torchrun shares its rows through a cache folder")
+    rows_to = (InMemory(n, dim, store.dtype) if store.folder is None
+               else FeatureCache(store.folder, store.key, n, dim, store.dtype))
+    covered = _covered(rows_to.done, n)
+    todo, mine, n_batches = my_batches(covered, n, how.batch_size)
     if todo and len(todo) < n_batches:
-        print0(f"{desc}: {int(covered.sum())} of {n} rows already in {store.f_arr}; embedding the rest")
+        print0(f"{desc}: {int(covered.sum())} of {n} rows already in {rows_to.f_arr}; embedding the rest")
     if mine:
+        bs = how.batch_size
         val = get_transforms(image_size, model.preprocessing["interpolation"])[1]  # as the model was validated
         ds = LandmarkDataset(pd.DataFrame({"filepath": paths}), "", "test", transform=val, skip_bad=True)
-        rows = [r for b in mine for r in range(b * batch_size, min(n, (b + 1) * batch_size))]
+        rows = [r for b in mine for r in range(b * bs, min(n, (b + 1) * bs))]
         # every batch but the last of all is full, and that one comes last: the loader's batches are `mine`
-        loader = DataLoader(Subset(ds, rows), batch_size=batch_size, num_workers=num_workers,
-                            pin_memory=device.type == "cuda", worker_init_fn=worker_init if num_workers else None,
+        loader = DataLoader(Subset(ds, rows), batch_size=bs, num_workers=how.num_workers,
+                            pin_memory=device.type == "cuda", worker_init_fn=worker_init if how.num_workers else None,
                             collate_fn=collate)
         label = desc if world == 1 else f"{desc} [rank {rank}/{world}]"
         for b, (x, bad) in zip(mine, tqdm(loader, desc=label, initial=n_batches - len(todo), total=n_batches,
                                           mininterval=2.0, disable=rank != 0)):
-            z = embed_batch(model, x, device, precision)
+            z = embed_batch(model, x, device, how.precision)
             if normalize:
                 z = F.normalize(z, dim=1)
             if any(bad):
                 z[torch.tensor([bool(v) for v in bad], device=z.device)] = float("nan")
-            store.write(b * batch_size, np.ascontiguousarray(z.cpu().numpy(), dtype))
-        store.close()
-    return store.finish()
+            rows_to.write(b * bs, np.ascontiguousarray(z.cpu().numpy(), store.dtype))
+        rows_to.close()
+    return rows_to.finish()
 
 
 @torch.no_grad()
@@ -349,7 +370,7 @@ def embed_all(a, ens, lists, device="cpu"):
     shared = a.cache_dir if rank_world()[1] > 1 else None
     out, heads, scratch = {im.kind: [] for im in lists}, [], []
     device = torch.device(device)
-    kw = dict(device=device, batch_size=a.batch_size, num_workers=a.num_workers, precision=a.precision)
+    how = Extraction(device, a.batch_size, a.num_workers, a.precision)
     for member in ens.members:
         model = member.load(device)
         for im in lists:
@@ -357,9 +378,10 @@ def embed_all(a, ens, lists, device="cpu"):
                             a.precision, member.cache_ident)
             if shared and not im.keep_in:
                 scratch.append(key)
-            out[im.kind].append(extract_features(
-                model, im.paths, member.image_size, cache_dir=im.keep_in or shared, key=key, dtype=im.dtype,
-                normalize=ens.classifies and not im.neck, desc=f"{im.kind} {member.name}", **kw))
+            out[im.kind].append(extract_features(model, im.paths, member.image_size, how,
+                                                 Store(im.keep_in or shared, key, im.dtype),
+                                                 normalize=ens.classifies and not im.neck,
+                                                 desc=f"{im.kind} {member.name}"))
         heads.append(model.metric_classify if ens.classifies else None)  # the head alone is kept
         del model
     return Embedded(out, heads if ens.classifies else None, scratch)

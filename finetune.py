@@ -26,6 +26,7 @@ the rows the PCA sample lacks); rank 0 computes the weights and broadcasts them.
 """
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -176,29 +177,45 @@ def _all_rows(local, n, world_size):
     return torch.stack(parts, 1).reshape(size * world_size, *local.shape[1:])[:n]
 
 
+@dataclass
+class Reader:
+    """How the init passes read their sample: the validation transform, the device, batch_size and
+    num_workers of the loader, the autocast context of the training step, this rank and the
+    number of ranks (rank r reads rows r, r+W, ...)."""
+    transform: object
+    device: torch.device
+    batch_size: int
+    num_workers: int
+    autocast: object
+    rank: int = 0
+    world_size: int = 1
+
+
 @torch.no_grad()
-def pass_over(fn, dim, model, df, transform, device, batch_size, num_workers, autocast, rank=0, world_size=1):
+def pass_over(fn, dim, model, df, reader):
     """fn(model, x) (width dim) of every row of df (validation transform, eval
-    mode), each rank reading rows r, r+W, ...; every rank gets all rows, float32."""
-    idx = np.arange(rank, len(df), world_size)
-    ds = LandmarkDataset(df.iloc[idx], "train", "val", transform, skip_bad=True)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+    mode), each rank reading its share; every rank gets all rows, float32."""
+    device = reader.device
+    idx = np.arange(reader.rank, len(df), reader.world_size)
+    ds = LandmarkDataset(df.iloc[idx], "train", "val", reader.transform, skip_bad=True)
+    loader = DataLoader(ds, batch_size=reader.batch_size, num_workers=reader.num_workers, collate_fn=collate,
                         pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     out = []
     for x, _, _ in loader:
-        with autocast():
+        with reader.autocast():
             out.append(fn(model, x.to(device, non_blocking=True, memory_format=memory_format(device))).float())
     model.train(was_training)
     local = torch.cat(out) if out else torch.zeros((0, dim), device=device)
-    return _all_rows(local, len(df), world_size)
+    return _all_rows(local, len(df), reader.world_size)
 
 
-def init_neck_and_head(model, df_train, transform, args, device, autocast, rank=0, world_size=1):
+def init_neck_and_head(model, df_train, reader, args):
     """--init-neck pca and --init-head imprint, in place on `model` (before the
-    first step). Every rank reads its share of the sample; rank 0 computes and
-    broadcasts, so all ranks start from the same weights.
+    first step), from the sample init_sample draws of df_train. Every rank reads
+    its share of the sample (reader: a Reader); rank 0 computes and broadcasts,
+    so all ranks start from the same weights.
 
     Returns the neck's learning-rate multiplier with --init-neck pca (else None):
     the RMS of its new weights over that of the default init it replaced. The
@@ -209,65 +226,77 @@ def init_neck_and_head(model, df_train, transform, args, device, autocast, rank=
     does at the schedule's rate."""
     neck_mult, f = None, None
     pca_rows, imprint_rows = init_sample(df_train, args.init_samples, args.init_samples_per_class, args.seed)
-    kw = dict(transform=transform, device=device, batch_size=args.batch_size, num_workers=args.num_workers,
-              autocast=autocast, rank=rank, world_size=world_size)
     if args.init_neck == "pca":
-        t0 = time.time()
-        f = pass_over(lambda m, x: m.extract(x), model.feat.in_features, model, df_train.iloc[pca_rows], **kw)
-        weight = torch.empty_like(model.feat.weight)
-        bias = torch.empty_like(model.feat.bias)
-        # fewer than WHITEN_MIN_RATIO images per dimension: no whitening, the projection onto the
-        # sample's leading directions (beta = 1), which keeps the pooled features' ranking
-        few = len(f) < WHITEN_MIN_RATIO * f.shape[1]
-        if rank == 0:
-            P, mean = learn_whitening(f.cpu().numpy(), model.feat.out_features, beta=1.0 if few else None)
-            w, b, _ = neck_from_whitening(P, mean, model.feat.out_features, f.cpu().numpy())
-            weight.copy_(w)
-            bias.copy_(b)
-        if world_size > 1:
-            dist.broadcast(weight, 0)
-            dist.broadcast(bias, 0)
-        neck_mult = float(weight.pow(2).mean().sqrt() / model.feat.weight.detach().pow(2).mean().sqrt())
-        with torch.no_grad():
-            model.feat.weight.copy_(weight)
-            model.feat.bias.copy_(bias)
-        what = "projection (no whitening below %d images per dimension)" % WHITEN_MIN_RATIO if few else "PCA whitening"
-        print0(f"--init-neck pca: {what} of {len(pca_rows)} images' pooled features "
-               f"({min(model.feat.in_features, model.feat.out_features)} components; the neck's lr x{neck_mult:.3g}) "
-               f"in {time.time() - t0:.1f} s")
+        f, neck_mult = init_neck(model, df_train.iloc[pca_rows], reader)
     if args.init_head == "imprint":
-        t0 = time.time()
-        emb = torch.zeros((len(imprint_rows), model.neck_dim), device=device)
-        held = np.zeros(len(imprint_rows), bool)
-        if f is not None:
-            # rows the PCA pass read already (all of them on a small set): their embeddings from the
-            # held pooled features through the new neck, not a second read of the images
-            pos = np.searchsorted(pca_rows, imprint_rows).clip(max=len(pca_rows) - 1)
-            held = pca_rows[pos] == imprint_rows
-            with torch.no_grad():
-                emb[torch.from_numpy(held).to(device)] = F.normalize(
-                    model.swish(model.feat(f[torch.from_numpy(pos[held]).to(device)])).float())
-        if not held.all():
-            emb[torch.from_numpy(~held).to(device)] = pass_over(
-                lambda m, x: m.embed(x), model.neck_dim, model, df_train.iloc[imprint_rows[~held]], **kw)
-        head = model.metric_classify
-        weight = head.weight.detach().clone()
-        if rank == 0:
-            labels = df_train["landmark_id"].to_numpy()[imprint_rows]
-            sub, have = imprint_subcenters(emb.cpu(), labels, head.out_features, head.k, args.seed)
-            # keep the rows' norm as initialised: Adam's steps are absolute, so the head's
-            # angular learning speed stays the original's
-            norm = weight.norm(dim=1, keepdim=True).mean()
-            rows = torch.as_tensor(np.repeat(have, head.k))
-            weight[rows.to(weight.device)] = (sub[rows] * norm.cpu()).to(weight.device)
-        if world_size > 1:
-            dist.broadcast(weight, 0)
-        with torch.no_grad():
-            head.weight.copy_(weight)
-        n_cls = len(np.unique(df_train["landmark_id"].to_numpy()[imprint_rows]))
-        print0(f"--init-head imprint: {head.k} sub-centres of {n_cls} classes from {len(imprint_rows)} images "
-               f"({int(held.sum())} of them from the PCA pass's features) in {time.time() - t0:.1f} s")
+        init_head(model, df_train, (pca_rows, f), imprint_rows, reader, args.seed)
     return neck_mult
+
+
+def init_neck(model, sample, reader):
+    """--init-neck pca: the neck from the PCA whitening of the sample's pooled features. Returns
+    (those features, the neck's learning-rate multiplier)."""
+    t0 = time.time()
+    f = pass_over(lambda m, x: m.extract(x), model.feat.in_features, model, sample, reader)
+    weight = torch.empty_like(model.feat.weight)
+    bias = torch.empty_like(model.feat.bias)
+    # fewer than WHITEN_MIN_RATIO images per dimension: no whitening, the projection onto the
+    # sample's leading directions (beta = 1), which keeps the pooled features' ranking
+    few = len(f) < WHITEN_MIN_RATIO * f.shape[1]
+    if reader.rank == 0:
+        P, mean = learn_whitening(f.cpu().numpy(), model.feat.out_features, beta=1.0 if few else None)
+        w, b, _ = neck_from_whitening(P, mean, model.feat.out_features, f.cpu().numpy())
+        weight.copy_(w)
+        bias.copy_(b)
+    if reader.world_size > 1:
+        dist.broadcast(weight, 0)
+        dist.broadcast(bias, 0)
+    neck_mult = float(weight.pow(2).mean().sqrt() / model.feat.weight.detach().pow(2).mean().sqrt())
+    with torch.no_grad():
+        model.feat.weight.copy_(weight)
+        model.feat.bias.copy_(bias)
+    what = "projection (no whitening below %d images per dimension)" % WHITEN_MIN_RATIO if few else "PCA whitening"
+    print0(f"--init-neck pca: {what} of {len(sample)} images' pooled features "
+           f"({min(model.feat.in_features, model.feat.out_features)} components; the neck's lr x{neck_mult:.3g}) "
+           f"in {time.time() - t0:.1f} s")
+    return f, neck_mult
+
+
+def init_head(model, df_train, pca, imprint_rows, reader, seed):
+    """--init-head imprint: each class's sub-centres from the embeddings of its sample rows. pca:
+    (the rows the neck's PCA pass read, their pooled features or None): those rows' embeddings
+    come from the held features through the new neck, not a second read of the images."""
+    t0, device = time.time(), reader.device
+    pca_rows, f = pca
+    emb = torch.zeros((len(imprint_rows), model.neck_dim), device=device)
+    held = np.zeros(len(imprint_rows), bool)
+    if f is not None:
+        # rows the PCA pass read already (all of them on a small set)
+        pos = np.searchsorted(pca_rows, imprint_rows).clip(max=len(pca_rows) - 1)
+        held = pca_rows[pos] == imprint_rows
+        with torch.no_grad():
+            emb[torch.from_numpy(held).to(device)] = F.normalize(
+                model.swish(model.feat(f[torch.from_numpy(pos[held]).to(device)])).float())
+    if not held.all():
+        emb[torch.from_numpy(~held).to(device)] = pass_over(
+            lambda m, x: m.embed(x), model.neck_dim, model, df_train.iloc[imprint_rows[~held]], reader)
+    head = model.metric_classify
+    weight = head.weight.detach().clone()
+    if reader.rank == 0:
+        labels = df_train["landmark_id"].to_numpy()[imprint_rows]
+        sub, have = imprint_subcenters(emb.cpu(), labels, head.out_features, head.k, seed)
+        # keep the rows' norm as initialised: Adam's steps are absolute, so the head's
+        # angular learning speed stays the original's
+        norm = weight.norm(dim=1, keepdim=True).mean()
+        rows = torch.as_tensor(np.repeat(have, head.k))
+        weight[rows.to(weight.device)] = (sub[rows] * norm.cpu()).to(weight.device)
+    if reader.world_size > 1:
+        dist.broadcast(weight, 0)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    n_cls = len(np.unique(df_train["landmark_id"].to_numpy()[imprint_rows]))
+    print0(f"--init-head imprint: {head.k} sub-centres of {n_cls} classes from {len(imprint_rows)} images "
+           f"({int(held.sum())} of them from the PCA pass's features) in {time.time() - t0:.1f} s")
 
 
 # ---------------------------------------------------------------- recipes

@@ -257,6 +257,33 @@ class GeM(nn.Module):
             return x.mean(dim=(2, 3)).pow(1.0 / self.p)
 
 
+def _rexnet20(pretrained, pretrained_path):
+    """ReXNet-V1 2.0x in clovaai's layout and its width; weights from a file of either layout (the
+    original's location by default), or timm's rexnet_200 renamed."""
+    import timm
+    net = ReXNetV1(width_mult=2.0)
+    if pretrained_path is None and pretrained and os.path.exists(REXNET_ORIGINAL_FILE):
+        pretrained_path = REXNET_ORIGINAL_FILE  # the original's location
+    if pretrained_path is not None:
+        sd = torch.load(pretrained_path, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd)
+        if "features.0.weight" not in sd:  # not clovaai's layout: timm's rexnet_200 names
+            sd = rexnet_from_timm_state_dict(sd, net) | {k: v for k, v in net.state_dict().items()
+                                                       if k.startswith("output.")}
+        net.load_state_dict(sd, strict=True)
+    elif pretrained:
+        if not _weights_reachable("rexnet_200"):
+            raise _pretrained_error("rex20", "not in the cache, and the hub is unreachable")
+        try:
+            t = timm.create_model("rexnet_200", pretrained=True)
+        except Exception as e:
+            raise _pretrained_error("rex20", e) from e
+        net.load_state_dict(rexnet_from_timm_state_dict(t.state_dict(), net), strict=False)
+    dim = net.num_features
+    net.output = nn.Identity()
+    return net, dim
+
+
 def build_backbone(enet_type, pretrained=False, pretrained_path=None, pool="avg", image_size=None):
     """A backbone whose forward returns pooled (B, C) features, and C.
 
@@ -276,27 +303,7 @@ def build_backbone(enet_type, pretrained=False, pretrained_path=None, pool="avg"
     if enet_type == "rex20":
         if pool != "avg":
             raise UserError("--pool gem: rex20 pools inside its own layout; use --pool avg")
-        net = ReXNetV1(width_mult=2.0)
-        if pretrained_path is None and pretrained and os.path.exists(REXNET_ORIGINAL_FILE):
-            pretrained_path = REXNET_ORIGINAL_FILE  # the original's location
-        if pretrained_path is not None:
-            sd = torch.load(pretrained_path, map_location="cpu", weights_only=True)
-            sd = sd.get("state_dict", sd)
-            if "features.0.weight" not in sd:  # not clovaai's layout: timm's rexnet_200 names
-                sd = rexnet_from_timm_state_dict(sd, net) | {k: v for k, v in net.state_dict().items()
-                                                           if k.startswith("output.")}
-            net.load_state_dict(sd, strict=True)
-        elif pretrained:
-            if not _weights_reachable("rexnet_200"):
-                raise _pretrained_error(enet_type, "not in the cache, and the hub is unreachable")
-            try:
-                t = timm.create_model("rexnet_200", pretrained=True)
-            except Exception as e:
-                raise _pretrained_error(enet_type, e) from e
-            net.load_state_dict(rexnet_from_timm_state_dict(t.state_dict(), net), strict=False)
-        dim = net.num_features
-        net.output = nn.Identity()
-        return net, dim
+        return _rexnet20(pretrained, pretrained_path)
 
     name = _timm_name(enet_type)
     kw = {}
@@ -360,7 +367,7 @@ class ArcMarginProductSubcenter(nn.Module):
 
     @torch.no_grad()
     def normalize_weight_(self):
-        """For inference only (predict.load_model): the sub-centres scaled to unit length in
+        """For inference only (ensemble.load_model): the sub-centres scaled to unit length in
         place, once, and forward no longer normalises them. Normalising the (C*k, 512) weight
         costs more than the matmul for a few queries (81,313 classes, fp32, 2 CPU cores: 160 ms
         against 46 ms for one image, per model and call); the cosines are the same bits, as

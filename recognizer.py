@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from gallery import Gallery, predictions_frame
-from retrieval import FAISS_EF_SEARCH, FAISS_NPROBE, FAISS_RERANK, Search, import_faiss, recognize, topk_cosine
+from retrieval import (FAISS_EF_SEARCH, FAISS_NPROBE, FAISS_RERANK, Rules, Search, import_faiss, recognize,
+                       topk_cosine)
 from util import UserError
 
 PARTS = ("classifier", "retrieval", "ensemble", "ensemble_nl")
@@ -86,10 +87,9 @@ class Recognizer:
         ids and paths (default: their indices) and the gallery's paths, labels and names."""
         sp = self.space
         inputs = sp.inputs(zqs)  # recognize() zeroes an unreadable query's row in them: ranking() reads them after
-        res = recognize(inputs, sp.gallery, self.heads, self.gallery.labels, self.ens.idx2lid,
-                        device=self.device, non_landmark=self.non_landmark,
-                        nl_emb=sp.inputs(nl_emb) if nl_emb else nl_emb, rerank_with=self.ens.rerank_with,
-                        search=self.search)
+        res = recognize(inputs, sp.gallery, self.gallery.labels, self.heads, self.ens.idx2lid,
+                        sp.inputs(nl_emb) if nl_emb else nl_emb,
+                        Rules(self.ens.rerank_with, self.search, self.non_landmark, self.device))
         ids = list(range(len(zqs[0]))) if ids is None else ids
         return res | {"query_inputs": inputs, "ids": ids, "query_paths": query_paths if query_paths is not None else ids,
                       "gallery_paths": self.gallery.image_paths, "gallery_labels": np.asarray(self.gallery.labels),

@@ -252,32 +252,38 @@ def write_report(path, answers, view, scores=None):
     """The report of `answers` (Answers) at `path`, as `view` (View) says; returns the indices of
     the queries shown. scores: with the truth, {answer: (GAP, accuracy)} of the final answer
     (under its final_name) and the parts, as evaluate.score_answers computes them."""
-    ids, images, final, parts, truth = answers.ids, answers.images, answers.final, answers.parts, view.truth
-    names, final_name = view.names or {}, answers.final_name
+    names = view.names or {}
 
     def name_of(label):
         n = names.get(label)
         return str(label) if n is None else (n if str(n) == str(label) else f"{n} ({label})")
 
-    thumbs = Thumbnails()
-    n_q = len(ids)
-    counts = [f"{n_q} queries", f"{sum(p is not None for p in final)} with a prediction"]
+    shown = select_rows(answers.ids, answers.final, view.truth, view.rows)
+    html_ = "\n".join(_head(answers, view, scores) + _queries(answers, view, shown, name_of))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page(view.title, html_))
+    print(f"wrote {path} ({len(shown)} of {len(answers.ids)} queries, {os.path.getsize(path) / 1e6:.1f} MB)",
+          flush=True)
+    return shown
+
+
+def _head(answers, view, scores):
+    """The title and notes, the scores table (with the truth), the counts, the confidence histogram
+    and the training curves (--logs)."""
+    ids, final, truth = answers.ids, answers.final, view.truth
+    counts = [f"{len(ids)} queries", f"{sum(p is not None for p in final)} with a prediction"]
     if answers.unreadable is not None:
         counts.append(f"{int(np.sum(answers.unreadable))} unreadable")
     if answers.sunk is not None:
         counts.append(f"{int(np.sum(answers.sunk))} sunk as non-landmarks")
-    sunk = np.zeros(n_q, bool) if answers.sunk is None else np.asarray(answers.sunk, bool)
-    unreadable = np.zeros(n_q, bool) if answers.unreadable is None else np.asarray(answers.unreadable, bool)
     head = [f"<h1>{html.escape(view.title)}</h1>"] + [f"<p>{html.escape(n)}</p>" for n in view.notes]
-
-    # scores of the final answer and of each part, as evaluate.py computes them
-    if truth is not None:
+    if truth is not None:  # scores of the final answer and of each part, as evaluate.py computes them
         head.append('<table class="scores"><tr><th>answer</th><th>GAP</th><th>accuracy (landmark queries)</th></tr>')
         for name, (gap, acc) in scores.items():
             head.append(f'<tr class="score" data-part="{html.escape(name)}"><td>{html.escape(name)}</td>'
                         f'<td class="gap">{gap:.4f}</td><td class="acc">{acc:.4f}</td></tr>')
         head.append("</table>")
-    if truth is not None:
         n_l = sum(bool(truth.get(q)) for q in ids if q in truth)
         counts += [f"{n_l} landmark and {sum(q in truth for q in ids) - n_l} non-landmark queries in the solution"]
     head.append(f'<p class="counts">{", ".join(counts)}.</p>')
@@ -285,11 +291,18 @@ def write_report(path, answers, view, scores=None):
     marks = [mark_of(p, truth[q], True) if truth is not None and q in truth else "" for q, p in zip(ids, final)]
     conf = lambda m: [p[1] for p, k in zip(final, marks) if p is not None and k == m]  # noqa: E731
     hist = confidence_histogram(conf("right"), conf("wrong"), conf(""))
-    head.append(f'<h2>Confidence of the {html.escape(final_name)}</h2><div class="chart">{img_tag(hist, "histogram")}</div>')
+    head.append(f'<h2>Confidence of the {html.escape(answers.final_name)}</h2><div class="chart">'
+                f'{img_tag(hist, "histogram")}</div>')
     if view.logs:
         head.append(f'<h2>Training</h2><div class="chart">{img_tag(curves_uri(view.logs), "training curves")}</div>')
+    return head
 
-    shown = select_rows(ids, final, truth, view.rows)
+
+def _queries(answers, view, shown, name_of):
+    """The table of the queries shown, one render_row each."""
+    ids, truth, n_q, thumbs = answers.ids, view.truth, len(answers.ids), Thumbnails()
+    sunk = np.zeros(n_q, bool) if answers.sunk is None else np.asarray(answers.sunk, bool)
+    unreadable = np.zeros(n_q, bool) if answers.unreadable is None else np.asarray(answers.unreadable, bool)
     what = ("the 5 nearest gallery images (cosine)" if answers.neighbours_are == "nearest"
             else "gallery images of the predicted landmark")
     order = ("the most confident wrong predictions first, then a sample of the rest" if truth is not None
@@ -299,8 +312,8 @@ def write_report(path, answers, view, scores=None):
             + "".join(f"<th>{k}</th>" for k in range(1, 6)) + "</tr>"]
     for i in shown:
         q = ids[i]
-        row = {"id": q, "image": images[i], "prediction": final[i],
-               "answers": {k: v[i] for k, v in parts.items()},
+        row = {"id": q, "image": answers.images[i], "prediction": answers.final[i],
+               "answers": {k: v[i] for k, v in answers.parts.items()},
                "neighbours": answers.neighbours[i] if answers.neighbours is not None else (),
                "tags": (["sunk"] if sunk[i] else []) + (["unreadable"] if unreadable[i] else [])}
         if truth is not None and q in truth:
@@ -310,8 +323,4 @@ def write_report(path, answers, view, scores=None):
                 row["truth_image"] = next((examples[t] for t in sorted(truth[q], key=str) if t in examples), None)
         body.append(render_row(row, name_of, thumbs))
     body.append("</table>")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page(view.title, "\n".join(head + body)))
-    print(f"wrote {path} ({len(shown)} of {n_q} queries, {os.path.getsize(path) / 1e6:.1f} MB)", flush=True)
-    return shown
+    return body

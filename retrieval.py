@@ -13,6 +13,8 @@ similarity of two images is the mean of the models' cosines, the cosine of the n
 - PCA whitening learnt on a gallery, for recognition without training and finetune.py's neck (learn_whitening,
   whiten, whitening_of, whitened).
 """
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -208,11 +210,11 @@ def faiss_index(gallery, factory="Flat", exclude=None, train_size=None, seed=0, 
     return FaissGallery(index, keep, factory)
 
 
-def faiss_search(fg, queries, k=TOP_K, nprobe=FAISS_NPROBE, device="cpu", chunk=1024, rerank=0, gallery=None,
-                 ef_search=FAISS_EF_SEARCH):
+def faiss_search(fg, queries, k=TOP_K, search=None, device="cpu", gallery=None, chunk=1024):
     """topk_cosine's answer from a FaissGallery: (sims (Q, k) float32, gallery rows (Q, k) int64),
     best first; a slot the index cannot fill (fewer than k images in the visited lists) has
-    similarity -inf and row 0, as topk_cosine's beyond a too small gallery.
+    similarity -inf and row 0, as topk_cosine's beyond a too small gallery. search: a Search
+    (its nprobe, ef_search and rerank; default Search('faiss', rerank=0)).
 
     rerank > k, with the gallery's embeddings (a list over models, maybe memory-mapped): the
     index gives `rerank` candidates from its codes and their exact cosines, read from the
@@ -223,6 +225,8 @@ def faiss_search(fg, queries, k=TOP_K, nprobe=FAISS_NPROBE, device="cpu", chunk=
     (or an HNSW coarse quantizer's) search depth, through faiss' ParameterSpace, which
     reaches it inside a PCA or other pre-transform; faiss searches at least k deep anyway."""
     faiss = import_faiss()
+    search = search or Search("faiss", rerank=0)
+    nprobe, rerank, ef_search = search.nprobe, search.rerank, search.ef_search
     qs = queries if isinstance(queries, (list, tuple)) else [queries]
     gs = None if gallery is None else (gallery if isinstance(gallery, (list, tuple)) else [gallery])
     index = fg.index
@@ -288,8 +292,7 @@ def knn(queries, gallery, k=TOP_K, device="cpu", exclude=None, search=None):
     fg = search.index
     if fg is None:
         fg = faiss_index(gallery, search.factory, exclude=exclude)
-    return (*faiss_search(fg, queries, k, search.nprobe, device=device, rerank=search.rerank, gallery=gallery,
-                          ef_search=search.ef_search), fg)
+    return (*faiss_search(fg, queries, k, search, device=device, gallery=gallery), fg)
 
 # ---------------------------------------------------------------- classifier and re-ranking
 
@@ -398,19 +401,32 @@ def apply_non_landmark(confidences, flags):
 
 # ---------------------------------------------------------------- the whole answer
 
-def recognize(zqs, g_emb, heads, g_labels, idx2lid, device="cpu", non_landmark=None, nl_emb=None,
-              rerank_with=RERANK["original"], search=None):
+@dataclass
+class Rules:
+    """How recognize() answers: rerank_with, (vote, sim power, cls power) of rerank (RERANK);
+    search, a Search (None: exact); non_landmark: None (off), 'auto' (mined from the queries) or
+    anything else with nl_emb given (a known set); device, where the maths runs."""
+    rerank_with: tuple = RERANK["original"]
+    search: Search = None
+    non_landmark: object = None
+    device: object = "cpu"
+
+
+def recognize(zqs, g_emb, g_labels, heads=None, idx2lid=None, nl_emb=None, rules=None):
     """Classifier, retrieval and their re-ranked ensemble for the queries.
 
     zqs: per model, the queries' neck outputs; g_emb: per model, the gallery's
     embeddings; g_labels: the gallery's landmark ids (ids beyond the label map
-    are fine: retrieval can predict them, the classifier cannot); rerank_with:
-    (vote, sim power, cls power), see RERANK; search: a Search (None: exact). heads None
-    (no classifier: predict.py --backbone): retrieval alone, also as 'ensemble'.
+    are fine: retrieval can predict them, the classifier cannot); heads: per model
+    its ArcFace head and idx2lid its classes' landmark ids, or None (no classifier:
+    predict.py --backbone): retrieval alone, also as 'ensemble'; nl_emb: per model
+    a known non-landmark set's embeddings; rules: Rules.
     Returns {'classifier', 'retrieval', 'ensemble': (landmarks, confidences),
     'neighbours': (sims, gallery rows), 'cls_top', 'unreadable': (queries,
     gallery), 'faiss': the FaissGallery searched or None}, and with non_landmark also 'ensemble_nl',
     'nl_flags', 'nl_similarity'."""
+    rules = rules or Rules()
+    device, non_landmark = rules.device, rules.non_landmark
     # unreadable images: left out of the gallery; a query gets an empty prediction
     # the queries in memory, float32 (they may come as read-only memory maps: predict.py under torchrun)
     zqs = [z if type(z) is np.ndarray and z.dtype == np.float32 and z.flags.writeable else np.array(z, np.float32)
@@ -425,7 +441,8 @@ def recognize(zqs, g_emb, heads, g_labels, idx2lid, device="cpu", non_landmark=N
     # The original normalised only its last query batch, so its gallery rows had
     # norm 3 and its similarities were 3x the cosine; rankings and GAP are the
     # same. Here both sides are unit vectors: sims are cosines.
-    sims, nn, fg = knn(q_emb, g_emb, TOP_K, device=device, exclude=g_bad if g_bad.any() else None, search=search)
+    sims, nn, fg = knn(q_emb, g_emb, TOP_K, device=device, exclude=g_bad if g_bad.any() else None,
+                        search=rules.search)
     nn_l = np.asarray(g_labels)[nn]
 
     def blank(part):  # an unreadable query: no prediction
@@ -441,7 +458,7 @@ def recognize(zqs, g_emb, heads, g_labels, idx2lid, device="cpu", non_landmark=N
         present = np.isin(lid_of, np.unique(g_labels))
         cls_s, cls_i = classifier_topk(zqs, heads, present, device=device)
         cls_l = lid_of[cls_i]
-        vote, sim_power, cls_power = rerank_with
+        vote, sim_power, cls_power = rules.rerank_with
         res |= {"classifier": blank((cls_l[:, 0], cls_s[:, 0])),
                 "ensemble": blank(rerank(sims, nn_l, cls_s, cls_l, sim_power, cls_power, vote=vote)),
                 "cls_top": (cls_s, cls_l)}

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from finetune import RECIPES, apply_recipe, init_neck_and_head
+from finetune import RECIPES, Reader, apply_recipe, init_neck_and_head
 from dataset import EpochSampler, LandmarkDataset, collate, drop_excluded, get_df, get_transforms, worker_init
 from losses import ArcFaceLossAdaptiveMargin, dynamic_margins
 from models import build_model, check_enet_type, preprocessing_for
@@ -547,8 +547,9 @@ def build_model_and_inits(args, run, data):
     model.set_frozen(*frozen(args, args.start_from_epoch))  # before DDP is built: it syncs what trains
     t = build_training(args, model, data.margins, run.device)
     if not args.resume and (args.init_neck != "random" or args.init_head != "random"):
-        neck_mult = init_neck_and_head(t.model, data.df_train, data.transforms_val, args, run.device, t.autocast,
-                                       run.rank, run.world_size)
+        reader = Reader(data.transforms_val, run.device, args.batch_size, args.num_workers, t.autocast, run.rank,
+                        run.world_size)
+        neck_mult = init_neck_and_head(t.model, data.df_train, reader, args)
         if neck_mult is not None:  # --init-neck pca: the neck has its own group (param_groups)
             next(g for g in t.optimizer.param_groups if g["name"] == "neck")["lr_mult"] = neck_mult
     t.stem = stem

@@ -36,33 +36,39 @@ def add_parser(sub, common, default_device):
     q.add_argument("--rerank", type=int, default=retrieval.FAISS_RERANK, help="the shortlist scored exactly")
 
 
+def _vectors(a, rng, tmp):
+    """Per model, the queries (Q, D) in memory and the gallery (N, D) float16 on disk, memory-mapped as
+    predict.py's --fp16-cache: uniform on the sphere, or with --clusters each image its landmark's
+    centre plus noise (recall needs structure); an image keeps its landmark in every model."""
+    qs, gs = [], []
+    g_lab = rng.integers(0, a.clusters, a.gallery) if a.clusters else None
+    q_lab = rng.integers(0, a.clusters, a.queries) if a.clusters else None
+    for j in range(a.models):
+        centres = rng.standard_normal((a.clusters, a.dim), dtype=np.float32) if a.clusters else None
+
+        def points(lab, n):
+            x = rng.standard_normal((n, a.dim), dtype=np.float32)
+            if centres is not None:
+                x = centres[lab] + a.noise * x
+            return x / np.linalg.norm(x, axis=1, keepdims=True)
+        g = np.lib.format.open_memmap(os.path.join(tmp, f"g{j}.npy"), mode="w+", dtype=np.float16,
+                                      shape=(a.gallery, a.dim))
+        for g0 in range(0, a.gallery, 65536):
+            n = min(65536, a.gallery - g0)
+            g[g0:g0 + n] = points(None if g_lab is None else g_lab[g0:g0 + n], n)
+        g.flush()
+        del g
+        gs.append(np.load(os.path.join(tmp, f"g{j}.npy"), mmap_mode="r"))
+        qs.append(points(q_lab, a.queries))
+    return qs, gs
+
+
 def cmd_knn(a):
     device = torch.device(a.device)
     rng = np.random.default_rng(0)
     tmp = tempfile.mkdtemp(prefix="bench_knn_")
     try:
-        qs, gs = [], []
-        # uniform on the sphere, or --clusters: each image its landmark's centre plus noise (recall needs
-        # structure); an image keeps its landmark in every model of the ensemble
-        g_lab = rng.integers(0, a.clusters, a.gallery) if a.clusters else None
-        q_lab = rng.integers(0, a.clusters, a.queries) if a.clusters else None
-        for j in range(a.models):  # float16 galleries on disk, memory-mapped, as predict.py's --fp16-cache
-            centres = rng.standard_normal((a.clusters, a.dim), dtype=np.float32) if a.clusters else None
-
-            def points(lab, n):
-                x = rng.standard_normal((n, a.dim), dtype=np.float32)
-                if centres is not None:
-                    x = centres[lab] + a.noise * x
-                return x / np.linalg.norm(x, axis=1, keepdims=True)
-            g = np.lib.format.open_memmap(os.path.join(tmp, f"g{j}.npy"), mode="w+", dtype=np.float16,
-                                          shape=(a.gallery, a.dim))
-            for g0 in range(0, a.gallery, 65536):
-                n = min(65536, a.gallery - g0)
-                g[g0:g0 + n] = points(None if g_lab is None else g_lab[g0:g0 + n], n)
-            g.flush()
-            del g
-            gs.append(np.load(os.path.join(tmp, f"g{j}.npy"), mmap_mode="r"))
-            qs.append(points(q_lab, a.queries))
+        qs, gs = _vectors(a, rng, tmp)
         if a.faiss:
             return _knn_faiss(a, qs, gs, device, tmp)
         dtot = a.dim * a.models
@@ -111,8 +117,8 @@ def _knn_faiss(a, qs, gs, device, tmp):
     _, exact = retrieval.topk_cosine(qs, gs, 5, device=device)
 
     def search(rerank):
-        return lambda: retrieval.faiss_search(fg, qs, 5, a.nprobe, device=device, rerank=rerank, gallery=gs,
-                                              ef_search=a.ef)
+        how = retrieval.Search("faiss", a.faiss, a.nprobe, rerank, ef_search=a.ef)
+        return lambda: retrieval.faiss_search(fg, qs, 5, how, device=device, gallery=gs)
     cases = {"exact": lambda: retrieval.topk_cosine(qs, gs, 5, device=device), "codes": search(0),
              "shortlist": search(a.rerank)}
     with PeakMemory(device) as mem:

@@ -99,6 +99,31 @@ def _batch(device, bs, size, out_dim, seed=0):
     return x.to(device, memory_format=memory_format(device)), y.to(device)
 
 
+def original_epoch(a, x, y, margins, device):
+    """The original's training step as it ran (see the module's docstring), a.steps of them per call."""
+    torch.manual_seed(0)
+    model = build_model(a.enet_type, a.out_dim).to(device).train()  # contiguous memory
+    model.metric_classify.forward = types.MethodType(_head_under_autocast, model.metric_classify)
+    crit = OriginalArcFaceLoss(margins)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=False)  # one parameter at a time
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    xf = _float_input(x)
+
+    def epoch():
+        for _ in range(a.steps):
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                logits = model(xf)
+            loss = crit(logits, y)
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            loss.detach().cpu().numpy()  # the original's per-step loss copy
+            sync(device)
+    return epoch
+
+
 def cmd_train(a):
     device = torch.device(a.device)
     targs = train.parse_args(["--kernel-type", "bench", "--train-step", "1", "--image-size", str(a.image_size),
@@ -121,29 +146,6 @@ def cmd_train(a):
             t.memory_format = fmt
         return lambda: train.train_one_epoch(targs, t, data)
 
-    def original():
-        torch.manual_seed(0)
-        model = build_model(a.enet_type, a.out_dim).to(device).train()  # contiguous memory
-        model.metric_classify.forward = types.MethodType(_head_under_autocast, model.metric_classify)
-        crit = OriginalArcFaceLoss(margins)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=False)  # one parameter at a time
-        amp = device.type == "cuda"
-        scaler = torch.amp.GradScaler(device.type, enabled=amp)
-        xf = _float_input(x)
-
-        def epoch():
-            for _ in range(a.steps):
-                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                    logits = model(xf)
-                loss = crit(logits, y)
-                opt.zero_grad()
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                loss.detach().cpu().numpy()  # the original's per-step loss copy
-                sync(device)
-        return epoch
-
     with PeakMemory(device) as mem:
         cases["ours"] = ours()
         warm["ours"] = warmup(cases["ours"], device)
@@ -156,7 +158,7 @@ def cmd_train(a):
         warm["contiguous"] = warmup(cases["contiguous"], device)
     if a.baseline:
         with PeakMemory(device) as mem:
-            cases["baseline"] = original()
+            cases["baseline"] = original_epoch(a, x, y, margins, device)
             warm["baseline"] = warmup(cases["baseline"], device)
         peak["baseline"] = mem.peak_mib
     t = interleaved(cases, device, a.rounds)

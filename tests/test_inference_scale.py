@@ -3,6 +3,7 @@ killed rank's run resumes to them; faiss (Flat = exact, IVF-PQ recall, a saved i
 faiss index)."""
 import filecmp
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -17,12 +18,11 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, TINY_BACKBONE, free_port, run
+import features
 import predict
-import recognizer  # noqa: E402
+import recognizer
 import retrieval
 from util import UserError
-
-import importlib.util  # noqa: E402
 
 # the torchrun tests need no faiss; only the faiss ones skip without it
 needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None,
@@ -65,7 +65,7 @@ def _same_run(t, a, b):
         if fa.endswith(".npy"):
             np.testing.assert_array_equal(np.load(fa), np.load(fb))
         else:
-            assert predict._read_done(fa) == predict._read_done(fb) == [[0, len(np.load(fa[:-5] + ".npy"))]]
+            assert features._read_done(fa) == features._read_done(fb) == [[0, len(np.load(fa[:-5] + ".npy"))]]
 
 
 def test_two_ranks_write_the_files_of_one_process(gld):
@@ -88,7 +88,7 @@ def test_a_killed_rank_ends_the_run_and_the_next_run_resumes(gld):
                          stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         t0 = time.time()
-        record = lambda: predict._merged(sum((predict._read_done(f)  # noqa: E731
+        record = lambda: features._merged(sum((features._read_done(f)  # noqa: E731
                                               for f in glob.glob(str(cache / "*.done*"))), []))
         while record() != [[0, 45]] and p.poll() is None and time.time() - t0 < 240:
             time.sleep(0.05)
@@ -153,7 +153,7 @@ def test_faiss_flat_equals_exact_search(tmp_path):
     fg = retrieval.faiss_index(gs, "Flat", exclude=exclude)
     assert len(fg) == 2950 and not np.isin(fg.rows, np.flatnonzero(exclude)).any()
     for rerank in (0, 50):
-        s_f, i_f = retrieval.faiss_search(fg, qs, 5, rerank=rerank, gallery=gs)
+        s_f, i_f = retrieval.faiss_search(fg, qs, 5, retrieval.Search("faiss", rerank=rerank), gallery=gs)
         np.testing.assert_array_equal(i_f, i_e)
         np.testing.assert_allclose(s_f, s_e, atol=2e-6)
     # fewer gallery rows than k: the missing slots are -inf, as topk_cosine's
@@ -176,8 +176,8 @@ def test_faiss_ivfpq_recall_on_a_clustered_gallery():
 
     def recall(i_f):
         return np.mean([len(set(a) & set(b)) / 5 for a, b in zip(i_e, i_f)])
-    codes = recall(retrieval.faiss_search(fg, [q], 5, rerank=0)[1])
-    shortlist = recall(retrieval.faiss_search(fg, [q], 5, rerank=50, gallery=[g])[1])
+    codes = recall(retrieval.faiss_search(fg, [q], 5, retrieval.Search("faiss", rerank=0))[1])
+    shortlist = recall(retrieval.faiss_search(fg, [q], 5, retrieval.Search("faiss", rerank=50), gallery=[g])[1])
     print(f"recall@5: codes {codes:.3f}, shortlist re-scored {shortlist:.3f}")
     assert shortlist >= 0.9 and shortlist > codes
 
@@ -196,14 +196,14 @@ def test_faiss_hnsw_search_depth_reaches_the_graph():
     fg = retrieval.faiss_index([g], "HNSW32")
 
     def recall(ef):
-        i_f = retrieval.faiss_search(fg, [q], 5, rerank=0, ef_search=ef)[1]
+        i_f = retrieval.faiss_search(fg, [q], 5, retrieval.Search("faiss", rerank=0, ef_search=ef))[1]
         assert faiss.downcast_index(fg.index).hnsw.efSearch == ef
         return np.mean([len(set(a) & set(b)) / 5 for a, b in zip(i_e, i_f)])
     shallow, deep = recall(16), recall(retrieval.FAISS_EF_SEARCH)
     print(f"HNSW32 recall@5: efSearch 16 {shallow:.4f}, {retrieval.FAISS_EF_SEARCH} {deep:.4f}")
     assert deep > shallow and deep >= 0.99
     fp = retrieval.faiss_index([g[:3000]], "PCA64,HNSW32")
-    retrieval.faiss_search(fp, [q[:10]], 5, ef_search=99)
+    retrieval.faiss_search(fp, [q[:10]], 5, retrieval.Search("faiss", rerank=0, ef_search=99))
     assert faiss.downcast_index(faiss.downcast_index(fp.index).index).hnsw.efSearch == 99
     folders = ["--spec", "s.json", "--gallery-dir", "g", "--query-dir", "q", "--knn", "faiss"]
     assert recognizer.search_of(predict.parse_args(folders + ["--faiss-ef", "7"])).ef_search == 7
@@ -312,7 +312,7 @@ def _probe_rank(rank, port, dirs, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        predict.check_shared_cache(dirs[rank])
+        features.check_shared_cache(dirs[rank])
         results.put((rank, "ok"))
     except UserError as e:
         results.put((rank, str(e)))

@@ -294,7 +294,7 @@ def test_preprocessing_from_a_pretrained_files_config(tmp_path):
 
 
 def test_inference_head_normalised_once_gives_the_same_bits(tmp_path):
-    """predict.load_model normalises the sub-centres once (normalize_weight_) and forward then
+    """ensemble.load_model normalises the sub-centres once (normalize_weight_) and forward then
     skips it: the same cosines bit for bit as the training head, and the skip is real."""
     from models import ArcMarginProductSubcenter
     torch.manual_seed(0)

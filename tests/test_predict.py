@@ -163,8 +163,8 @@ def test_feature_cache_reuses_and_resumes(stage1, tmp_path):
     model = ensemble.load_model(TINY_BACKBONE, stage1["checkpoint"])
     ids = pd.read_csv(os.path.join(d, "train_competition.csv"))["id"].tolist()[:20]
     paths = [os.path.join(d, "train", i[0], i[1], i[2], f"{i}.jpg") for i in ids]
-    kw = dict(device=torch.device("cpu"), batch_size=6, num_workers=0, cache_dir=str(tmp_path), key="k",
-              normalize=True)
+    kw = dict(how=features.Extraction(torch.device("cpu"), batch_size=6, num_workers=0),
+              store=features.Store(str(tmp_path), "k"), normalize=True)
     full = np.array(features.extract_features(model, paths, 40, **kw))
     np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1, rtol=1e-5)
     with torch.no_grad():
@@ -301,16 +301,16 @@ def test_extraction_precision(stage1, tmp_path):
     model = ensemble.load_model(TINY_BACKBONE, stage1["checkpoint"])
     ids = pd.read_csv(os.path.join(d, "train_competition.csv"))["id"].tolist()[:8]
     paths = [os.path.join(d, "train", i[0], i[1], i[2], f"{i}.jpg") for i in ids]
-    kw = dict(device=torch.device("cpu"), batch_size=4, num_workers=0)
+    how = {p: features.Extraction(torch.device("cpu"), batch_size=4, num_workers=0, precision=p) for p in features.PRECISIONS}
     with torch.no_grad():
         x = torch.stack([dataset.LandmarkDataset(pd.DataFrame({"filepath": paths}), "", "test",
                                                  dataset.get_transforms(40, model.preprocessing["interpolation"])[1])[i]
                          for i in range(8)])
         want = model.neck(x).numpy()
-    fp32 = features.extract_features(model, paths, 40, **kw)
+    fp32 = features.extract_features(model, paths, 40, features.Extraction(torch.device("cpu"), 4, 0))
     np.testing.assert_allclose(fp32, want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(features.extract_features(model, paths, 40, precision="fp32", **kw), fp32)
-    bf16 = features.extract_features(model, paths, 40, precision="bf16", **kw)
+    np.testing.assert_array_equal(features.extract_features(model, paths, 40, how["fp32"]), fp32)
+    bf16 = features.extract_features(model, paths, 40, how["bf16"])
     assert bf16.dtype == np.float32 and not np.allclose(bf16, fp32, rtol=1e-4, atol=1e-5)
     cos = (bf16 * fp32).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(fp32, axis=1)
     assert cos.min() > 0.99

@@ -104,13 +104,15 @@ def test_queries_cropped_to_their_boxes(tmp_path, stage1):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"models": [{"enet_type": TINY_BACKBONE, "checkpoint": stage1["checkpoint"],
                                             "image_size": 40}]}))
-    db, q = er.features_from_images(str(tmp_path), cfg, str(spec), device="cpu", num_workers=0)
+    a = er.parse_args(["--gnd", "unused", "--images", str(tmp_path), "--spec", str(spec), "--device", "cpu",
+                       "--num-workers", "0"])
+    db, q = er.features_from_images(a, cfg)
     assert db.shape == (4, 512) and q.shape == (1, 512)
     crop = cv2.imread(str(tmp_path / "q0.jpg"))[6:45, 10:50]
     cv2.imwrite(str(tmp_path / "crop.png"), crop)
     model = ensemble.load_model(TINY_BACKBONE, stage1["checkpoint"])
-    want = features.extract_features(model, [str(tmp_path / "crop.png")], 40, torch.device("cpu"), num_workers=0,
-                                    normalize=True)
+    want = features.extract_features(model, [str(tmp_path / "crop.png")], 40,
+                                     features.Extraction(torch.device("cpu"), num_workers=0), normalize=True)
     np.testing.assert_allclose(q, want, rtol=1e-5, atol=1e-6)
 
 
@@ -139,7 +141,7 @@ def test_ranks_from_predict_folders(tmp_path, stage1):
     ranks = er.ranks_from_csv(str(tmp_path / "ranks.csv"), cfg)
     import torch
     model = ensemble.load_model(TINY_BACKBONE, stage1["checkpoint"])
-    kw = dict(device=torch.device("cpu"), num_workers=0, normalize=True)
+    kw = dict(how=features.Extraction(torch.device("cpu"), num_workers=0), normalize=True)
     db = features.extract_features(model, [str(tmp_path / "db" / "all" / f"{n}.jpg") for n in cfg["imlist"]], 40, **kw)
     q = features.extract_features(model, [str(tmp_path / "q" / f"{n}.png") for n in cfg["qimlist"]], 40, **kw)
     np.testing.assert_array_equal(ranks, er.ranks_from_features(db, q))
