@@ -174,7 +174,7 @@ def run_folders(a):
         print(f"wrote {a.retrieval_ranks} (the first {min(a.ranks_k, len(gallery))} gallery images of each query)",
               flush=True)
     res |= {"frames": rec.predictions(res), "scratch": emb.scratch}
-    return res["frames"][rec.final(res)], res
+    return res["frames"][rec.final], res
 
 
 def _non_landmark_paths(non_landmark, data_dir=""):

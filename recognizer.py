@@ -75,6 +75,7 @@ class Recognizer:
         self.ens, self.gallery, self.heads = ens, gallery, heads
         self.device, self.non_landmark = torch.device(device), non_landmark
         self.space = ens.fit(gallery.emb)  # a backbone's whitening: learnt on the gallery once, not per answer
+        self.image_paths = gallery.image_paths  # where the gallery's photos are shown from
         self.search = search or Search()
         if self.search.kind == "faiss" and self.search.index is None:
             self.search.index = gallery.faiss_index(self.search.factory, self.space.gallery, self.space.whiten)
@@ -92,11 +93,12 @@ class Recognizer:
                         Rules(self.ens.rerank_with, self.search, self.non_landmark, self.device))
         ids = list(range(len(zqs[0]))) if ids is None else ids
         return res | {"query_inputs": inputs, "ids": ids, "query_paths": query_paths if query_paths is not None else ids,
-                      "gallery_paths": self.gallery.image_paths, "gallery_labels": np.asarray(self.gallery.labels),
+                      "gallery_paths": self.image_paths, "gallery_labels": np.asarray(self.gallery.labels),
                       "names": self.gallery.names}
 
-    def final(self, res):
-        """The answer given: the ensemble, with its non-landmarks sunk when asked for."""
+    @property
+    def final(self):
+        """The part of an answer given: the ensemble, with its non-landmarks sunk when asked for."""
         return "ensemble_nl" if self.non_landmark is not None else "ensemble"
 
     def ranking(self, res, k):
@@ -120,9 +122,9 @@ class Recognizer:
         path, landmark id, cosine)])}."""
         sims, nn = res["neighbours"]
         parts = {k: pairs(res[k]) for k in ("classifier", "retrieval") if k in res and self.heads}
-        g_rel, g_paths, g_labels = self.gallery.paths, self.gallery.image_paths, self.gallery.labels
+        g_rel, g_paths, g_labels = self.gallery.paths, self.image_paths, self.gallery.labels
         out = []
-        for i, pred in enumerate(pairs(res[self.final(res)])):
+        for i, pred in enumerate(pairs(res[self.final])):
             out.append({"landmark": self.name_of(pred[0]) if pred else "", "landmark_id": pred[0] if pred else None,
                         "confidence": pred[1] if pred else 0.0, "prediction": pred,
                         "answers": {k: v[i] for k, v in parts.items()},
