@@ -43,7 +43,7 @@ import features
 import report
 from dataset import BadImage, decode_rgb
 from features import Images
-from recognizer import Recognizer, add_search_args, open_gallery, search_of
+from recognizer import Recognizer, add_args as add_answer_args, open_gallery, settings_of
 from util import UserError, run_main
 
 MAX_PIXELS = 100_000_000  # a decoded 100-megapixel RGB image is 300 MB
@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest photo accepted, MB (default 20)")
     p.add_argument("--max-files", type=int, default=16, help="most photos per request (default 16)")
     features.add_args(p)  # --device, --precision
-    add_search_args(p)  # --knn exact|faiss and the faiss flags, as predict.py
+    add_answer_args(p)  # --knn exact|faiss and the faiss flags, --calibrate, --min-confidence, as predict.py
     a = p.parse_args(argv)
     if (a.spec is None) == (a.backbone is None):
         p.error("give --spec (trained models) or --backbone (no training), not both")
@@ -71,6 +71,8 @@ def parse_args(argv=None):
         p.error("--max-upload-mb and --max-files must be positive")
     if a.image_size <= 0:
         p.error(f"--image-size {a.image_size}: must be positive")
+    if not 0 <= a.min_confidence <= 1:
+        p.error(f"--min-confidence {a.min_confidence}: a probability, between 0 and 1")
     return a
 
 
@@ -94,7 +96,7 @@ class Page:
             gallery.extend(todo, emb.features["gallery"])
         self.models = [(m.load(self.device), m.image_size) for m in ens.members]
         heads = [m.metric_classify for m, _ in self.models] if ens.classifies else None
-        self.rec = Recognizer(ens, gallery, heads, search_of(a), self.device)
+        self.rec = Recognizer(ens, gallery, heads, settings_of(a, self.device))
         self.lock = threading.Lock()
         print(f"gallery: {len(gallery)} photos of {len(set(gallery.labels.tolist()))} landmarks; "
               f"{len(self.models)} model(s) on {self.device}", flush=True)
@@ -243,8 +245,8 @@ def create_app(a, workdir):
     @api.post("/", response_class=HTMLResponse)
     async def recognise(request: Request):
         done, messages = await answers(request)
-        rows = "".join(report.render_row({"id": n, "image": im, "prediction": r["prediction"],
-                                          "answers": r["answers"],
+        rows = "".join(report.render_row({"id": n, "image": im, "prediction": r["prediction"], "sure": r["sure"],
+                                          "calibrated": r["calibrated"], "answers": r["answers"],
                                           "neighbours": [(p, lid, c) for _, p, lid, c in r["neighbours"]]},
                                          rec.name_of, thumbs) for n, im, r in done)
         return HTMLResponse(page_html(rec, messages, rows), status_code=200 if done or not messages else 400)
@@ -253,7 +255,7 @@ def create_app(a, workdir):
     async def recognise_json(request: Request):
         done, messages = await answers(request)
         return JSONResponse({"results": [{"file": n, "landmark": r["landmark"], "landmark_id": r["landmark_id"],
-                                          "confidence": r["confidence"],
+                                          "guess": r["guess"], "sure": r["sure"], "confidence": r["confidence"],
                                           "neighbours": [{"path": g, "landmark": rec.name_of(lid), "cosine": c}
                                                          for g, _, lid, c in r["neighbours"]]}
                                          for n, _, r in done], "errors": messages},

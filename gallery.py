@@ -64,7 +64,7 @@ def ids_for_names(names, known):
     return np.array([by_name[n] for n in names], np.int64), {i: n for n, i in by_name.items()}
 
 
-def _gallery_digest(paths):
+def gallery_digest(paths):
     return hashlib.sha1("\n".join(paths).encode()).hexdigest()
 
 
@@ -86,6 +86,7 @@ class Gallery:
         self.labels = np.zeros(0, np.int64) if labels is None else np.asarray(labels)
         self.names = dict(names or {})
         self._saved_faiss = None  # (metadata, path) of the faiss index saved beside a loaded index
+        self.saved_calibration = None  # {"key", "fit"} saved with a loaded index (recognizer.Recognizer)
 
     def __len__(self):
         return len(self.paths)
@@ -118,6 +119,7 @@ class Gallery:
         g = cls(meta["paths"], labels, emb, names, root or meta.get("gallery_dir"))
         if meta.get("faiss") and os.path.isfile(stem + ".faiss"):
             g._saved_faiss = (meta["faiss"], stem + ".faiss")
+        g.saved_calibration = meta.get("calibration")
         return g
 
     def missing(self, folder):
@@ -150,19 +152,20 @@ class Gallery:
         if self._saved_faiss:
             meta, path = self._saved_faiss
             if (meta["factory"] == factory and meta.get("whiten") == whiten
-                    and meta["paths_sha1"] == _gallery_digest(self.paths)):
+                    and meta["paths_sha1"] == gallery_digest(self.paths)):
                 return FaissGallery.load(path, factory)
         bad = unreadable_rows(*vectors)  # a GLDv2 gallery's unreadable images; folders index readable ones only
         fg = faiss_index(vectors, factory, exclude=bad if bad.any() else None)
         print(f"faiss index {factory!r}: {len(fg)} gallery images", flush=True)
         return fg
 
-    def save(self, path, signature, faiss=None, whiten=None):
+    def save(self, path, signature, faiss=None, whiten=None, calibration=None):
         """path.npz + path.json (see the module's docstring); the root is recorded for showing
         the images (report.py, app.py). faiss: a retrieval.FaissGallery of these very images,
         kept as path.faiss with its factory string, the whitening it was built after (--backbone)
         and a digest of the paths, so that a later run uses it only for this gallery; without
-        one, an earlier path.faiss is removed. Returns the stem."""
+        one, an earlier path.faiss is removed. calibration: {"key", "fit"} of the confidence's
+        calibration (recognizer.Recognizer), used again while its key holds. Returns the stem."""
         stem = _stem(path)
         os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
         np.savez(stem + ".npz", labels=np.asarray(self.labels, np.int64),
@@ -173,12 +176,12 @@ class Gallery:
         meta_faiss = None
         if faiss is not None:
             faiss.save(stem + ".faiss")
-            meta_faiss = {"factory": faiss.factory, "whiten": whiten, "paths_sha1": _gallery_digest(self.paths)}
+            meta_faiss = {"factory": faiss.factory, "whiten": whiten, "paths_sha1": gallery_digest(self.paths)}
         with open(stem + ".json", "w", encoding="utf-8") as f:
             json.dump({"format": "glr2020-index-1", "models": signature, "paths": list(self.paths),
                        "names": {str(k): v for k, v in self.names.items()},
-                       "gallery_dir": os.path.abspath(self.root) if self.root else None, "faiss": meta_faiss},
-                      f, ensure_ascii=False)
+                       "gallery_dir": os.path.abspath(self.root) if self.root else None, "faiss": meta_faiss,
+                       "calibration": calibration}, f, ensure_ascii=False)
         print(f"index: {stem}.npz, {stem}.json ({len(self.paths)} images)", flush=True)
         return stem
 
@@ -202,13 +205,20 @@ def read_folder_solution(path, names):
     return truth
 
 
-def predictions_frame(q_paths, landmarks, confidences, sims, nn, g_paths, names):
-    """One row per query: path, landmark (name), confidence, neighbours (JSON)."""
+def predictions_frame(q_paths, landmarks, confidences, sims, nn, g_paths, names, min_confidence=None):
+    """One row per query: path, landmark (name), confidence, neighbours (JSON). With min_confidence
+    (a calibrated confidence: the probability that the landmark is right), also guess: the best
+    landmark whatever its confidence, and landmark only where the confidence reaches min_confidence
+    (empty: unknown, "not sure")."""
     rows = []
     for i, q in enumerate(q_paths):
         lid = landmarks[i]
         named = lid is not None and lid == lid
+        name = names.get(int(lid), str(lid)) if named else ""
+        conf = float(confidences[i]) if named else 0.0
         nb = [[g_paths[j], round(float(s), 6)] for s, j in zip(sims[i], nn[i]) if np.isfinite(s)]
-        rows.append((q, names.get(int(lid), str(lid)) if named else "", float(confidences[i]) if named else 0.0,
-                     json.dumps(nb if named else [], ensure_ascii=False)))
-    return pd.DataFrame(rows, columns=["path", "landmark", "confidence", "neighbours"])
+        row = (q, name if min_confidence is None or conf >= min_confidence else "", conf,
+               json.dumps(nb if named else [], ensure_ascii=False))
+        rows.append(row if min_confidence is None else (*row[:2], name, *row[2:]))
+    columns = ["path", "landmark", "confidence", "neighbours"]
+    return pd.DataFrame(rows, columns=columns if min_confidence is None else ["path", "landmark", "guess", *columns[2:]])

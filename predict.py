@@ -29,7 +29,7 @@ from dataset import drop_excluded, image_path, read_csv_checked, resolve_paths
 from features import Images
 from gallery import Gallery, list_images
 from preprocess import read_clean_list
-from recognizer import Recognizer, add_search_args, open_gallery, search_of
+from recognizer import Recognizer, add_args as add_answer_args, open_gallery, settings_of
 from retrieval import FaissGallery, faiss_index, unreadable_rows
 from util import UserError, cleanup_distributed, cpu_budget, is_main, print0, read_label_map, run_main, setup_distributed
 
@@ -59,7 +59,7 @@ def run(a):
     'nl_flags' and 'nl_similarity' (each query's mean cosine to its nearest non-landmarks).
     Under torchrun the other ranks return None once their share of the images is embedded."""
     device = _device(a)
-    search = search_of(a)
+    settings = settings_of(a, device, folders=False)
     read_label_map(a.idx2landmark)  # a wrong label map ends the run before the CSVs are read
     gallery = read_clean_list(a.train_csv)  # id,landmark_id or GLDv2's landmark_id,images; ids as text
     sub = read_csv_checked(a.sample_submission or os.path.join(a.data_dir, "sample_submission.csv"), ["id"])
@@ -83,10 +83,9 @@ def run(a):
     if not is_main():
         return None
     g_emb = emb.features["gallery"]
-    if search.kind == "faiss" and a.cache_dir:
-        search.index = _cached_faiss(a, ens, g_emb, gallery_digest)
-    rec = Recognizer(ens, Gallery(g_paths, gallery["landmark_id"].to_numpy(), g_emb, ens.known), emb.heads, search,
-                     device, a.non_landmark)
+    if settings.search.kind == "faiss" and a.cache_dir:
+        settings.search.index = _cached_faiss(a, ens, g_emb, gallery_digest)
+    rec = Recognizer(ens, Gallery(g_paths, gallery["landmark_id"].to_numpy(), g_emb, ens.known), emb.heads, settings)
     res = rec.answer(emb.features["queries"], emb.features.get("non-landmarks"), ids=list(sub["id"]),
                      query_paths=q_paths)
     res["scratch"] = emb.scratch
@@ -146,7 +145,7 @@ def run_folders(a):
     Returns (predictions frame or None, the answer or None); under torchrun, (None, None)
     on ranks other than 0."""
     device = _device(a)
-    search = search_of(a)
+    settings = settings_of(a, device)
     q_rel = _check_folder_options(a)
     ens = ensemble.load(a, device)
     gallery, todo = open_gallery(ens, a.index, a.gallery_dir, add=a.add_to_index)
@@ -160,9 +159,10 @@ def run_folders(a):
     if not is_main():
         return None, None
     gallery.extend(todo, emb.features["gallery"])
-    rec = Recognizer(ens, gallery, emb.heads, search, device, a.non_landmark)
+    rec = Recognizer(ens, gallery, emb.heads, settings)
     if a.save_index or a.add_to_index:
-        gallery.save(a.save_index or a.index, ens.signature(), faiss=rec.search.index, whiten=rec.space.whiten)
+        gallery.save(a.save_index or a.index, ens.signature(), faiss=rec.search.index, whiten=rec.space.whiten,
+                     calibration=rec.saved_calibration())
     if not q_paths:
         features.remove_scratch(a.cache_dir, emb.scratch)
         return None, None
@@ -235,7 +235,7 @@ def build_parser():
     p.add_argument("--write-parts", action="store_true",
                    help="also write OUT's classifier-only, retrieval-only (and, with --non-landmark, plain "
                         "re-ranked) submissions or predictions: *_classifier.csv, *_retrieval.csv, *_ensemble.csv")
-    add_search_args(p)
+    add_answer_args(p)  # --knn and the faiss flags, --calibrate, --min-confidence
     p.add_argument("--dist-timeout", type=float, default=60,
                    help="under torchrun: minutes a rank waits for the others (their share of the images) before "
                         "the run fails (default 60)")
@@ -268,6 +268,8 @@ def check_options(a):
         raise UserError(f"--faiss-ef {a.faiss_ef}: must be at least 1")
     if a.faiss_rerank < 0:
         raise UserError(f"--faiss-rerank {a.faiss_rerank}: must be 0 or more")
+    if not 0 <= a.min_confidence <= 1:
+        raise UserError(f"--min-confidence {a.min_confidence}: a probability, between 0 and 1")
     return a
 
 
@@ -361,7 +363,8 @@ def answer_gldv2(a, truth):
     if res is None:  # torchrun, rank > 0: its share is embedded; rank 0 answers
         return None
     final = "ensemble_nl" if a.non_landmark else "ensemble"
-    format_submission(res["ids"], *res[final]).to_csv(a.out, index=False)
+    # --calibrate: every guess kept, ordered by its calibrated confidence (GAP never loses by a late guess)
+    format_submission(res["ids"], res[final][0], res.get("calibrated", res[final][1])).to_csv(a.out, index=False)
     if a.write_parts:
         write_parts(a, lambda part, path: format_submission(res["ids"], *res[part]).to_csv(path, index=False))
     if a.non_landmark:

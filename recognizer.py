@@ -1,28 +1,46 @@
 """One recognizer: models, a gallery, a search and the re-ranking, built once and asked to answer.
 
-    rec = Recognizer(ens, gallery, heads, search_of(a), device, non_landmark=None)
+    rec = Recognizer(ens, gallery, heads, settings_of(a, device))   # the calibration learnt (or read) here
     res = rec.answer(zqs)               # zqs: per model the queries' features (features.embed_all)
     rec.predictions(res)                # predictions.csv, one frame per part
-    rec.answers(res)                    # per query: landmark, confidence, neighbours (app.py's page and JSON)
+    rec.answers(res)                    # per query: landmark or "not sure", guess, confidence, neighbours
 
 predict.py's folder mode and GLDv2 run, app.py and evaluate_retrieval.py all answer through it, so
 that a photo gets the same answer whichever of them is asked. The maths is retrieval.py's; this
 module only puts the pieces together: the ensemble's Space (a backbone's whitening, learnt once on
-the gallery), the faiss index when asked for, and the names of the landmarks.
+the gallery), the faiss index when asked for, the calibration of the confidence (calibration.py,
+learnt once on the gallery), the threshold below which an answer is unknown, and the names of the
+landmarks.
 """
+import argparse
+import json
+import time
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from gallery import Gallery, predictions_frame
-from retrieval import (FAISS_EF_SEARCH, FAISS_NPROBE, FAISS_RERANK, Rules, Search, import_faiss, recognize,
-                       topk_cosine)
+import calibration as cal
+from gallery import Gallery, gallery_digest, predictions_frame
+from retrieval import (FAISS_EF_SEARCH, FAISS_NPROBE, FAISS_RERANK, Rules, Search, apply_non_landmark, import_faiss,
+                       recognize, topk_cosine)
 from util import UserError
 
 PARTS = ("classifier", "retrieval", "ensemble", "ensemble_nl")
+MIN_CONFIDENCE = 0.5  # --min-confidence: below it the answer is unknown (more likely wrong than right)
 
 
-def add_search_args(p):
-    """--knn and the faiss flags, on predict.py's parser and app.py's (search_of reads them)."""
+def add_args(p):
+    """How answers are found and given, on predict.py's parser and app.py's: --knn and the faiss flags
+    (search_of reads them), --calibrate, --min-confidence (settings_of)."""
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="a calibrated confidence, the probability that the landmark is right, learnt from the "
+                        "gallery (leave-one-out and leave-landmark-out answers of a sample of its photos) and kept "
+                        "in a saved index; default: on for your own photos, off on GLDv2 (the original's "
+                        "submission)")
+    p.add_argument("--min-confidence", type=float, default=MIN_CONFIDENCE, metavar="P",
+                   help="with a calibrated confidence: below P the answer is unknown ('not sure': predictions.csv's "
+                        f"landmark empty, its guess kept); default {MIN_CONFIDENCE}: more likely right than wrong")
     p.add_argument("--knn", choices=["exact", "faiss"], default="exact",
                    help="nearest-neighbour search: exact (the original's, in bounded memory) or faiss (pip install "
                         "faiss-cpu, or faiss-gpu) with the index of --faiss-index")
@@ -38,6 +56,12 @@ def add_search_args(p):
                    help="with --knn faiss: the index's N best candidates are scored again by their exact cosines "
                         "(read for those rows alone from the features) and give the top 5; 0: the codes' own "
                         f"similarities (default {FAISS_RERANK})")
+
+
+def settings_of(a, device, folders=True):
+    """The Settings of the options of add_args (and --non-landmark where the caller has it)."""
+    calibrate = folders if a.calibrate is None else a.calibrate
+    return Settings(search_of(a), device, getattr(a, "non_landmark", None), calibrate, a.min_confidence)
 
 
 def search_of(a):
@@ -63,22 +87,61 @@ def pairs(part):
     return [None if (lid is None or lid != lid) else (int(lid), float(c)) for lid, c in zip(landmarks, conf)]
 
 
+@dataclass
+class Settings:
+    """How a Recognizer answers. search: a retrieval.Search (its faiss index built at start when it has
+    none); device; non_landmark: None, 'auto' (mined from the queries) or anything true with nl_emb
+    given to answer (a known set); calibrate: learn (or read from the saved index) the calibration
+    of the confidence (calibration.py); min_confidence: below it, with a calibration, the answer is
+    unknown (its landmark a guess)."""
+    search: Search = None
+    device: object = "cpu"
+    non_landmark: object = None
+    calibrate: bool = True
+    min_confidence: float = MIN_CONFIDENCE
+
+
 class Recognizer:
     """ens: an ensemble.Ensemble; gallery: a gallery.Gallery with ens's features; heads: per model
     its ArcFace head (features.embed_all gives them; None for a backbone without training);
-    search: a retrieval.Search (its faiss index built here when it has none); non_landmark: None,
-    'auto' (mined from the queries) or anything true with nl_emb given to answer (a known set)."""
+    settings: Settings."""
 
-    def __init__(self, ens, gallery, heads, search=None, device="cpu", non_landmark=None):
+    def __init__(self, ens, gallery, heads, settings=None):
         if gallery.emb is None or not len(gallery):
             raise UserError("the gallery is empty: nothing to retrieve from")
-        self.ens, self.gallery, self.heads = ens, gallery, heads
-        self.device, self.non_landmark = torch.device(device), non_landmark
+        s = settings or Settings()
+        self.ens, self.gallery, self.heads, self.settings = ens, gallery, heads, s
+        self.device, self.non_landmark = torch.device(s.device), s.non_landmark
         self.space = ens.fit(gallery.emb)  # a backbone's whitening: learnt on the gallery once, not per answer
         self.image_paths = gallery.image_paths  # where the gallery's photos are shown from
-        self.search = search or Search()
+        self.search = s.search or Search()
         if self.search.kind == "faiss" and self.search.index is None:
             self.search.index = gallery.faiss_index(self.search.factory, self.space.gallery, self.space.whiten)
+        self.calibration = self._calibration() if s.calibrate else None
+
+    def saved_calibration(self):
+        """What Gallery.save keeps of the calibration (None without one)."""
+        return None if self.calibration is None else {"key": self.calibration_key(), "fit": self.calibration.as_dict()}
+
+    def calibration_key(self):
+        """What a calibration depends on beyond the models (the index's signature): the gallery's
+        photos, the re-ranking, the whitening and the sample's size."""
+        return json.loads(json.dumps({"paths_sha1": gallery_digest(self.gallery.paths), "sample": cal.SAMPLE,
+                                      "rerank_with": self.ens.rerank_with, "whiten": self.space.whiten}))
+
+    def _calibration(self):
+        """The saved index's calibration when it was learnt on this very gallery and re-ranking, else
+        one learnt now (calibration.learn: a bounded sample of the gallery answered held out)."""
+        saved = self.gallery.saved_calibration
+        if saved and saved.get("key") == self.calibration_key():
+            return cal.Calibration.from_dict(saved["fit"])
+        t0 = time.time()
+        c = cal.learn(self.space.gallery, self.gallery.labels,
+                      (self.heads, self.ens.idx2lid) if self.heads is not None else None, self.ens.rerank_with,
+                      self.device)
+        print(f"confidence calibrated on {c.samples} held-out answers of gallery photos ({c.right:.0%} of them "
+              f"right) in {time.time() - t0:.1f} s", flush=True)
+        return c
 
     def name_of(self, label):
         return self.gallery.names.get(label, str(label))
@@ -91,6 +154,13 @@ class Recognizer:
         res = recognize(inputs, sp.gallery, self.gallery.labels, self.heads, self.ens.idx2lid,
                         sp.inputs(nl_emb) if nl_emb else nl_emb,
                         Rules(self.ens.rerank_with, self.search, self.non_landmark, self.device))
+        if self.calibration is not None:
+            landmarks, conf = res["ensemble"]  # the features of the answer before non-landmarks are sunk
+            p = self.calibration(cal.answer_features(res["neighbours"][0], res["neighbour_landmarks"], landmarks,
+                                                     conf, res.get("cls_top")))
+            p = np.where(res["unreadable"][0], 0.0, p)
+            res["calibrated"] = apply_non_landmark(p, res["nl_flags"]) if "nl_flags" in res else p
+            res["sure"] = res["calibrated"] >= self.settings.min_confidence
         ids = list(range(len(zqs[0]))) if ids is None else ids
         return res | {"query_inputs": inputs, "ids": ids, "query_paths": query_paths if query_paths is not None else ids,
                       "gallery_paths": self.image_paths, "gallery_labels": np.asarray(self.gallery.labels),
@@ -110,24 +180,38 @@ class Recognizer:
         return [[j for j in row if not g_bad[j]] for row in order]
 
     def predictions(self, res):
-        """{part: predictions.csv's frame}: path, landmark (name), confidence, neighbours (JSON)."""
+        """{part: predictions.csv's frame}: path, landmark (name), confidence, neighbours (JSON). The
+        final answer's, with a calibration: its calibrated confidence, a guess column, and an empty
+        landmark below --min-confidence (unknown)."""
         sims, nn = res["neighbours"]
-        return {part: predictions_frame(res["ids"], *res[part], sims, nn, self.gallery.paths, self.gallery.names)
-                for part in PARTS if part in res}
+        paths, names = self.gallery.paths, self.gallery.names
+        frames = {part: predictions_frame(res["ids"], *res[part], sims, nn, paths, names)
+                  for part in PARTS if part in res}
+        if "calibrated" in res:
+            frames[self.final] = predictions_frame(res["ids"], res[self.final][0], res["calibrated"], sims, nn, paths,
+                                                   names, self.settings.min_confidence)
+        return frames
 
     def answers(self, res):
-        """Per query {'landmark' (name, '' for none), 'landmark_id', 'confidence', 'prediction'
-        ((id, confidence) or None), 'answers' ({part: (id, confidence) or None}: the classifier's
-        and retrieval's own, with trained models), 'neighbours' ([(path under the gallery, photo
-        path, landmark id, cosine)])}."""
+        """Per query {'landmark' (name; '' for none, or when not sure), 'guess' (the best landmark's
+        name, sure or not), 'landmark_id', 'confidence' (calibrated where there is a calibration),
+        'sure' (the confidence reaches --min-confidence), 'calibrated', 'prediction' ((id,
+        confidence) or None), 'answers' ({part: (id, confidence) or None}: the classifier's and
+        retrieval's own, with trained models), 'neighbours' ([(path under the gallery, photo path,
+        landmark id, cosine)])}."""
         sims, nn = res["neighbours"]
         parts = {k: pairs(res[k]) for k in ("classifier", "retrieval") if k in res and self.heads}
         g_rel, g_paths, g_labels = self.gallery.paths, self.image_paths, self.gallery.labels
+        calibrated = res.get("calibrated")
         out = []
         for i, pred in enumerate(pairs(res[self.final])):
-            out.append({"landmark": self.name_of(pred[0]) if pred else "", "landmark_id": pred[0] if pred else None,
-                        "confidence": pred[1] if pred else 0.0, "prediction": pred,
-                        "answers": {k: v[i] for k, v in parts.items()},
+            if pred is not None and calibrated is not None:
+                pred = (pred[0], float(calibrated[i]))
+            sure = pred is not None and (calibrated is None or bool(res["sure"][i]))
+            guess = self.name_of(pred[0]) if pred else ""
+            out.append({"landmark": guess if sure else "", "guess": guess, "landmark_id": pred[0] if sure else None,
+                        "confidence": pred[1] if pred else 0.0, "sure": sure, "calibrated": calibrated is not None,
+                        "prediction": pred, "answers": {k: v[i] for k, v in parts.items()},
                         "neighbours": [(g_rel[j], g_paths[j], int(g_labels[j]), float(c))
                                        for c, j in zip(sims[i], nn[i]) if np.isfinite(c)]})
         return out
@@ -147,8 +231,11 @@ def write_report(path, res, view, non_landmark=False):
     neighbours = [[(g_paths[j], int(g_labels[j]), float(s)) for s, j in zip(sims[i], nn[i]) if np.isfinite(s)]
                   for i in range(len(ids))]
     final_name = "ensemble + non-landmarks sunk (submitted)" if non_landmark else "ensemble (submitted)"
-    final = pairs(res[final_key])
+    calibrated = "calibrated" in res
+    landmarks = res[final_key][0]
+    final = pairs((landmarks, res["calibrated"]) if calibrated else res[final_key])
     answers = report.Answers(ids, res["query_paths"], final, parts, neighbours, sunk=res.get("nl_flags"),
-                             unreadable=res["unreadable"][0], final_name=final_name)
+                             unreadable=res["unreadable"][0], final_name=final_name, sure=res.get("sure"),
+                             calibrated=calibrated)
     scores = score_answers(ids, {final_name: final, **parts}, view.truth) if view.truth is not None else None
     return report.write_report(path, answers, view, scores)

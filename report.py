@@ -43,7 +43,7 @@ table.scores td,table.scores th{padding:3px 10px}
 .mark{font-weight:bold}.right .mark{color:#197a19}.wrong .mark{color:#b11}
 .tag{display:inline-block;padding:0 5px;border-radius:3px;font-size:12px;background:#ddd;margin:1px 0}
 .tag.sunk{background:#c9d8f0}.tag.unreadable{background:#f0d9a8}.tag.wrong{background:#f3b9b9}
-.tag.right{background:#b9e3b9}.muted{color:#777}.msg{padding:6px 10px;background:#fff3cd;border:1px solid #e0c870}
+.tag.right{background:#b9e3b9}.tag.not-sure{background:#e4e4e4;color:#555}.unsure{color:#666}.muted{color:#777}.msg{padding:6px 10px;background:#fff3cd;border:1px solid #e0c870}
 .missing{width:96px;height:64px;background:#eee;color:#777;font-size:11px;display:flex;align-items:center;
 justify-content:center}
 """
@@ -136,8 +136,9 @@ def render_row(row, name_of, thumbs):
     'prediction' ((label, confidence) or None), 'truth' (a set of labels, None
     for a non-landmark, absent when unknown), 'answers' ({part: (label, conf)
     or None}), 'neighbours' ([(image, label, cosine or None)]), 'tags' (e.g.
-    ['sunk']), 'truth_image' (optional: a gallery image of the true landmark)}.
-    name_of(label) -> the text shown for a landmark."""
+    ['sunk']), 'truth_image' (optional: a gallery image of the true landmark), 'sure' (default True:
+    False shows "not sure" and the prediction as a guess, in grey), 'calibrated' (the confidence is a
+    probability: shown as a percentage)}. name_of(label) -> the text shown for a landmark."""
     known = "truth" in row
     truth, pred = row.get("truth"), row["prediction"]
     mark = mark_of(pred, truth, known)
@@ -148,12 +149,18 @@ def render_row(row, name_of, thumbs):
         tags.append("wrong")
     elif mark == "right":
         tags.append("right")
-    tag_html = " ".join(f'<span class="tag {html.escape(t)}">{html.escape(t)}</span>' for t in tags)
+    sure = row.get("sure", True)
+    if pred is not None and not sure:
+        tags.append("not sure")
+    tag_html = " ".join(f'<span class="tag {html.escape(t.replace(" ", "-"))}">{html.escape(t)}</span>' for t in tags)
     if pred is None:
         pred_html = '<span class="muted">no prediction</span>'
     else:
-        pred_html = (f'<b class="pred">{html.escape(name_of(pred[0]))}</b><br>'
-                     f'confidence <span class="conf">{pred[1]:.4g}</span>')
+        conf = f"{pred[1]:.0%}" if row.get("calibrated") else f"{pred[1]:.4g}"
+        pred_html = (f'<b class="pred">{html.escape(name_of(pred[0]))}</b><br>' if sure else
+                     f'<b class="unsure">not sure</b><br><span class="guess muted">guess: '
+                     f'{html.escape(name_of(pred[0]))}</span><br>') + f'confidence <span class="conf">{conf}</span>'
+
     cells = [f'<td class="q">{img_tag(thumbs(row["image"], QUERY_SIDE), str(row["id"]))}'
              f'<div class="qid">{html.escape(str(row["id"]))}</div></td>',
              f'<td>{pred_html}<div>{tag_html}</div>']
@@ -222,7 +229,9 @@ class Answers:
     (e.g. classifier, retrieval), shown too; neighbours: [(gallery image, label, cosine or None)];
     sunk, unreadable: bool (what predict.py knows; evaluate.py knows neither); final_name: the
     final answer's name; neighbours_are: 'nearest' (by cosine) or 'examples' (gallery images of the
-    predicted landmark); truth_images: {label: a gallery image}, shown beside a wrong prediction."""
+    predicted landmark); truth_images: {label: a gallery image}, shown beside a wrong prediction;
+    sure: per query bool (None: all), False where the answer is unknown and final holds its guess;
+    calibrated: final's confidences are probabilities (shown as percentages)."""
     ids: list
     images: list
     final: list
@@ -233,6 +242,8 @@ class Answers:
     final_name: str = "final"
     neighbours_are: str = "nearest"
     truth_images: dict = None
+    sure: object = None
+    calibrated: bool = False
 
 
 @dataclass
@@ -277,6 +288,10 @@ def _head(answers, view, scores):
         counts.append(f"{int(np.sum(answers.unreadable))} unreadable")
     if answers.sunk is not None:
         counts.append(f"{int(np.sum(answers.sunk))} sunk as non-landmarks")
+    if answers.sure is not None:
+        n_sure = int(np.sum(answers.sure))
+        counts.append(f"{n_sure} answered, {sum(p is not None for p in final) - n_sure} not sure (their guess kept, "
+                      f"in grey)")
     head = [f"<h1>{html.escape(view.title)}</h1>"] + [f"<p>{html.escape(n)}</p>" for n in view.notes]
     if truth is not None:  # scores of the final answer and of each part, as evaluate.py computes them
         head.append('<table class="scores"><tr><th>answer</th><th>GAP</th><th>accuracy (landmark queries)</th></tr>')
@@ -315,7 +330,8 @@ def _queries(answers, view, shown, name_of):
         row = {"id": q, "image": answers.images[i], "prediction": answers.final[i],
                "answers": {k: v[i] for k, v in answers.parts.items()},
                "neighbours": answers.neighbours[i] if answers.neighbours is not None else (),
-               "tags": (["sunk"] if sunk[i] else []) + (["unreadable"] if unreadable[i] else [])}
+               "tags": (["sunk"] if sunk[i] else []) + (["unreadable"] if unreadable[i] else []),
+               "sure": True if answers.sure is None else bool(answers.sure[i]), "calibrated": answers.calibrated}
         if truth is not None and q in truth:
             row["truth"] = truth[q]
             examples = answers.truth_images

@@ -31,9 +31,11 @@ def split(data_dir, clean_list, out):
 
 
 def submission(predictions, out):
-    p = pd.read_csv(predictions, keep_default_na=False, dtype={"landmark": str})
+    p = pd.read_csv(predictions, keep_default_na=False, dtype={"landmark": str, "guess": str})
     ids = [os.path.splitext(os.path.basename(x))[0] for x in p["path"]]
-    rows = [f"{lm} {float(c)!r}" if lm else "" for lm, c in zip(p["landmark"], p["confidence"])]
+    # every guess, sure or not (predictions.csv's guess column): GAP orders them by confidence
+    named = p["guess"] if "guess" in p.columns else p["landmark"]
+    rows = [f"{lm} {float(c)!r}" if lm else "" for lm, c in zip(named, p["confidence"])]
     pd.DataFrame({"id": ids, "landmarks": rows}).to_csv(out, index=False)
 
 

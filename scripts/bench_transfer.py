@@ -14,8 +14,10 @@ Each run goes through the real command lines, as a user would:
 - finetune: the same with train.py --recipe finetune;
 
 then evaluate.py's scorer (evaluate.evaluate, in this process) on each of predict.py's outputs. One JSON line per run and
-seed (`retrieval`, `classifier`, `ensemble` GAP; `seconds`), then one line per
-run with the means over the seeds (`what: transfer_mean`).
+seed (`retrieval`, `classifier`, `ensemble` GAP, every guess kept; with the calibrated confidence, at
+predict.py's --min-confidence: `precision`, `coverage`, `distractors_answered`, and `ece`, the expected
+calibration error in 10 bins; `seconds`), then one line per run with the means over the seeds
+(`what: transfer_mean`).
 """
 import json
 import os
@@ -30,6 +32,7 @@ import pandas as pd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import calibration as cal  # noqa: E402
 import evaluate  # noqa: E402
 from gallery import list_images  # noqa: E402
 
@@ -56,6 +59,8 @@ def add_parser(sub, common=None, default_device=None):
     q.add_argument("--runs", default=",".join(RUNS), help=f"any of {','.join(RUNS)}")
     q.add_argument("--original-epochs", type=int, default=6, help="epochs of the original recipe")
     q.add_argument("--train-args", default="", help="more train.py flags for the finetune run (experiments)")
+    q.add_argument("--predict-args", default="",
+                   help="more predict.py flags for every run, e.g. '--min-confidence 0.6' or '--no-calibrate'")
     q.add_argument("--num-workers", type=int, default=0)
     q.add_argument("--work-dir", default=None, help="keep the runs' files here (default: a temporary folder)")
     return q
@@ -102,14 +107,35 @@ def _cli(*args):
 
 def _gap(predictions, names, solution):
     """GAP of a predictions.csv through evaluate.py (as a submission of landmark ids)."""
-    p = pd.read_csv(predictions, keep_default_na=False, dtype={"landmark": str})
+    p = pd.read_csv(predictions, keep_default_na=False, dtype={"landmark": str, "guess": str})
     lid = {n: i for i, n in enumerate(names)}
+    named = p["guess"] if "guess" in p.columns else p["landmark"]  # every guess, sure or not: GAP orders them
     sub = pd.DataFrame({"id": [os.path.splitext(x)[0] for x in p["path"]],
                         "landmarks": [f"{lid[lm]} {float(c)!r}" if lm else "" for lm, c in
-                                      zip(p["landmark"], p["confidence"])]})
+                                      zip(named, p["confidence"])]})
     path = os.path.splitext(predictions)[0] + "_submission.csv"
     sub.to_csv(path, index=False)
     return evaluate.evaluate(path, solution)[0]  # evaluate.py's scorer, in this process (no torch import per part)
+
+
+def answered(predictions, names, solution):
+    """At the threshold predict.py applied (--min-confidence): precision (answered and right / answered),
+    coverage (answered landmark queries / landmark queries), the share of distractors answered, and the
+    expected calibration error (10 bins) of the guesses' confidences; None without a calibration."""
+    p = pd.read_csv(predictions, keep_default_na=False, dtype={"landmark": str, "guess": str})
+    if "guess" not in p.columns:
+        return {}
+    lid = {n: str(i) for i, n in enumerate(names)}
+    truth = dict(zip(*pd.read_csv(solution, keep_default_na=False, dtype=str)[["id", "landmarks"]].T.values))
+    t = np.array([truth[os.path.splitext(x)[0]] for x in p["path"]])
+    said = np.array([lid.get(n, "") for n in p["landmark"]])
+    guess = np.array([lid.get(n, "") for n in p["guess"]])
+    on, landmark = said != "", t != ""
+    right = on & (said == t)
+    return dict(precision=round(float(right.sum() / max(on.sum(), 1)), 4),
+                coverage=round(float((on & landmark).sum() / max(landmark.sum(), 1)), 4),
+                distractors_answered=round(float((on & ~landmark).sum() / max((~landmark).sum(), 1)), 4),
+                ece=round(cal.expected_calibration_error(p["confidence"].to_numpy(), guess == t), 4))
 
 
 def run_one(run, a, work, names):
@@ -118,7 +144,7 @@ def run_one(run, a, work, names):
     out = os.path.join(work, run)
     os.makedirs(out, exist_ok=True)
     common = ["--gallery-dir", g, "--query-dir", q, "--num-workers", str(a.num_workers), "--write-parts",
-              "--out", os.path.join(out, "predictions.csv")]
+              "--out", os.path.join(out, "predictions.csv"), *a.predict_args.split()]
     if run == "zero":
         _cli("predict.py", "--backbone", a.enet_type, "--image-size", str(a.image_size), *common,
              *(["--pretrained-path", a.pretrained_path] if a.pretrained_path else []))
@@ -149,7 +175,9 @@ def run_one(run, a, work, names):
         path = os.path.join(out, name)
         res[part] = round(_gap(path, names, solution), 4) if os.path.isfile(path) and (
             run != "zero" or part == "retrieval") else None
-    return res
+    if run == "zero":  # no classifier: its answer is retrieval's, with the calibrated confidence
+        res["ensemble"] = round(_gap(os.path.join(out, "predictions.csv"), names, solution), 4)
+    return res | answered(os.path.join(out, "predictions.csv"), names, solution)
 
 
 def cmd_transfer(a, emit=emit):
@@ -176,8 +204,9 @@ def cmd_transfer(a, emit=emit):
                      queries=n_q, gallery=len(list_images(os.path.join(work, "gallery"))), **res,
                      seconds=round(time.time() - t0, 1))
         for run in runs:
+            keys = [k for k in results[run][0] if k not in ("seconds",)]
             mean = {k: (round(float(np.mean([r[k] for r in results[run]])), 4) if results[run][0][k] is not None
-                        else None) for k in ("retrieval", "classifier", "ensemble")}
+                        else None) for k in keys}
             emit(what="transfer_mean", run=run, seeds=len(results[run]), **mean)
     finally:
         if not a.work_dir:

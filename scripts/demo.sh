@@ -60,9 +60,15 @@ $PY predict.py "${pred[@]}" --out "$OUT/submission_nl.csv" --non-landmark "$D/no
     --report "$OUT/report.html" --solution "$D/solution.csv" --logs "$OUT"/logs/demo_*.txt 2>/dev/null
 # your-own-photos path: the same images as folders (gallery/<landmark id>/, queries/), predictions.csv
 $PY scripts/as_folders.py split "$D" "$D/train_competition.csv" "$OUT/photos"
-$PY predict.py --spec "$OUT/spec.json" --gallery-dir "$OUT/photos/gallery" --query-dir "$OUT/photos/queries" \
-    --idx2landmark "$D/idx2landmark_id.json" --num-workers 0 --out "$OUT/photos/predictions.csv" 2>/dev/null
-$PY scripts/as_folders.py submission "$OUT/photos/predictions.csv" "$OUT/submission_folders.csv"
+# (--no-calibrate: the re-ranked score, so that its GAP must equal the GLDv2 run's ensemble; then the
+# calibrated confidence, which orders the same guesses by their estimated chance of being right)
+folders=(--spec "$OUT/spec.json" --query-dir "$OUT/photos/queries" --idx2landmark "$D/idx2landmark_id.json"
+         --num-workers 0)
+$PY predict.py "${folders[@]}" --gallery-dir "$OUT/photos/gallery" --save-index "$OUT/photos/index" --no-calibrate \
+    --out "$OUT/photos/predictions_raw.csv" 2>/dev/null
+$PY predict.py "${folders[@]}" --index "$OUT/photos/index" --out "$OUT/photos/predictions.csv" 2>/dev/null
+$PY scripts/as_folders.py submission "$OUT/photos/predictions_raw.csv" "$OUT/submission_folders.csv"
+$PY scripts/as_folders.py submission "$OUT/photos/predictions.csv" "$OUT/submission_folders_calibrated.csv"
 gap() { $PY evaluate.py --submission "$OUT/$1" --solution "$D/solution.csv" --label "$2"; }
 gap submission_nl_auto.csv "ensemble + mined non-landmarks"
 gap submission_nl.csv "ensemble + known non-landmarks"
@@ -70,3 +76,4 @@ gap submission_nl_classifier.csv classifier
 gap submission_nl_retrieval.csv retrieval
 gap submission_nl_ensemble.csv ensemble
 gap submission_folders.csv "folders (own photos)"
+gap submission_folders_calibrated.csv "folders, calibrated confidence"

@@ -56,16 +56,20 @@ def post(url, files, timeout=120):
 def server(photos, tmp_path_factory):
     t = tmp_path_factory.mktemp("app")
     index, pred = str(t / "idx"), str(t / "pred.csv")
-    predict.main(["--spec", photos["spec"], "--gallery-dir", photos["gallery"], "--query-dir", photos["queries"],
-                  "--idx2landmark", photos["labels"], "--save-index", index, "--out", pred, "--device", "cpu",
-                  "--num-workers", "0"])
+    common = ["--spec", photos["spec"], "--query-dir", photos["queries"], "--idx2landmark", photos["labels"],
+              "--out", pred, "--device", "cpu", "--num-workers", "0"]
+    predict.main(common + ["--gallery-dir", photos["gallery"], "--save-index", index])
+    # a threshold between the answers' confidences: the page shows sure and "not sure" answers both
+    conf = np.sort(pd.read_csv(pred)["confidence"].to_numpy())
+    threshold = f"{(conf[len(conf) // 2 - 1] + conf[len(conf) // 2]) / 2:.6f}"
+    predict.main(common + ["--index", index, "--min-confidence", threshold])
     tmp = t / "tmp"
     tmp.mkdir()
     port = free_port()
     env = dict(os.environ, TMPDIR=str(tmp), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "app.py", "--spec", photos["spec"], "--index", index,
                              "--idx2landmark", photos["labels"], "--port", str(port), "--device", "cpu",
-                             "--max-upload-mb", str(MAX_MB)], cwd=ROOT, env=env,
+                             "--max-upload-mb", str(MAX_MB), "--min-confidence", threshold], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):
@@ -99,8 +103,9 @@ def test_answers_are_predict_py_answers_and_ten_at_once(server):
     for (name, _, row), (_, body) in zip(jobs, out):
         r = json.loads(body)["results"]
         assert len(r) == 1 and r[0]["file"] == name
-        assert r[0]["landmark"] == row["landmark"]
-        assert r[0]["confidence"] == pytest.approx(row["confidence"], rel=1e-3, abs=1e-6)
+        assert r[0]["landmark"] == row["landmark"] and r[0]["guess"] == row["guess"]
+        # a probability: the page's decode and resize of one upload differ from the loader's in float noise
+        assert r[0]["confidence"] == pytest.approx(row["confidence"], abs=2e-3)
         assert [n["path"] for n in r[0]["neighbours"]] == [p for p, _ in json.loads(row["neighbours"])]
 
 
@@ -146,11 +151,21 @@ def test_bad_uploads_get_a_message_and_the_app_goes_on(server):
     assert urllib.request.urlopen(server["url"] + "/healthz", timeout=5).status == 200
 
 
+def _answer(row):
+    """What a row of the page says: (the landmark or "not sure", the landmark guessed)."""
+    sure = row.find_elements("css selector", "b.pred")
+    if sure:
+        return sure[0].text, sure[0].text
+    return row.find_element("css selector", "b.unsure").text, row.find_element(
+        "css selector", "span.guess").text.removeprefix("guess: ")
+
+
 @needs_browser
 def test_browser_picks_or_drops_photos_and_sees_landmark_and_neighbours(server):
     from browser import chrome
-    k = 2
-    row = server["pred"].iloc[k]
+    pred = server["pred"]
+    assert (pred["landmark"] == "").any() and (pred["landmark"] != "").any()
+    row = pred[pred["landmark"] == ""].iloc[0]  # picked: a "not sure" answer
     with chrome() as b:
         b.get(server["url"] + "/")
         assert b.find_elements("css selector", "input[type=file]")
@@ -160,7 +175,7 @@ def test_browser_picks_or_drops_photos_and_sees_landmark_and_neighbours(server):
         WebDriverWait(b, 60).until(lambda d: d.find_elements("css selector", "tr.row"))  # the answer page loaded
         rows = b.find_elements("css selector", "tr.row")
         assert len(rows) == 1, b.page_source[-3000:]
-        assert rows[0].find_element("css selector", "b.pred").text == row["landmark"]
+        assert _answer(rows[0]) == (row["landmark"] or "not sure", row["guess"])
         nbs = rows[0].find_elements("css selector", "td.nb")
         assert len(nbs) == 5
         decoded = b.execute_script("return [...document.querySelectorAll('td.nb img')]"
@@ -175,7 +190,7 @@ def test_browser_picks_or_drops_photos_and_sees_landmark_and_neighbours(server):
         b.get(server["url"] + "/")
         b.execute_script("const i = document.createElement('input'); i.type = 'file'; i.multiple = true;"
                          "i.id = 'src'; i.style.display = 'none'; document.body.appendChild(i);")
-        two = [server["pred"].iloc[j] for j in (0, 3)]
+        two = [pred[pred["landmark"] != ""].iloc[0], pred[pred["landmark"] == ""].iloc[-1]]  # dropped: one of each
         b.find_element("id", "src").send_keys("\n".join(os.path.join(server["queries"], r["path"]) for r in two))
         b.execute_script("const dt = new DataTransfer();"
                          "for (const f of document.getElementById('src').files) dt.items.add(f);"
@@ -184,7 +199,7 @@ def test_browser_picks_or_drops_photos_and_sees_landmark_and_neighbours(server):
                          "z.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));")
         WebDriverWait(b, 60).until(lambda d: d.find_elements("css selector", "tr.row"))
         rows = b.find_elements("css selector", "tr.row")
-        assert [r.find_element("css selector", "b.pred").text for r in rows] == [r["landmark"] for r in two]
+        assert [_answer(r) for r in rows] == [(r["landmark"] or "not sure", r["guess"]) for r in two]
         assert all(len(r.find_elements("css selector", "td.nb")) == 5 for r in rows)
 
 

@@ -239,8 +239,10 @@ def test_folder_index_keeps_its_faiss_index(photos, tmp_path, capsys, monkeypatc
     res = predict.main([*base, "--index", str(tmp_path / "idx"), "--knn", "faiss", "--out", str(tmp_path / "f2.csv")])
     assert "faiss index" not in capsys.readouterr().out  # the saved one
     a, b = pd.read_csv(tmp_path / "exact.csv"), pd.read_csv(tmp_path / "f2.csv")
-    assert list(a["landmark"]) == list(b["landmark"])
-    np.testing.assert_allclose(a["confidence"], b["confidence"], rtol=1e-4)
+    assert list(a["guess"]) == list(b["guess"])
+    np.testing.assert_allclose(res["ensemble"][1], exact["ensemble"][1], rtol=1e-4)  # the re-ranked scores
+    # the calibrated ones: a logistic map fitted on a dozen photos magnifies float noise in its features
+    np.testing.assert_allclose(a["confidence"], b["confidence"], atol=2e-3)
     np.testing.assert_array_equal(res["neighbours"][1], exact["neighbours"][1])
     # app.py --knn faiss: the saved faiss index (no new build), the answers of the exact page
     import app
@@ -256,7 +258,7 @@ def test_folder_index_keeps_its_faiss_index(photos, tmp_path, capsys, monkeypatc
     monkeypatch.setattr(retrieval, "faiss_search", lambda *a, **k: calls.append(1) or real(*a, **k))
     for x, y in zip(exact_page(images), faiss_page(images)):
         assert x["landmark"] == y["landmark"] and [n[0] for n in x["neighbours"]] == [n[0] for n in y["neighbours"]]
-        assert x["confidence"] == pytest.approx(y["confidence"], rel=1e-4)
+        assert x["confidence"] == pytest.approx(y["confidence"], abs=2e-3)  # calibrated, as the CSVs above
     assert calls == [1]  # the faiss page searched with faiss, the exact one did not
     monkeypatch.undo()
     predict.main([*base, "--index", str(tmp_path / "idx"), "--knn", "faiss", "--faiss-index", "IVF2,Flat",

@@ -1,0 +1,174 @@
+"""A calibrated confidence: the probability that an answer's landmark is right, learnt from the gallery alone.
+
+Arrays in, arrays out (as retrieval.py). No labels beyond the gallery's own: a sample of gallery
+photos is answered as queries twice,
+
+- leave-one-out: against the gallery without the photo itself. Its answer can be right or wrong,
+  as a query's of a place the gallery holds;
+- leave-landmark-out: against the gallery without any photo of its landmark, and with the
+  classifier's class of that landmark masked: the answer to a photo of a place the gallery does
+  not hold, wrong by construction (the distractor a user meets).
+
+A logistic regression (scikit-learn; Platt's scaling, generalised to a few features) maps the
+features of each answer (answer_features: the cosine of the best neighbour of the answered
+landmark, its margin over the best other landmark, the share of the neighbours that name it, and
+with a classifier its cosine and the re-ranked score) to P(right). The two kinds of sample
+weigh alike: the prior it learns is one query in two showing a place the gallery does not hold.
+
+A photo whose landmark has a single gallery photo cannot be answered right by leave-one-out: it
+is a negative, as it should be (the gallery knows that place from nothing else).
+"""
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from retrieval import CLS_TOP_K, TOP_K, classifier_topk, rerank, topk_cosine, unreadable_rows
+
+SAMPLE = 1000  # gallery photos answered twice to learn the calibration: bounds its cost on large galleries
+FEATURES = ("cosine", "margin", "votes")
+CLS_FEATURES = ("cls_cosine", "log_score")
+
+
+def answer_features(sims, nn_l, landmarks, confidences, cls=None):
+    """(Q, F) features of answers: per query the cosine of the best neighbour naming the answered
+    landmark (0 when none does), its margin over the best neighbour of another landmark (or over
+    the last neighbour when all name it), and the share of the neighbours that name it; with cls
+    = (cls_scores, cls_landmarks), the classifier's cosine of the answered landmark (its lowest
+    top-k score when outside its top k) and log10 of the re-ranked score."""
+    sims = np.asarray(sims, np.float64)
+    nn_l = np.asarray(nn_l)
+    ans = np.asarray([-1 if v is None or v != v else v for v in landmarks]).astype(np.int64)[:, None]
+    finite = np.isfinite(sims)
+    named = (nn_l == ans) & finite
+    other = (nn_l != ans) & finite
+    s = np.where(finite, sims, 0.0)
+    s_ans = np.where(named.any(1), np.where(named, s, -np.inf).max(1), 0.0)
+    last = np.where(finite, s, np.inf).min(1)
+    s_other = np.where(other.any(1), np.where(other, s, -np.inf).max(1), np.where(finite.any(1), last, 0.0))
+    cols = [s_ans, s_ans - s_other, named.sum(1) / np.maximum(finite.sum(1), 1)]
+    if cls is not None:
+        cls_s, cls_l = (np.asarray(a) for a in cls)
+        hit = cls_l == ans
+        cols += [np.where(hit.any(1), np.where(hit, cls_s, -np.inf).max(1), cls_s.min(1)),
+                 np.log10(np.clip(np.asarray(confidences, np.float64), 1e-300, None))]
+    return np.stack(cols, 1)
+
+
+def held_out(g_emb, g_labels, rows, leave_landmark, device="cpu", cap=256):
+    """The TOP_K neighbours (sims, gallery rows) of gallery `rows` as queries, each without
+    itself (leave-one-out) or without every photo of its landmark (leave_landmark), and which
+    rows could be answered so (a landmark of more than `cap` photos is not left out whole)."""
+    labels = np.asarray(g_labels)
+    rows = np.asarray(rows)
+    own = labels[rows]
+    if leave_landmark:
+        counts = dict(zip(*np.unique(labels, return_counts=True)))
+        n_own = np.array([counts[v] for v in own])
+        usable = n_own <= cap
+        extra = int(n_own[usable].max()) if usable.any() else 1
+    else:
+        usable, extra = np.ones(len(rows), bool), 1
+    bad = unreadable_rows(*g_emb)
+    q = [np.asarray(g[rows], np.float32) for g in g_emb]
+    sims, nn = topk_cosine(q, g_emb, TOP_K + extra, device=device, exclude=bad if bad.any() else None)
+    drop = (labels[nn] == own[:, None]) if leave_landmark else (nn == rows[:, None])
+    order = np.argsort(drop, axis=1, kind="stable")[:, :TOP_K]  # the first TOP_K kept, in their order
+    sims, nn = np.take_along_axis(sims, order, 1), np.take_along_axis(nn, order, 1)
+    sims = np.where(np.take_along_axis(drop, order, 1), -np.inf, sims)  # too few left: empty slots
+    return sims, nn, usable
+
+
+def held_out_answers(g_emb, g_labels, rows, classifier=None, rerank_with=("sum", 9, 10), device="cpu"):
+    """The features and labels (1: right) of the sample's leave-one-out and leave-landmark-out answers.
+    classifier: (heads, idx2lid) of trained models, or None (retrieval alone answers)."""
+    labels = np.asarray(g_labels)
+    feats, right = [], []
+    cls_all = None
+    if classifier is not None:
+        heads, idx2lid = classifier
+        lid_of = np.array([idx2lid[i] for i in range(len(idx2lid))])
+        present = np.isin(lid_of, np.unique(labels))
+        # one more class than used: the leave-landmark-out answer drops its own
+        cls_s, cls_i = classifier_topk([np.asarray(g[rows], np.float32) for g in g_emb], heads, present,
+                                       k=CLS_TOP_K + 1, device=device)
+        cls_all = (cls_s, lid_of[cls_i])
+    for leave_landmark in (False, True):
+        sims, nn, usable = held_out(g_emb, labels, rows, leave_landmark, device)
+        own = labels[rows][usable]
+        sims, nn_l = sims[usable], labels[nn[usable]]
+        cls = None
+        if cls_all is None:
+            landmarks, conf = nn_l[:, 0], sims[:, 0]
+        else:
+            cls_s, cls_l = cls_all[0][usable], cls_all[1][usable]
+            drop = (cls_l == own[:, None]) if leave_landmark else np.zeros(cls_l.shape, bool)
+            order = np.argsort(drop, axis=1, kind="stable")[:, :CLS_TOP_K]
+            cls = (np.take_along_axis(cls_s, order, 1), np.take_along_axis(cls_l, order, 1))
+            vote, sim_power, cls_power = rerank_with
+            landmarks, conf = rerank(sims, nn_l, *cls, sim_power, cls_power, vote=vote)
+        feats.append(answer_features(sims, nn_l, landmarks, conf, cls))
+        right.append(np.zeros(len(own), bool) if leave_landmark else np.asarray(landmarks) == own)
+    return np.concatenate(feats), np.concatenate(right).astype(np.int64)
+
+
+@dataclass
+class Calibration:
+    """P(right) = sigmoid(coef . (x - mean) / scale + intercept) of answer_features x; what it was
+    learnt on (samples, share right) is kept with it."""
+    features: list
+    mean: list
+    scale: list
+    coef: list
+    intercept: float
+    samples: int
+    right: float
+
+    def __call__(self, x):
+        z = (np.asarray(x, np.float64) - self.mean) / self.scale @ np.asarray(self.coef) + self.intercept
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def as_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+def fit(x, y, names, c=1.0):
+    """The logistic regression of labels y (1: right) on features x, standardised (scikit-learn's
+    LogisticRegression, L2 strength 1/c). With one class only (a gallery too small to be wrong, or
+    to be right), the constant share of right answers."""
+    from sklearn.linear_model import LogisticRegression
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.int64)
+    mean, scale = x.mean(0), x.std(0)
+    scale = np.where(scale > 0, scale, 1.0)
+    share = float(y.mean()) if len(y) else 0.0
+    if len(np.unique(y)) < 2:
+        p = min(max(share, 1e-6), 1 - 1e-6)
+        return Calibration(list(names), mean.tolist(), scale.tolist(), [0.0] * x.shape[1],
+                           float(np.log(p / (1 - p))), len(y), share)
+    lr = LogisticRegression(C=c, max_iter=1000).fit((x - mean) / scale, y)
+    return Calibration(list(names), mean.tolist(), scale.tolist(), lr.coef_[0].tolist(), float(lr.intercept_[0]),
+                       len(y), share)
+
+
+def learn(g_emb, g_labels, classifier=None, rerank_with=("sum", 9, 10), device="cpu", sample=SAMPLE, seed=0):
+    """The Calibration of a gallery (per model its compared embeddings, its landmark ids): a sample of
+    at most `sample` readable photos, drawn with `seed`, answered by held_out_answers."""
+    good = np.flatnonzero(~unreadable_rows(*g_emb))
+    rows = np.sort(np.random.default_rng(seed).choice(good, min(sample, len(good)), replace=False))
+    x, y = held_out_answers(g_emb, g_labels, rows, classifier, rerank_with, device)
+    return fit(x, y, FEATURES + (CLS_FEATURES if classifier is not None else ()))
+
+
+def expected_calibration_error(p, right, bins=10):
+    """ECE: the mean over equal-width bins of |share right - mean confidence|, weighted by the bin's
+    share of answers."""
+    p, right = np.asarray(p, np.float64), np.asarray(right, np.float64)
+    if not len(p):
+        return 0.0
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    return float(sum(abs(right[idx == b].mean() - p[idx == b].mean()) * (idx == b).mean()
+                     for b in range(bins) if (idx == b).any()))

@@ -1,0 +1,184 @@
+"""The calibrated confidence and the "unknown" answer: the fit against a direct one, the held-out answers
+really held out, the threshold in predictions.csv and the report, the index keeping (and refusing) the
+calibration, the GLDv2 submission unchanged without --calibrate."""
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import calibration as cal
+import predict
+from retrieval import TOP_K
+
+
+def _logistic_direct(x, y, c=1.0, iters=50):
+    """L2-penalised logistic regression (the intercept free), by Newton's method on standardised x."""
+    z = (x - x.mean(0)) / x.std(0)
+    a = np.hstack([z, np.ones((len(z), 1))])
+    w = np.zeros(a.shape[1])
+    penalty = np.diag([1.0 / c] * z.shape[1] + [0.0])
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-a @ w))
+        grad = a.T @ (p - y) + penalty @ w
+        hess = a.T @ (a * (p * (1 - p))[:, None]) + penalty
+        w -= np.linalg.solve(hess, grad)
+    return 1 / (1 + np.exp(-a @ w))
+
+
+def test_fit_equals_a_direct_logistic_regression():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3)) * [1.0, 0.1, 5.0] + [0.5, 0.0, -2.0]
+    y = (rng.random(400) < 1 / (1 + np.exp(-(2 * x[:, 0] - 10 * x[:, 1])))).astype(int)
+    c = cal.fit(x, y, ("a", "b", "c"))
+    np.testing.assert_allclose(c(x), _logistic_direct(x, y), atol=2e-4)
+    assert c.samples == 400 and c.right == pytest.approx(y.mean())
+    # kept as JSON and read back: the same map
+    again = cal.Calibration.from_dict(json.loads(json.dumps(c.as_dict())))
+    np.testing.assert_array_equal(again(x), c(x))
+    # one class only: the constant share
+    only = cal.fit(x, np.ones(400, int), ("a", "b", "c"))
+    assert np.allclose(only(x), 1 - 1e-6)
+
+
+def test_expected_calibration_error_by_hand():
+    p = np.array([0.05, 0.15, 0.15, 0.95, 0.95, 0.95, 0.95])
+    right = np.array([0, 1, 0, 1, 1, 1, 0])
+    # bins: [0, .1): 1 answer, conf .05, right 0; [.1, .2): 2, conf .15, right .5; [.9, 1]: 4, conf .95, right .75
+    want = (1 * abs(0 - 0.05) + 2 * abs(0.5 - 0.15) + 4 * abs(0.75 - 0.95)) / 7
+    assert cal.expected_calibration_error(p, right) == pytest.approx(want)
+
+
+def test_answer_features_by_hand():
+    sims = np.array([[0.9, 0.8, 0.7, 0.6, 0.5], [0.9, 0.8, 0.7, 0.6, -np.inf]])
+    nn_l = np.array([[3, 4, 3, 3, 4], [3, 3, 3, 3, 3]])
+    x = cal.answer_features(sims, nn_l, [3, 3], [0.9, 0.9])
+    np.testing.assert_allclose(x[0], [0.9, 0.9 - 0.8, 3 / 5])
+    np.testing.assert_allclose(x[1], [0.9, 0.9 - 0.6, 1.0])  # all name it: the margin over the last neighbour
+    cls = (np.array([[0.7, 0.2], [0.4, 0.1]]), np.array([[5, 3], [5, 6]]))
+    x = cal.answer_features(sims, nn_l, [3, 3], [1e-20, 0.5], cls)
+    np.testing.assert_allclose(x[:, 3:], [[0.2, -20.0], [0.1, np.log10(0.5)]])  # not in its top k: the lowest
+
+
+def _clustered(n_landmarks=12, per=6, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_landmarks, dim))
+    labels = np.repeat(np.arange(n_landmarks) + 100, per)
+    g = centres[labels - 100] + 0.6 * rng.normal(size=(len(labels), dim))
+    return [(g / np.linalg.norm(g, axis=1, keepdims=True)).astype(np.float32)], labels
+
+
+def test_held_out_answers_exclude_the_photo_or_its_landmark():
+    g, labels = _clustered()
+    rows = np.arange(0, len(labels), 3)
+    sims, nn, usable = cal.held_out(g, labels, rows, leave_landmark=False)
+    assert usable.all() and not (nn == rows[:, None]).any()
+    assert (labels[nn[:, 0]] == labels[rows]).mean() > 0.5  # its own landmark's other photos are there
+    # the next best after itself: the exact top 6 without row itself
+    full = g[0][rows] @ g[0].T
+    for i, r in enumerate(rows):
+        order = [j for j in np.argsort(-full[i], kind="stable") if j != r][:TOP_K]
+        np.testing.assert_array_equal(nn[i], order)
+    sims, nn, usable = cal.held_out(g, labels, rows, leave_landmark=True)
+    assert usable.all() and not (labels[nn] == labels[rows][:, None]).any() and np.isfinite(sims).all()
+    # a landmark of more photos than the cap is not left out whole: not usable
+    _, _, usable = cal.held_out(g, labels, rows, leave_landmark=True, cap=5)
+    assert not usable.any()
+
+
+def test_held_out_classifier_answers_drop_their_own_class():
+    g, labels = _clustered()
+
+    class Head(torch.nn.Module):  # cosines to the landmarks' centres: a classifier that knows them all
+        def __init__(self, emb, lab):
+            super().__init__()
+            self.w = torch.stack([torch.as_tensor(emb[lab == v].mean(0)) for v in np.unique(lab)])
+
+        def forward(self, x):
+            return torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(self.w).T
+
+    heads = [Head(g[0], labels)]
+    idx2lid = {i: int(v) for i, v in enumerate(np.unique(labels))}
+    rows = np.arange(len(labels))
+    x, right = cal.held_out_answers(g, labels, rows, (heads, idx2lid))
+    n = len(rows)
+    assert x.shape == (2 * n, 5) and right[n:].sum() == 0 and right[:n].mean() > 0.8
+    # leave-landmark-out: the classifier's own class masked, its cosine is another class's (below the own one)
+    own_cls = x[:n, 3]
+    assert (x[n:, 3] < own_cls).mean() > 0.9
+    c = cal.learn(g, labels, (heads, idx2lid), sample=50)
+    assert c.features == list(cal.FEATURES + cal.CLS_FEATURES) and c.samples == 100
+    p = c(x)
+    assert p[:n][right[:n] == 1].mean() > 0.7 > 0.3 > p[n:].mean()
+
+
+# ---------------------------------------------------------------- through predict.py
+
+def _run(ph, tmp, *extra, out="pred.csv"):
+    path = str(tmp / out)
+    res = predict.main(["--spec", ph["spec"], "--query-dir", ph["queries"], "--idx2landmark", ph["labels"],
+                        "--out", path, "--device", "cpu", "--num-workers", "0", *extra])
+    return pd.read_csv(path, keep_default_na=False, dtype={"landmark": str, "guess": str}), res
+
+
+def test_unknown_below_the_threshold_and_the_index_keeps_the_calibration(photos, tmp_path, capsys):
+    idx = str(tmp_path / "idx")
+    df, res = _run(photos, tmp_path, "--gallery-dir", photos["gallery"], "--save-index", idx, "--report",
+                   str(tmp_path / "r.html"), "--min-confidence", "0.6")
+    assert "confidence calibrated on" in capsys.readouterr().out
+    assert list(df.columns) == ["path", "landmark", "guess", "confidence", "neighbours"]
+    p = res["calibrated"]
+    np.testing.assert_allclose(df["confidence"], p)
+    assert ((p >= 0) & (p <= 1)).all() and (df["guess"] != "").all()
+    sure = df["confidence"] >= 0.6
+    assert (df["landmark"][sure] == df["guess"][sure]).all() and (df["landmark"][~sure] == "").all()
+    # the report counts and marks them
+    html = open(tmp_path / "r.html", encoding="utf-8").read()
+    assert f"{int(sure.sum())} answered, {int((~sure).sum())} not sure" in html
+    assert html.count('class="unsure"') == min(int((~sure).sum()), len(df))
+    # the index keeps the calibration: used again, not learnt again, with the same answers
+    meta = json.load(open(idx + ".json"))
+    assert meta["calibration"]["fit"]["samples"] == res_samples(meta) and meta["calibration"]["key"]["sample"] == cal.SAMPLE
+    again, _ = _run(photos, tmp_path, "--index", idx, "--min-confidence", "0.6", out="again.csv")
+    assert "confidence calibrated on" not in capsys.readouterr().out
+    assert list(again["landmark"]) == list(df["landmark"])
+    # another re-ranking: the saved calibration does not fit, it is learnt again
+    _run(photos, tmp_path, "--index", idx, "--rerank-cls-power", "2", out="other.csv")
+    assert "confidence calibrated on" in capsys.readouterr().out
+    # thresholds 0 and 1: everything answered, nothing answered
+    all_, _ = _run(photos, tmp_path, "--index", idx, "--min-confidence", "0", out="all.csv")
+    none, _ = _run(photos, tmp_path, "--index", idx, "--min-confidence", "1", out="none.csv")
+    assert (all_["landmark"] == all_["guess"]).all() and (none["landmark"] == "").all()
+    # --no-calibrate: the raw re-ranked score, as before
+    raw, res = _run(photos, tmp_path, "--index", idx, "--no-calibrate", out="raw.csv")
+    assert list(raw.columns) == ["path", "landmark", "confidence", "neighbours"]
+    np.testing.assert_allclose(raw["confidence"], res["ensemble"][1])
+
+
+def res_samples(meta):
+    """The calibration's sample: two answers of each sampled gallery photo (at most SAMPLE photos)."""
+    return 2 * min(cal.SAMPLE, len(meta["paths"]))
+
+
+def test_gldv2_submission_is_the_original_without_calibrate(stage1, tmp_path):
+    d = stage1["data"]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"models": [{"enet_type": "mobilenetv3_small_050", "checkpoint": stage1["checkpoint"],
+                                            "image_size": 40}]}))
+    base = ["--data-dir", d, "--train-csv", os.path.join(d, "train_competition.csv"), "--idx2landmark",
+            os.path.join(d, "idx2landmark_id.json"), "--spec", str(spec), "--cache-dir", str(tmp_path / "c"),
+            "--num-workers", "0", "--device", "cpu"]
+    plain = predict.main(base + ["--out", str(tmp_path / "plain.csv")])
+    assert "calibrated" not in plain
+    sub = pd.read_csv(tmp_path / "plain.csv", keep_default_na=False)
+    want = predict.format_submission(plain["ids"], *plain["ensemble"])
+    assert list(sub["landmarks"]) == list(want["landmarks"])
+    calibrated = predict.main(base + ["--out", str(tmp_path / "cal.csv"), "--calibrate"])
+    sub2 = pd.read_csv(tmp_path / "cal.csv", keep_default_na=False)
+    # the same guesses, every one kept, with probabilities as confidences
+    assert [s.split()[0] for s in sub2["landmarks"]] == [s.split()[0] for s in sub["landmarks"]]
+    conf = np.array([float(s.split()[1]) for s in sub2["landmarks"]])
+    np.testing.assert_allclose(conf, calibrated["calibrated"])
+    assert ((conf >= 0) & (conf <= 1)).all()
