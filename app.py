@@ -94,7 +94,7 @@ class Page:
                                      [Images("gallery", [os.path.join(a.gallery_dir, p) for p, _ in todo])],
                                      self.device)
             gallery.extend(todo, emb.features["gallery"])
-        self.models = [(m.load(self.device), m.image_size) for m in ens.members]
+        self.models = [(m.load(self.device), m) for m in ens.members]
         heads = [m.metric_classify for m, _ in self.models] if ens.classifies else None
         self.rec = Recognizer(ens, gallery, heads, settings_of(a, self.device))
         self.lock = threading.Lock()
@@ -104,7 +104,7 @@ class Page:
     def __call__(self, images):
         """Recognizer.answers of the images (RGB uint8 arrays)."""
         with self.lock:
-            zqs = [features.embed_images(m, images, size, self.device, self.precision) for m, size in self.models]
+            zqs = [features.embed_member(m, member, images, self.device, self.precision) for m, member in self.models]
             res = self.rec.answer(zqs)
         return self.rec.answers(res)
 

@@ -40,6 +40,22 @@ def _auto_or_power(v):
     return f
 
 
+def _scales(v):
+    try:
+        s = tuple(float(x) for x in v.split(",") if x.strip())
+    except ValueError:
+        s = ()
+    if not s or not all(x > 0 for x in s):
+        import argparse
+        raise argparse.ArgumentTypeError(f"{v!r}: expected positive multiples of the image size, e.g. 0.7,1,1.4")
+    return s
+
+
+def sizes_of(image_size, scales):
+    """The input sizes of a model at these scales (rounded to whole pixels, at least 32)."""
+    return [max(32, int(round(image_size * s))) for s in scales]
+
+
 def add_args(p):
     """The options that choose the models and how they answer, on predict.py's parser and app.py's."""
     p.add_argument("--spec", help='JSON: {"models": [{"enet_type", "checkpoint", "image_size"}]}')
@@ -57,6 +73,11 @@ def add_args(p):
     p.add_argument("--whiten", choices=["auto", "pca", "off"], default="auto",
                    help="with --backbone: PCA whitening learnt on the gallery (auto: when the gallery has at least "
                         f"{WHITEN_MIN_RATIO} images per feature dimension)")
+    p.add_argument("--scales", type=_scales, default=(1.0,), metavar="S,S,...",
+                   help="multi-scale descriptors: each model embeds every image at these multiples of its size "
+                        "and averages the unit-length features (default 1: one scale, the original's)")
+    p.add_argument("--gem-p", type=float, default=None, metavar="P",
+                   help="with --backbone --pool gem: GeM's exponent (default 3; 1 is average pooling)")
     p.add_argument("--rerank-vote", choices=["auto", "sum", "max"], default="auto",
                    help="re-ranking: a landmark's score sums its neighbours among the top 5 (sum, the original) or "
                         "takes its best (max); auto: max when every model was trained with --recipe finetune")
@@ -148,16 +169,18 @@ class TrainedModel:
     Its features are embeddings (normalised at extraction) and its head classifies."""
     classifies = True
 
-    def __init__(self, enet_type, checkpoint, image_size, preprocessing, trust=False, compile=False):
+    def __init__(self, enet_type, checkpoint, image_size, preprocessing, trust=False, compile=False, scales=(1.0,)):
         self.enet_type, self.checkpoint, self.image_size = enet_type, checkpoint, int(image_size)
         self.preprocessing, self.trust, self.compile = preprocessing, trust, compile
         self.name = f"{os.path.basename(checkpoint)}@{self.image_size}"
         self.cache_ident = None  # features.cache_key names it by its checkpoint file's path, size and time
+        self.scales, self.sizes = tuple(scales), sizes_of(self.image_size, scales)
 
     def signature(self):
         """What a saved index's embeddings depend on (gallery.py refuses an index of other models)."""
-        return {"enet_type": self.enet_type, "image_size": self.image_size,
-                "checkpoint_sha1": file_digest(self.checkpoint), "preprocessing": self.preprocessing}
+        sig = {"enet_type": self.enet_type, "image_size": self.image_size,
+               "checkpoint_sha1": file_digest(self.checkpoint), "preprocessing": self.preprocessing}
+        return sig if self.scales == (1.0,) else sig | {"scales": list(self.scales)}
 
     def load(self, device="cpu"):
         model = load_model(self.enet_type, self.checkpoint, device, self.trust, image_size=self.image_size)
@@ -187,17 +210,28 @@ class PretrainedBackbone:
     Its features are raw pooled features (whitened on the gallery by Space); no head."""
     classifies = False
 
-    def __init__(self, backbone, pretrained_path=None, pool="avg", image_size=256, device="cpu"):
+    def __init__(self, backbone, pretrained_path=None, pool="avg", image_size=256, device="cpu", scales=(1.0,),
+                 gem_p=None):
         check_enet_type(backbone)
         if pretrained_path is not None and not os.path.isfile(pretrained_path):
             raise UserError(f"--pretrained-path {pretrained_path}: no such file")
+        if gem_p is not None and (pool != "gem" or not gem_p > 0):
+            raise UserError(f"--gem-p {gem_p}: a positive exponent, with --pool gem")
         net = build_model(backbone, 1, pretrained=True, pretrained_path=pretrained_path, pool=pool,
                           image_size=image_size)
+        if gem_p is not None:
+            with torch.no_grad():
+                net.pool.p.fill_(gem_p)
         self.model = PooledFeatures(net).to(device, memory_format=memory_format(torch.device(device))).eval()
         self.image_size, self.name, self.checkpoint = int(image_size), f"{backbone}@{int(image_size)}", None
+        self.scales, self.sizes = tuple(scales), sizes_of(self.image_size, scales)
         self._signature = {"enet_type": backbone, "image_size": int(image_size), "pool": pool, "features": "pooled",
                            "weights_sha1": file_digest(pretrained_path) if pretrained_path else f"timm:{backbone}",
                            "preprocessing": net.preprocessing}
+        if gem_p is not None:
+            self._signature["gem_p"] = float(gem_p)
+        if self.scales != (1.0,):
+            self._signature["scales"] = list(self.scales)
         self.cache_ident = json.dumps([self._signature], sort_keys=True)
 
     def signature(self):
@@ -271,7 +305,8 @@ def load(a, device="cpu"):
     # (GLDv2's landmarks have no other name): a gallery folder named so is a class the classifier knows
     known = landmark_names(a.idx2landmark) or ({lid: str(lid) for lid in idx2lid.values()} if idx2lid else {})
     if a.backbone:
-        member = PretrainedBackbone(a.backbone, a.pretrained_path, a.pool, a.image_size, device)
+        member = PretrainedBackbone(a.backbone, a.pretrained_path, a.pool, a.image_size, device,
+                                    getattr(a, "scales", (1.0,)), getattr(a, "gem_p", None))
         return Ensemble([member], idx2lid, known, RERANK["original"], f"backbone {a.backbone} without training",
                         a.whiten)
     models, base = load_spec(a.spec) if isinstance(a.spec, str) else (a.spec, os.getcwd())
@@ -279,7 +314,9 @@ def load(a, device="cpu"):
                                            a.trust_checkpoint)
     if idx2lid is None:  # anonymous classes: the classifier can name no gallery landmark
         idx2lid = {i: -1 - i for i in range(n)}
-    members = [TrainedModel(m["enet_type"], c, m["image_size"], p, a.trust_checkpoint, getattr(a, "compile", False))
-               for m, c, p in zip(models, ckpts, pres)]
+    if getattr(a, "gem_p", None) is not None:
+        raise UserError("--gem-p goes with --backbone (a trained model keeps the GeM exponent it learnt)")
+    members = [TrainedModel(m["enet_type"], c, m["image_size"], p, a.trust_checkpoint, getattr(a, "compile", False),
+                            getattr(a, "scales", (1.0,))) for m, c, p in zip(models, ckpts, pres)]
     return Ensemble(members, idx2lid, known, resolve_rerank(a.rerank_vote, a.rerank_cls_power, recipes),
                     f"spec {a.spec}")

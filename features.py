@@ -374,17 +374,36 @@ def embed_all(a, ens, lists, device="cpu"):
     for member in ens.members:
         model = member.load(device)
         for im in lists:
-            key = cache_key(member.checkpoint, member.image_size, im.digest or paths_digest(im.kind, im.paths),
-                            a.precision, member.cache_ident)
-            if shared and not im.keep_in:
-                scratch.append(key)
-            out[im.kind].append(extract_features(model, im.paths, member.image_size, how,
-                                                 Store(im.keep_in or shared, key, im.dtype),
-                                                 normalize=ens.classifies and not im.neck,
-                                                 desc=f"{im.kind} {member.name}"))
+            per_size = []
+            for size in member.sizes:  # one size, the model's, unless --scales
+                key = cache_key(member.checkpoint, size, im.digest or paths_digest(im.kind, im.paths),
+                                a.precision, member.cache_ident)
+                if shared and not im.keep_in:
+                    scratch.append(key)
+                desc = f"{im.kind} {member.name}" + (f" at {size}" if size != member.image_size else "")
+                per_size.append(extract_features(model, im.paths, size, how, Store(im.keep_in or shared, key, im.dtype),
+                                                 normalize=ens.classifies and not im.neck, desc=desc))
+            out[im.kind].append(per_size[0] if len(per_size) == 1 else multiscale(per_size))
         heads.append(model.metric_classify if ens.classifies else None)  # the head alone is kept
         del model
     return Embedded(out, heads if ens.classifies else None, scratch)
+
+
+def multiscale(per_size):
+    """Multi-scale descriptors (Radenovic et al., TPAMI 2018): the mean of each scale's unit-length
+    features, float32 (a NaN row, an unreadable image, stays NaN)."""
+    out = None
+    for f in per_size:
+        f = np.asarray(f, np.float32)
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+        out = f if out is None else out + f
+    return out / len(per_size)
+
+
+def embed_member(model, member, images, device, precision="fp32"):
+    """embed_images at every size of an ensemble member (its --scales), combined as embed_all does."""
+    per_size = [embed_images(model, images, size, device, precision) for size in member.sizes]
+    return per_size[0] if len(per_size) == 1 else multiscale(per_size)
 
 
 def remove_scratch(cache_dir, scratch):

@@ -99,10 +99,11 @@ def _cached_faiss(a, ens, g_emb, gallery_digest):
     modification time: features embedded again give a new index."""
     ident = [a.faiss_index]
     for m in ens.members:
-        f = os.path.join(a.cache_dir, features.cache_key(m.checkpoint, m.image_size, gallery_digest, a.precision,
-                                                         m.cache_ident) + ".npy")
-        st = os.stat(f)
-        ident.append(f"{os.path.basename(f)}|{st.st_size}|{st.st_mtime_ns}")
+        for size in m.sizes:  # every scale's features file (--scales)
+            f = os.path.join(a.cache_dir, features.cache_key(m.checkpoint, size, gallery_digest, a.precision,
+                                                             m.cache_ident) + ".npy")
+            st = os.stat(f)
+            ident.append(f"{os.path.basename(f)}|{st.st_size}|{st.st_mtime_ns}")
     path = os.path.join(a.cache_dir, "faiss-" + hashlib.sha1("\n".join(ident).encode()).hexdigest()[:20])
     if os.path.exists(path + ".faiss") and os.path.exists(path + ".faiss.rows.npy"):
         print(f"faiss index {a.faiss_index!r}: read from {path}.faiss", flush=True)

@@ -468,3 +468,49 @@ def test_from_folder_with_fewer_photos_than_folds(tmp_path):
     assert (df.groupby("landmark_id")["fold"].nunique() == 2).all()  # a landmark's photos in different folds
     preprocess.main(["--from-folder", str(tmp_path / "p"), "--out-dir", str(tmp_path / "d2")])
     assert pd.read_csv(tmp_path / "d2" / "train_0.csv").equals(df)
+
+
+def test_multiscale_descriptors_and_gem_p(tmp_path, weights_file):
+    """--scales: every image embedded at each multiple of the size, unit-length features averaged
+    (checked against the model run directly at both sizes); the index records the scales and refuses
+    another set; --gem-p sets GeM's exponent of a --backbone --pool gem."""
+    import predict
+    from dataset import get_transforms, read_rgb
+    from features import multiscale
+    from gallery import folder_gallery, list_images
+    from models import build_model
+    from util import UserError
+    a = np.array([[3.0, 4.0], [np.nan, np.nan]], np.float32)
+    b = np.array([[0.0, 2.0], [1.0, 0.0]], np.float32)
+    np.testing.assert_allclose(multiscale([a, b]), [[0.3, 0.9], [np.nan, np.nan]])
+    _photo_folders(tmp_path / "g")
+    _photo_folders(tmp_path / "q", per=2, seed=0)
+    common = ["--backbone", "resnet10t", "--pretrained-path", weights_file, "--image-size", "48",
+              "--query-dir", str(tmp_path / "q"), "--num-workers", "0", "--no-calibrate", "--whiten", "off"]
+    out = tmp_path / "pred.csv"
+    res = predict.main([*common, "--gallery-dir", str(tmp_path / "g"), "--out", str(out), "--save-index",
+                        str(tmp_path / "idx"), "--scales", "1,1.5"])
+    net = build_model("resnet10t", 1, pretrained=True, pretrained_path=weights_file).eval()
+
+    def feats(paths):
+        per = []
+        for size in (48, 72):
+            val = get_transforms(size, net.preprocessing["interpolation"])[1]
+            x = torch.stack([torch.from_numpy(val(image=read_rgb(p))["image"]).permute(2, 0, 1) for p in paths])
+            with torch.no_grad():
+                per.append(F.normalize(net.extract(x), dim=1))
+        return F.normalize((per[0] + per[1]) / 2, dim=1)
+    g = folder_gallery(str(tmp_path / "g"))
+    qs = list_images(str(tmp_path / "q"))
+    s = feats([os.path.join(tmp_path, "q", q) for q in qs]) @ feats([os.path.join(tmp_path, "g", p) for p, _ in g]).T
+    np.testing.assert_allclose(res["neighbours"][0][:, 0], s.max(1).values.numpy(), atol=1e-4)
+    assert [g[j][1] for j in s.argmax(1).tolist()] == list(__import__("pandas").read_csv(out)["landmark"])
+    assert json.load(open(tmp_path / "idx.json"))["models"][0]["scales"] == [1.0, 1.5]
+    with pytest.raises(UserError, match="other models"):
+        predict.main([*common, "--index", str(tmp_path / "idx"), "--out", str(out)])  # one scale: refused
+    # --gem-p: the exponent of the backbone's GeM, recorded in the signature
+    import ensemble
+    m = ensemble.PretrainedBackbone("resnet10t", weights_file, pool="gem", image_size=48, gem_p=4.5)
+    assert m.model.net.pool.p.item() == 4.5 and m.signature()["gem_p"] == 4.5
+    with pytest.raises(UserError, match="--gem-p"):
+        ensemble.PretrainedBackbone("resnet10t", weights_file, pool="avg", image_size=48, gem_p=4.5)
