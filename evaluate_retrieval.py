@@ -143,7 +143,8 @@ def features_from_images(a, cfg):
             cv2.imwrite(q_paths[-1], img[max(y1, 0):y2, max(x1, 0):x2])
         emb = features.embed_all(SimpleNamespace(batch_size=a.batch_size, num_workers=a.num_workers,
                                                  precision=a.precision, cache_dir=None), ens,
-                                 [features.Images("database", db_paths), features.Images("queries", q_paths, neck=True)],
+                                 [features.Images("database", db_paths),
+                                  features.Images("queries", q_paths, neck=True)],
                                  device)
     space = ens.fit(emb.features["database"])
     qs = space.embeddings(space.inputs(emb.features["queries"]))

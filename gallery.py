@@ -221,4 +221,6 @@ def predictions_frame(q_paths, landmarks, confidences, sims, nn, g_paths, names,
                json.dumps(nb if named else [], ensure_ascii=False))
         rows.append(row if min_confidence is None else (*row[:2], name, *row[2:]))
     columns = ["path", "landmark", "confidence", "neighbours"]
-    return pd.DataFrame(rows, columns=columns if min_confidence is None else ["path", "landmark", "guess", *columns[2:]])
+    if min_confidence is not None:
+        columns.insert(2, "guess")
+    return pd.DataFrame(rows, columns=columns)

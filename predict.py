@@ -31,7 +31,8 @@ from gallery import Gallery, list_images
 from preprocess import read_clean_list
 from recognizer import Recognizer, add_args as add_answer_args, open_gallery, settings_of
 from retrieval import FaissGallery, faiss_index, unreadable_rows
-from util import UserError, cleanup_distributed, cpu_budget, is_main, print0, read_label_map, run_main, setup_distributed
+from util import (UserError, cleanup_distributed, cpu_budget, is_main, print0, read_label_map, run_main,
+                  setup_distributed)
 
 
 def format_submission(ids, landmarks, confidences):

@@ -162,8 +162,8 @@ class Recognizer:
             res["calibrated"] = apply_non_landmark(p, res["nl_flags"]) if "nl_flags" in res else p
             res["sure"] = res["calibrated"] >= self.settings.min_confidence
         ids = list(range(len(zqs[0]))) if ids is None else ids
-        return res | {"query_inputs": inputs, "ids": ids, "query_paths": query_paths if query_paths is not None else ids,
-                      "gallery_paths": self.image_paths, "gallery_labels": np.asarray(self.gallery.labels),
+        return res | {"query_inputs": inputs, "ids": ids,
+                      "query_paths": query_paths if query_paths is not None else ids, "gallery_paths": self.image_paths, "gallery_labels": np.asarray(self.gallery.labels),
                       "names": self.gallery.names}
 
     @property
@@ -175,7 +175,8 @@ class Recognizer:
         """Each query of an answer: its first k gallery rows by decreasing similarity
         (--retrieval-ranks), unreadable gallery images left out."""
         g_bad = res["unreadable"][1]
-        _, order = topk_cosine(self.space.embeddings(res["query_inputs"]), self.space.gallery, min(k, len(self.gallery)),
+        k = min(k, len(self.gallery))
+        _, order = topk_cosine(self.space.embeddings(res["query_inputs"]), self.space.gallery, k,
                                device=self.device, exclude=g_bad if g_bad.any() else None)
         return [[j for j in row if not g_bad[j]] for row in order]
 
