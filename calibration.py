@@ -54,10 +54,11 @@ def answer_features(sims, nn_l, landmarks, confidences, cls=None):
     return np.stack(cols, 1)
 
 
-def held_out(g_emb, g_labels, rows, leave_landmark, device="cpu", cap=256):
+def held_out(g_emb, g_labels, rows, leave_landmark, device="cpu", cap=256, bad=None):
     """The TOP_K neighbours (sims, gallery rows) of gallery `rows` as queries, each without
     itself (leave-one-out) or without every photo of its landmark (leave_landmark), and which
-    rows could be answered so (a landmark of more than `cap` photos is not left out whole)."""
+    rows could be answered so (a landmark of more than `cap` photos is not left out whole). bad:
+    the gallery's unreadable rows when already known (retrieval.unreadable_rows)."""
     labels = np.asarray(g_labels)
     rows = np.asarray(rows)
     own = labels[rows]
@@ -68,7 +69,7 @@ def held_out(g_emb, g_labels, rows, leave_landmark, device="cpu", cap=256):
         extra = int(n_own[usable].max()) if usable.any() else 1
     else:
         usable, extra = np.ones(len(rows), bool), 1
-    bad = unreadable_rows(*g_emb)
+    bad = unreadable_rows(*g_emb) if bad is None else bad
     q = [np.asarray(g[rows], np.float32) for g in g_emb]
     sims, nn = topk_cosine(q, g_emb, TOP_K + extra, device=device, exclude=bad if bad.any() else None)
     drop = (labels[nn] == own[:, None]) if leave_landmark else (nn == rows[:, None])
@@ -78,10 +79,11 @@ def held_out(g_emb, g_labels, rows, leave_landmark, device="cpu", cap=256):
     return sims, nn, usable
 
 
-def held_out_answers(g_emb, g_labels, rows, classifier=None, rerank_with=("sum", 9, 10), device="cpu"):
+def held_out_answers(g_emb, g_labels, rows, classifier=None, rerank_with=("sum", 9, 10), device="cpu", bad=None):
     """The features and labels (1: right) of the sample's leave-one-out and leave-landmark-out answers.
-    classifier: (heads, idx2lid) of trained models, or None (retrieval alone answers)."""
+    classifier: (heads, idx2lid) of trained models, or None (retrieval alone answers). bad: as held_out."""
     labels = np.asarray(g_labels)
+    bad = unreadable_rows(*g_emb) if bad is None else bad  # one pass over the gallery, not one per kind
     feats, right = [], []
     cls_all = None
     if classifier is not None:
@@ -93,7 +95,7 @@ def held_out_answers(g_emb, g_labels, rows, classifier=None, rerank_with=("sum",
                                        k=CLS_TOP_K + 1, device=device)
         cls_all = (cls_s, lid_of[cls_i])
     for leave_landmark in (False, True):
-        sims, nn, usable = held_out(g_emb, labels, rows, leave_landmark, device)
+        sims, nn, usable = held_out(g_emb, labels, rows, leave_landmark, device, bad=bad)
         own = labels[rows][usable]
         sims, nn_l = sims[usable], labels[nn[usable]]
         cls = None
@@ -157,9 +159,10 @@ def fit(x, y, names, c=1.0):
 def learn(g_emb, g_labels, classifier=None, rerank_with=("sum", 9, 10), device="cpu", sample=SAMPLE, seed=0):
     """The Calibration of a gallery (per model its compared embeddings, its landmark ids): a sample of
     at most `sample` readable photos, drawn with `seed`, answered by held_out_answers."""
-    good = np.flatnonzero(~unreadable_rows(*g_emb))
+    bad = unreadable_rows(*g_emb)
+    good = np.flatnonzero(~bad)
     rows = np.sort(np.random.default_rng(seed).choice(good, min(sample, len(good)), replace=False))
-    x, y = held_out_answers(g_emb, g_labels, rows, classifier, rerank_with, device)
+    x, y = held_out_answers(g_emb, g_labels, rows, classifier, rerank_with, device, bad)
     return fit(x, y, FEATURES + (CLS_FEATURES if classifier is not None else ()))
 
 

@@ -15,6 +15,7 @@
 Every check that can fail runs here, before any image is read: an ensemble's extraction takes
 hours, a wrong checkpoint path must not surface after them.
 """
+import argparse
 import json
 import os
 
@@ -35,7 +36,6 @@ def _auto_or_power(v):
     except ValueError:
         f = -1.0
     if not f >= 0:
-        import argparse
         raise argparse.ArgumentTypeError(f"{v!r} is neither 'auto' nor a power >= 0")
     return f
 
@@ -46,7 +46,6 @@ def _scales(v):
     except ValueError:
         s = ()
     if not s or not all(x > 0 for x in s):
-        import argparse
         raise argparse.ArgumentTypeError(f"{v!r}: expected positive multiples of the image size, e.g. 0.7,1,1.4")
     return s
 
