@@ -32,8 +32,11 @@ scale: venv
 	$(BIN)/python -m pip install -q -r requirements-scale.txt
 
 # The whole suite, as CI runs it; the browser tests skip (named) where Chromium and chromedriver are missing.
+# TEST_WORKERS processes share the tests (pytest-xdist; 2 by default: each builds its own session fixtures);
+# TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: $(TEST_DEPS)
-	$(RUN) -m pytest -q -rs tests
+	$(RUN) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup tests
 
 # The whole pipeline on a synthetic GLDv2, CPU only: prints GAP classifier / retrieval / ensemble.
 demo: $(DEPS)

@@ -14,6 +14,14 @@ sys.path.insert(0, ROOT)
 TINY_BACKBONE = "mobilenetv3_small_050"  # timm, has fused BatchNormAct2d layers, fast on CPU
 
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (make test: -n 2 --dist loadgroup) the tests of the `trained` model run on one
+    worker: it is the slowest fixture (24 epochs), and each worker would train its own."""
+    for item in items:
+        if "trained" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("trained"))
+
+
 def free_port():
     """A TCP port free right now: two test runs on one machine must not share a rendezvous port."""
     with socket.socket() as s:
