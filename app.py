@@ -105,7 +105,7 @@ class Page:
         """Recognizer.answers of the images (RGB uint8 arrays)."""
         with self.lock:
             zqs = [features.embed_member(m, member, images, self.device, self.precision) for m, member in self.models]
-            res = self.rec.answer(zqs)
+            res = self.rec.answer(zqs, images=images)
         return self.rec.answers(res)
 
 

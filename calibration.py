@@ -11,8 +11,9 @@ photos is answered as queries twice,
 
 A logistic regression (scikit-learn; Platt's scaling, generalised to a few features) maps the
 features of each answer (answer_features: the cosine of the best neighbour of the answered
-landmark, its margin over the best other landmark, the share of the neighbours that name it, and
-with a classifier its cosine and the re-ranked score) to P(right). The two kinds of sample
+landmark, its margin over the best other landmark, the share of the neighbours that name it, with
+a classifier its cosine and the re-ranked score, and with --verify the inliers of the answered
+landmark's neighbours above the noise of wrong answers) to P(right). The two kinds of sample
 weigh alike: the prior it learns is one query in two showing a place the gallery does not hold.
 
 A photo whose landmark has a single gallery photo cannot be answered right by leave-one-out: it
@@ -25,16 +26,21 @@ import numpy as np
 from retrieval import CLS_TOP_K, TOP_K, classifier_topk, rerank, topk_cosine, unreadable_rows
 
 SAMPLE = 1000  # gallery photos answered twice to learn the calibration: bounds its cost on large galleries
+VERIFY_SAMPLE = 300  # with --verify: each of them verified against k neighbours twice (about 0.1 s a pair on CPU)
 FEATURES = ("cosine", "margin", "votes")
 CLS_FEATURES = ("cls_cosine", "log_score")
+VERIFY_FEATURES = ("inliers",)
+NOISE_QUANTILE = 95  # the inlier count wrong answers reach 95 % of the time: verification's noise floor
 
 
-def answer_features(sims, nn_l, landmarks, confidences, cls=None):
+def answer_features(sims, nn_l, landmarks, confidences, cls=None, inl=None):
     """(Q, F) features of answers: per query the cosine of the best neighbour naming the answered
     landmark (0 when none does), its margin over the best neighbour of another landmark (or over
     the last neighbour when all name it), and the share of the neighbours that name it; with cls
     = (cls_scores, cls_landmarks), the classifier's cosine of the answered landmark (its lowest
-    top-k score when outside its top k) and log10 of the re-ranked score."""
+    top-k score when outside its top k) and log10 of the re-ranked score; with inl ((Q, k): the
+    inliers of the first k neighbours, verify.py), the most inliers of a neighbour naming the
+    answered landmark (raw: Calibration maps it above the noise floor)."""
     sims = np.asarray(sims, np.float64)
     nn_l = np.asarray(nn_l)
     ans = np.asarray([-1 if v is None or v != v else v for v in landmarks]).astype(np.int64)[:, None]
@@ -51,6 +57,9 @@ def answer_features(sims, nn_l, landmarks, confidences, cls=None):
         hit = cls_l == ans
         cols += [np.where(hit.any(1), np.where(hit, cls_s, -np.inf).max(1), cls_s.min(1)),
                  np.log10(np.clip(np.asarray(confidences, np.float64), 1e-300, None))]
+    if inl is not None:
+        inl = np.asarray(inl, np.float64)
+        cols.append(np.where(named[:, :inl.shape[1]], inl, 0.0).max(1, initial=0.0))
     return np.stack(cols, 1)
 
 
@@ -79,9 +88,11 @@ def held_out(g_emb, g_labels, rows, leave_landmark, device="cpu", cap=256, bad=N
     return sims, nn, usable
 
 
-def held_out_answers(g_emb, g_labels, rows, classifier=None, rerank_with=("sum", 9, 10), device="cpu", bad=None):
+def held_out_answers(g_emb, g_labels, rows, classifier=None, rerank_with=("sum", 9, 10), device="cpu", bad=None,
+                     verifier=None):
     """The features and labels (1: right) of the sample's leave-one-out and leave-landmark-out answers.
-    classifier: (heads, idx2lid) of trained models, or None (retrieval alone answers). bad: as held_out."""
+    classifier: (heads, idx2lid) of trained models, or None (retrieval alone answers). bad: as held_out.
+    verifier: a verify.Verifier of the gallery, or None (no verification)."""
     labels = np.asarray(g_labels)
     bad = unreadable_rows(*g_emb) if bad is None else bad  # one pass over the gallery, not one per kind
     feats, right = [], []
@@ -108,15 +119,29 @@ def held_out_answers(g_emb, g_labels, rows, classifier=None, rerank_with=("sum",
             cls = (np.take_along_axis(cls_s, order, 1), np.take_along_axis(cls_l, order, 1))
             vote, sim_power, cls_power = rerank_with
             landmarks, conf = rerank(sims, nn_l, *cls, sim_power, cls_power, vote=vote)
-        feats.append(answer_features(sims, nn_l, landmarks, conf, cls))
+        inl = None
+        if verifier is not None:  # empty slots (too few photos left) are not verified
+            inl = verifier.gallery_inliers(rows[usable], np.where(np.isfinite(sims), nn[usable], -1))
+        feats.append(answer_features(sims, nn_l, landmarks, conf, cls, inl))
         right.append(np.zeros(len(own), bool) if leave_landmark else np.asarray(landmarks) == own)
     return np.concatenate(feats), np.concatenate(right).astype(np.int64)
 
 
+def above_noise(x, names, floor):
+    """answer_features x with its inliers column (if any) as log(1 + inliers above floor): eight matches
+    fit a fundamental matrix whatever they are, so counts up to the noise floor say nothing, and 0
+    (too few matches) says no more than the floor does."""
+    x = np.array(x, np.float64)
+    if "inliers" in names:
+        c = list(names).index("inliers")
+        x[:, c] = np.log1p(np.maximum(x[:, c] - floor, 0.0))
+    return x
+
+
 @dataclass
 class Calibration:
-    """P(right) = sigmoid(coef . (x - mean) / scale + intercept) of answer_features x; what it was
-    learnt on (samples, share right) is kept with it."""
+    """P(right) = sigmoid(coef . (x - mean) / scale + intercept) of answer_features x (the inliers
+    above inlier_floor, above_noise); what it was learnt on (samples, share right) is kept with it."""
     features: list
     mean: list
     scale: list
@@ -124,9 +149,11 @@ class Calibration:
     intercept: float
     samples: int
     right: float
+    inlier_floor: float = 0.0
 
     def __call__(self, x):
-        z = (np.asarray(x, np.float64) - self.mean) / self.scale @ np.asarray(self.coef) + self.intercept
+        x = above_noise(x, self.features, self.inlier_floor)
+        z = (x - self.mean) / self.scale @ np.asarray(self.coef) + self.intercept
         return 1.0 / (1.0 + np.exp(-z))
 
     def as_dict(self):
@@ -140,30 +167,41 @@ class Calibration:
 def fit(x, y, names, c=1.0):
     """The logistic regression of labels y (1: right) on features x, standardised (scikit-learn's
     LogisticRegression, L2 strength 1/c). With one class only (a gallery too small to be wrong, or
-    to be right), the constant share of right answers."""
+    to be right), the constant share of right answers. An inliers column is taken above the count
+    that NOISE_QUANTILE % of the wrong answers reach (above_noise)."""
     from sklearn.linear_model import LogisticRegression
-    x = np.asarray(x, np.float64)
     y = np.asarray(y, np.int64)
+    floor = 0.0
+    if "inliers" in names and (y == 0).any():
+        floor = float(np.percentile(np.asarray(x, np.float64)[y == 0, list(names).index("inliers")], NOISE_QUANTILE))
+    x = above_noise(x, names, floor)
     mean, scale = x.mean(0), x.std(0)
     scale = np.where(scale > 0, scale, 1.0)
     share = float(y.mean()) if len(y) else 0.0
     if len(np.unique(y)) < 2:
         p = min(max(share, 1e-6), 1 - 1e-6)
         return Calibration(list(names), mean.tolist(), scale.tolist(), [0.0] * x.shape[1],
-                           float(np.log(p / (1 - p))), len(y), share)
+                           float(np.log(p / (1 - p))), len(y), share, floor)
     lr = LogisticRegression(C=c, max_iter=1000).fit((x - mean) / scale, y)
     return Calibration(list(names), mean.tolist(), scale.tolist(), lr.coef_[0].tolist(), float(lr.intercept_[0]),
-                       len(y), share)
+                       len(y), share, floor)
 
 
-def learn(g_emb, g_labels, classifier=None, rerank_with=("sum", 9, 10), device="cpu", sample=SAMPLE, seed=0):
+def feature_names(classifier, verifier):
+    return FEATURES + (CLS_FEATURES if classifier else ()) + (VERIFY_FEATURES if verifier else ())
+
+
+def learn(g_emb, g_labels, classifier=None, rerank_with=("sum", 9, 10), device="cpu", sample=SAMPLE, seed=0,
+          verifier=None):
     """The Calibration of a gallery (per model its compared embeddings, its landmark ids): a sample of
-    at most `sample` readable photos, drawn with `seed`, answered by held_out_answers."""
+    at most `sample` readable photos (VERIFY_SAMPLE with a verifier), drawn with `seed`, answered by
+    held_out_answers."""
     bad = unreadable_rows(*g_emb)
     good = np.flatnonzero(~bad)
-    rows = np.sort(np.random.default_rng(seed).choice(good, min(sample, len(good)), replace=False))
-    x, y = held_out_answers(g_emb, g_labels, rows, classifier, rerank_with, device, bad)
-    return fit(x, y, FEATURES + (CLS_FEATURES if classifier is not None else ()))
+    n = min(sample, VERIFY_SAMPLE) if verifier is not None else sample
+    rows = np.sort(np.random.default_rng(seed).choice(good, min(n, len(good)), replace=False))
+    x, y = held_out_answers(g_emb, g_labels, rows, classifier, rerank_with, device, bad, verifier)
+    return fit(x, y, feature_names(classifier is not None, verifier is not None))
 
 
 def expected_calibration_error(p, right, bins=10):

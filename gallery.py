@@ -16,7 +16,8 @@ gallery's L2-normalised embeddings in float16; the landmark ids) and I.json
 size, preprocessing and the SHA-1 of its checkpoint file). An index is used
 only with the models it was built with. Built with --knn faiss, it also holds
 I.faiss (faiss' own format) and I.faiss.rows.npy: the faiss index of the same
-embeddings, used again while the gallery and --faiss-index are the same.
+embeddings, used again while the gallery and --faiss-index are the same. With
+--verify, I.local.npz keeps the gallery's local features (verify.py).
 """
 import hashlib
 import json
@@ -70,6 +71,11 @@ def gallery_digest(paths):
 
 def _stem(path):
     return path[:-4] if path.endswith(".npz") else path
+
+
+def local_features_path(index):
+    """Where the gallery's local features (predict.py --verify, verify.py) are kept beside an index."""
+    return _stem(index) + ".local.npz"
 
 
 class Gallery:

@@ -166,9 +166,17 @@ def run_folders(a):
         gallery.save(a.save_index or a.index, ens.signature(), faiss=rec.search.index, whiten=rec.space.whiten,
                      calibration=rec.saved_calibration())
     if not q_paths:
+        rec.keep_local_features()
         features.remove_scratch(a.cache_dir, emb.scratch)
         return None, None
+    before = rec.verifier.seconds if rec.verifier is not None else 0.0  # the calibration's share
     res = rec.answer(emb.features["queries"], emb.features.get("non-landmarks"), ids=q_rel, query_paths=q_paths)
+    if rec.verifier is not None:
+        rec.keep_local_features()
+        spent = rec.verifier.seconds - before
+        print(f"verification: {len(q_paths)} queries, each with its first {a.verify} neighbours, in {spent:.1f} s "
+              f"({1000 * spent / len(q_paths):.0f} ms per query); with the calibration's: {rec.verifier.cost()}",
+              flush=True)
     if a.retrieval_ranks:
         ranked = rec.ranking(res, a.ranks_k)
         pd.DataFrame({"path": q_rel, "ranked": [" ".join(gallery.paths[j] for j in row) for row in ranked]}

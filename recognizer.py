@@ -9,8 +9,9 @@ predict.py's folder mode and GLDv2 run, app.py and evaluate_retrieval.py all ans
 that a photo gets the same answer whichever of them is asked. The maths is retrieval.py's; this
 module only puts the pieces together: the ensemble's Space (a backbone's whitening, learnt once on
 the gallery), the faiss index when asked for, the calibration of the confidence (calibration.py,
-learnt once on the gallery), the threshold below which an answer is unknown, and the names of the
-landmarks.
+learnt once on the gallery), the geometric verification of the nearest photos when asked for
+(verify.py: its inliers are one of the calibration's features), the threshold below which an answer
+is unknown, and the names of the landmarks.
 """
 import argparse
 import json
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 import calibration as cal
-from gallery import Gallery, gallery_digest, predictions_frame
+import verify
+from gallery import Gallery, gallery_digest, local_features_path, predictions_frame
 from retrieval import (FAISS_EF_SEARCH, FAISS_NPROBE, FAISS_RERANK, Rules, Search, apply_non_landmark, import_faiss,
                        recognize, topk_cosine)
 from util import UserError
@@ -41,6 +43,11 @@ def add_args(p):
     p.add_argument("--min-confidence", type=float, default=MIN_CONFIDENCE, metavar="P",
                    help="with a calibrated confidence: below P the answer is unknown ('not sure': predictions.csv's "
                         f"landmark empty, its guess kept); default {MIN_CONFIDENCE}: more likely right than wrong")
+    p.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="geometric verification: each answer's first K neighbours matched to the photo by local "
+                        "features (SIFT, MAGSAC), the inliers a feature of the calibrated confidence; the gallery's "
+                        "local features are kept beside a saved index (INDEX.local.npz). About 0.1 s per photo "
+                        "pair on a CPU core; default 0: off (docs/transfer.md: it did not pay on the real sets)")
     p.add_argument("--knn", choices=["exact", "faiss"], default="exact",
                    help="nearest-neighbour search: exact (the original's, in bounded memory) or faiss (pip install "
                         "faiss-cpu, or faiss-gpu) with the index of --faiss-index")
@@ -59,9 +66,17 @@ def add_args(p):
 
 
 def settings_of(a, device, folders=True):
-    """The Settings of the options of add_args (and --non-landmark where the caller has it)."""
+    """The Settings of the options of add_args (and --non-landmark, --index, --save-index where the
+    caller has them)."""
     calibrate = folders if a.calibrate is None else a.calibrate
-    return Settings(search_of(a), device, getattr(a, "non_landmark", None), calibrate, a.min_confidence)
+    if a.verify < 0:
+        raise UserError(f"--verify {a.verify}: the number of neighbours to verify, 0 (off) or more")
+    if a.verify and not calibrate:
+        raise UserError("--verify: its inliers are a feature of the calibrated confidence, which is off here "
+                        "(--calibrate turns it on)")
+    index = getattr(a, "save_index", None) or getattr(a, "index", None)
+    return Settings(search_of(a), device, getattr(a, "non_landmark", None), calibrate, a.min_confidence, a.verify,
+                    local_features_path(index) if index and a.verify else None)
 
 
 def search_of(a):
@@ -93,12 +108,15 @@ class Settings:
     none); device; non_landmark: None, 'auto' (mined from the queries) or anything true with nl_emb
     given to answer (a known set); calibrate: learn (or read from the saved index) the calibration
     of the confidence (calibration.py); min_confidence: below it, with a calibration, the answer is
-    unknown (its landmark a guess)."""
+    unknown (its landmark a guess); verify: the neighbours verified per answer (0: none);
+    keep_local: the file the gallery's local features are read from and kept in (verify.Verifier)."""
     search: Search = None
     device: object = "cpu"
     non_landmark: object = None
     calibrate: bool = True
     min_confidence: float = MIN_CONFIDENCE
+    verify: int = 0
+    keep_local: str = None
 
 
 class Recognizer:
@@ -117,6 +135,8 @@ class Recognizer:
         self.search = s.search or Search()
         if self.search.kind == "faiss" and self.search.index is None:
             self.search.index = gallery.faiss_index(self.search.factory, self.space.gallery, self.space.whiten)
+        self.verifier = (verify.Verifier(self.image_paths, s.verify, names=gallery.paths, keep=s.keep_local)
+                         if s.verify else None)
         self.calibration = self._calibration() if s.calibrate else None
 
     def saved_calibration(self):
@@ -127,7 +147,9 @@ class Recognizer:
         """What a calibration depends on beyond the models (the index's signature): the gallery's
         photos, the re-ranking, the whitening and the sample's size."""
         return json.loads(json.dumps({"paths_sha1": gallery_digest(self.gallery.paths), "sample": cal.SAMPLE,
-                                      "rerank_with": self.ens.rerank_with, "whiten": self.space.whiten}))
+                                      "rerank_with": self.ens.rerank_with, "whiten": self.space.whiten}
+                                     | ({"verify": self.settings.verify, "local": verify.PARAMS,
+                                         "verify_sample": cal.VERIFY_SAMPLE} if self.settings.verify else {})))
 
     def _calibration(self):
         """The saved index's calibration when it was learnt on this very gallery and re-ranking, else
@@ -138,7 +160,7 @@ class Recognizer:
         t0 = time.time()
         c = cal.learn(self.space.gallery, self.gallery.labels,
                       (self.heads, self.ens.idx2lid) if self.heads is not None else None, self.ens.rerank_with,
-                      self.device)
+                      self.device, verifier=self.verifier)
         print(f"confidence calibrated on {c.samples} held-out answers of gallery photos ({c.right:.0%} of them "
               f"right) in {time.time() - t0:.1f} s", flush=True)
         return c
@@ -146,18 +168,31 @@ class Recognizer:
     def name_of(self, label):
         return self.gallery.names.get(label, str(label))
 
-    def answer(self, zqs, nl_emb=None, ids=None, query_paths=None):
+    def keep_local_features(self):
+        """Save the gallery's local features computed so far (with --verify and a saved index)."""
+        if self.verifier is not None:
+            self.verifier.save()
+
+    def answer(self, zqs, nl_emb=None, ids=None, query_paths=None, images=None):
         """retrieval.recognize's result for the queries' features (per model), with the queries'
-        ids and paths (default: their indices) and the gallery's paths, labels and names."""
+        ids and paths (default: their indices) and the gallery's paths, labels and names. With
+        verification, the queries' photos are read from query_paths, or given as RGB arrays
+        (images)."""
         sp = self.space
         inputs = sp.inputs(zqs)  # recognize() zeroes an unreadable query's row in them: ranking() reads them after
         res = recognize(inputs, sp.gallery, self.gallery.labels, self.heads, self.ens.idx2lid,
                         sp.inputs(nl_emb) if nl_emb else nl_emb,
                         Rules(self.ens.rerank_with, self.search, self.non_landmark, self.device))
+        if self.verifier is not None:
+            if images is None and query_paths is None:
+                raise ValueError("verification needs the queries' photos: query_paths or images")
+            sims, nn = res["neighbours"]
+            res["inliers"] = self.verifier.query_inliers(images if images is not None else query_paths,
+                                                         np.where(np.isfinite(sims), nn, -1))
         if self.calibration is not None:
             landmarks, conf = res["ensemble"]  # the features of the answer before non-landmarks are sunk
             p = self.calibration(cal.answer_features(res["neighbours"][0], res["neighbour_landmarks"], landmarks,
-                                                     conf, res.get("cls_top")))
+                                                     conf, res.get("cls_top"), res.get("inliers")))
             p = np.where(res["unreadable"][0], 0.0, p)
             res["calibrated"] = apply_non_landmark(p, res["nl_flags"]) if "nl_flags" in res else p
             res["sure"] = res["calibrated"] >= self.settings.min_confidence

@@ -10,10 +10,15 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test's workers share the machine's cores: one thread each (as the subprocesses of run() below),
+    # set before torch is imported; two workers of two threads each on 2 cores run slower than one
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 TINY_BACKBONE = "mobilenetv3_small_050"  # timm, has fused BatchNormAct2d layers, fast on CPU
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist (make test: -n 2 --dist loadgroup) the tests of the `trained` model run on one
     worker: it is the slowest fixture (24 epochs), and each worker would train its own."""
