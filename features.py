@@ -308,8 +308,11 @@ def extract_features(model, paths, image_size, how, store=None, normalize=False,
                             pin_memory=device.type == "cuda", worker_init_fn=worker_init if how.num_workers else None,
                             collate_fn=collate)
         label = desc if world == 1 else f"{desc} [rank {rank}/{world}]"
-        for b, (x, bad) in zip(mine, tqdm(loader, desc=label, initial=n_batches - len(todo), total=n_batches,
-                                          mininterval=2.0, disable=rank != 0)):
+        # this rank's batches, after those done before (a resumed cache): the bar ends at its total
+        bar = tqdm(loader, desc=label, initial=n_batches - len(todo), total=n_batches - len(todo) + len(mine),
+                   mininterval=2.0, disable=rank != 0)
+        # the bar first: zip asks it for one more batch, so that it counts the last one and closes at its total
+        for (x, bad), b in zip(bar, mine):
             z = embed_batch(model, x, device, how.precision)
             if normalize:
                 z = F.normalize(z, dim=1)

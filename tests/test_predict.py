@@ -158,7 +158,12 @@ def test_original_format_checkpoint_loads_in_predict(tmp_path):
         torch.testing.assert_close(m2.embed(x), m.embed(x))
 
 
-def test_feature_cache_reuses_and_resumes(stage1, tmp_path):
+def last_bar(err):
+    """The last state tqdm drew on stderr."""
+    return [seg for seg in err.replace("\r", "\n").split("\n") if "|" in seg][-1]
+
+
+def test_feature_cache_reuses_and_resumes(stage1, tmp_path, capsys):
     d = stage1["data"]
     model = ensemble.load_model(TINY_BACKBONE, stage1["checkpoint"])
     ids = pd.read_csv(os.path.join(d, "train_competition.csv"))["id"].tolist()[:20]
@@ -166,6 +171,8 @@ def test_feature_cache_reuses_and_resumes(stage1, tmp_path):
     kw = dict(how=features.Extraction(torch.device("cpu"), batch_size=6, num_workers=0),
               store=features.Store(str(tmp_path), "k"), normalize=True)
     full = np.array(features.extract_features(model, paths, 40, **kw))
+    bar = last_bar(capsys.readouterr().err)  # 20 rows, batches of 6
+    assert "100%" in bar and " 4/4 " in bar, bar
     np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1, rtol=1e-5)
     with torch.no_grad():
         x = torch.stack([dataset.LandmarkDataset(pd.DataFrame({"filepath": paths[:2]}), "", "test",
@@ -178,6 +185,8 @@ def test_feature_cache_reuses_and_resumes(stage1, tmp_path):
     arr.flush()
     (tmp_path / "k.done").write_text("12")
     np.testing.assert_allclose(np.array(features.extract_features(model, paths, 40, **kw)), full, rtol=1e-5, atol=1e-6)
+    bar = last_bar(capsys.readouterr().err)  # the 2 batches done before counted, the bar at its total
+    assert "100%" in bar and " 4/4 " in bar, bar
     # complete: a second call reads the file and runs no model
     model.neck = None
     np.testing.assert_array_equal(np.array(features.extract_features(model, paths, 40, **kw)), full)
