@@ -24,7 +24,6 @@ gets a message and nothing else happens; uploads are decoded in memory, and
 what the form parser spools to disk goes to a temporary folder of this
 process, removed when it stops.
 """
-import argparse
 import atexit
 import contextlib
 import html
@@ -44,13 +43,13 @@ import report
 from dataset import BadImage, decode_rgb
 from features import Images
 from recognizer import Recognizer, add_args as add_answer_args, open_gallery, settings_of
-from util import UserError, run_main
+from util import ArgumentParser, UserError, run_main
 
 MAX_PIXELS = 100_000_000  # a decoded 100-megapixel RGB image is 300 MB
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ensemble.add_args(p)  # --spec or --backbone (no training) and their options, as predict.py
     p.add_argument("--index", help="a saved gallery index (predict.py --save-index), built with these models")
     p.add_argument("--gallery-dir", help="the gallery's folders: where the neighbours' photos are shown from "

@@ -22,14 +22,13 @@ submitted id that the solution lacks is refused. Deliberately different: a malfo
 refused with its line number instead of a traceback, and blank ids in a retrieval row are not
 gallery ids.
 """
-import argparse
 import math
 import os
 
 import numpy as np
 import pandas as pd
 
-from util import UserError, run_main
+from util import ArgumentParser, UserError, run_main
 
 
 # ---------------------------------------------------------------- GAP
@@ -242,7 +241,7 @@ def mean_average_precision(truth, pred, k=100):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--submission", required=True)
     p.add_argument("--solution", required=True)
     p.add_argument("--metric", choices=["gap", "accuracy", "map@100"], default="gap")

@@ -21,7 +21,6 @@ protocol's (trapezoidal over the recall steps); mP@k is the precision at
 min(k, rank of the last positive). Queries without a positive in a protocol do
 not count in its means.
 """
-import argparse
 import json
 import os
 import pickle
@@ -30,7 +29,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from util import UserError, load_data_file, run_main
+from util import ArgumentParser, UserError, load_data_file, run_main
 
 PROTOCOLS = {"easy": (("easy",), ("junk", "hard")),
              "medium": (("easy", "hard"), ("junk",)),
@@ -168,7 +167,7 @@ def format_results(res, kappas=KAPPAS):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--gnd", required=True, help="gnd_roxford5k.pkl / gnd_rparis6k.pkl, or the same as JSON")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--features", help=".npz with arrays db (N, D) and queries (Q, D)")

@@ -15,7 +15,6 @@ On export each file is run with onnxruntime (CPU) on the images of --check-dir (
 images) and compared with PyTorch: every embedding's cosine with PyTorch's >= 0.9999 and the same top 5
 classes (up to cosines tied within 1e-5); a file that fails is removed and the command exits non-zero.
 """
-import argparse
 import glob
 import json
 import os
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from dataset import BadImage, get_transforms, read_rgb
 from ensemble import check_models, load_model, load_spec, resolve_checkpoint
 from gallery import list_images
-from util import UserError, file_digest, run_main
+from util import ArgumentParser, UserError, file_digest, run_main
 
 OPSET = 18              # read by onnxruntime >= 1.14; the dynamo exporter's own default
 MIN_COSINE = 0.9999     # embedding agreement, onnxruntime against PyTorch
@@ -119,7 +118,7 @@ def models_to_export(a):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--spec", help="predict.py's spec: every model of it")
     p.add_argument("--checkpoint", help="in place of --spec: one checkpoint (with --enet-type, --image-size)")
     p.add_argument("--enet-type", help="with --checkpoint: its backbone")

@@ -6,11 +6,10 @@ Reads the original's log line per epoch (`Fold f, Epoch e, lr: ..., train loss:
 ..., valid loss: ..., acc_m: ..., gap_m: ...`) and draws train and valid loss,
 accuracy and GAP per epoch, one line per log file (matplotlib, no display needed).
 """
-import argparse
 import os
 import re
 
-from util import UserError, run_main
+from util import ArgumentParser, UserError, run_main
 
 LINE = re.compile(r"Epoch (\d+), lr: ([\d.e+-]+), train loss: ([\w.+-]+), valid loss: ([\w.+-]+), "
                   r"acc_m: ([\w.+-]+), gap_m: ([\w.+-]+)\.")
@@ -67,7 +66,7 @@ def plot(logs, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("logs", nargs="+", help="train.py logs: {log_dir}/{kernel_type}.txt")
     p.add_argument("-o", "--out", default="curves.png")
     a = p.parse_args(argv)

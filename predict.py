@@ -31,7 +31,7 @@ from gallery import Gallery, list_images
 from preprocess import read_clean_list
 from recognizer import Recognizer, add_args as add_answer_args, open_gallery, settings_of
 from retrieval import FaissGallery, faiss_index, unreadable_rows
-from util import (UserError, cleanup_distributed, cpu_budget, is_main, print0, read_label_map, run_main,
+from util import (ArgumentParser, UserError, cleanup_distributed, cpu_budget, is_main, print0, read_label_map, run_main,
                   setup_distributed)
 
 
@@ -204,7 +204,7 @@ def _non_landmark_paths(non_landmark, data_dir=""):
 def build_parser():
     """predict.py's options, the one place they are defined: parse_args (the CLI) and
     options() (other callers) both start from here."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--data-dir", help="GLDv2 layout: holds train/, test/ and sample_submission.csv")
     p.add_argument("--train-csv", help="GLDv2 layout: the gallery, the clean train list (id,landmark_id)")
     ensemble.add_args(p)  # --spec or --backbone and its options, --idx2landmark, the re-ranking

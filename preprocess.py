@@ -13,7 +13,6 @@ accepted too and expanded to id,landmark_id rows first.
 writes the unusable ones to bad_images.csv (id, path, reason), for train.py's
 and predict.py's --exclude.
 """
-import argparse
 import hashlib
 import json
 import multiprocessing
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from dataset import BadImage, image_path, read_csv_checked, read_rgb, worker_init
 from gallery import list_images
-from util import UserError, run_main
+from util import ArgumentParser, UserError, run_main
 
 
 def read_clean_list(path):
@@ -158,7 +157,7 @@ def check_images(data_dir, out_dir, workers):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--train-csv", default="./train.csv", help="clean list: id,landmark_id or landmark_id,images")
     p.add_argument("--out-dir", default=".", help="where train_0.csv and idx2landmark_id.pkl go")
     p.add_argument("--n-folds", type=int, default=5)

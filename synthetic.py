@@ -18,12 +18,13 @@ non-landmark images, DIR/non_landmark/a/b/c/<id>.jpg listed in
 DIR/non_landmark.csv (id), for predict.py's optional non-landmark handling.
 Deterministic for a seed.
 """
-import argparse
 import os
 
 import cv2
 import numpy as np
 import pandas as pd
+
+from util import ArgumentParser
 
 SCENE = 192  # side of the canvas a scene is drawn on
 
@@ -229,7 +230,7 @@ def generate(out, classes=60, clean_classes=40, test=120, non_landmark_frac=0.5,
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--classes", type=int, default=60)
     p.add_argument("--clean-classes", type=int, default=40)

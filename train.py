@@ -27,7 +27,7 @@ from losses import ArcFaceLossAdaptiveMargin, dynamic_margins
 from models import build_model, check_enet_type, preprocessing_for
 from evaluate import global_average_precision_score
 from plot_logs import read_log
-from util import (UserError, cleanup_distributed, cpu_budget, get_lr, is_main,
+from util import (ArgumentParser, UserError, cleanup_distributed, cpu_budget, get_lr, is_main,
                   load_fitting, load_state_dict_file, memory_format, print0, run_main, save_checkpoint,
                   setup_distributed, torch_load)
 
@@ -37,7 +37,7 @@ MIN_VALID = 30     # fewer validation images than this: the curves are noise (a 
 
 def parse_args(argv=None):
     # allow_abbrev=False: a prefix such as --n-epoch must not silently mean --n-epochs
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     # --- the original's flags, same names and defaults
     p.add_argument("--kernel-type", type=str, required=True)
     p.add_argument("--data-dir", type=str, default="/raid/GLD2")

@@ -1,4 +1,6 @@
 """Small helpers: user errors, learning-rate schedule, checkpoints, distributed set-up (the metrics: evaluate.py)."""
+import argparse
+import difflib
 import hashlib
 import json
 import math
@@ -20,6 +22,36 @@ class UserError(Exception):
     """A mistake in the user's input (a path, a flag, a file's contents): the
     command line reports it as one line and exits with status 2, no traceback.
     Programming errors are other exceptions and keep their traceback."""
+
+
+def _flags(parser):
+    """The long flags of a parser and of its subcommands' parsers."""
+    out = []
+    for a in parser._actions:
+        out += [o for o in a.option_strings if o.startswith("--")]
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                out += [f for f in _flags(sub) if f not in out]
+    return out
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser that names, for a flag it does not know, this command's closest one (difflib;
+    Python 3.14's suggest_on_error does this, 3.11 does not), before it says what else is missing."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        flags = [f for f in _flags(self) if f != "--help"]
+        # a token with a space is a value (bench.py's --train-args "--n-epochs 2"), not a flag
+        unknown = [t for t in argv if isinstance(t, str) and t.startswith("--") and t != "--" and " " not in t
+                   and t.split("=", 1)[0] not in flags + ["--help"]]
+        if unknown:
+            hints = []
+            for tok in unknown:
+                close = difflib.get_close_matches(tok.split("=", 1)[0], flags, n=1, cutoff=0.7)
+                hints.append(f"{tok} (did you mean {close[0]}?)" if close else tok)
+            self.error("unrecognized arguments: " + ", ".join(hints))
+        return super().parse_known_args(args, namespace)
 
 
 def run_main(main):

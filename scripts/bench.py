@@ -28,7 +28,6 @@ bench_inference.py (ranks, onnx), bench_transfer.py (transfer); the harness
 (JSON lines, interleaved rounds, peak memory) is benchkit.py. Each module's
 docstring says what its baseline reproduces of the original code.
 """
-import argparse
 import os
 import sys
 
@@ -38,13 +37,14 @@ import bench_knn  # noqa: E402
 import bench_loader  # noqa: E402
 import bench_train  # noqa: E402
 import bench_transfer  # noqa: E402
+from util import ArgumentParser  # noqa: E402
 
 FAMILIES = (bench_train, bench_loader, bench_knn, bench_inference, bench_transfer)
 
 
 def parse_args(argv=None):
     import torch
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(q):

@@ -216,3 +216,32 @@ def test_predict_checks_every_model_before_reading_images(stage1, tmp_path, monk
                                     idx2landmark=os.path.join(d, "idx2landmark_id.json"), spec=str(spec),
                                     device="cpu", num_workers=0, cache_dir=None))
     assert read == []  # the second model's mismatch is found before the first model reads an image
+
+
+@pytest.mark.parametrize("cli, typo, meant", [
+    ("predict", "--galery-dir", "--gallery-dir"), ("train", "--kernel-typ", "--kernel-type"),
+    ("app", "--indx", "--index"), ("preprocess", "--from-foldr", "--from-folder"),
+    ("evaluate", "--submision", "--submission"), ("export", "--spc", "--spec"),
+    ("evaluate_retrieval", "--ranks-csv", "--ranks"), ("plot_logs", "--ot", "--out"),
+    ("synthetic", "--clases", "--classes"), ("bench", "--photo", "--photos")])
+def test_a_mistyped_flag_names_the_closest_one(cli, typo, meant, capsys):
+    """Every command line: an unknown flag, even beside missing required ones, ends with one line naming
+    this command's closest flag, exit status 2."""
+    import importlib
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    mod = importlib.import_module(cli)
+    argv = (["transfer"] if cli == "bench" else []) + [typo, "x"]
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and f"unrecognized arguments: {typo} (did you mean {meant}?)" in err, err
+
+
+def test_flag_suggestion_leaves_values_alone():
+    """A value that looks like flags (bench.py's --train-args "--n-epochs 2") is not a flag; --help and
+    --flag=value are known."""
+    p = util.ArgumentParser(prog="x")
+    p.add_argument("--train-args", default="")
+    p.add_argument("--n", type=int)
+    a = p.parse_args(["--train-args", "--n-epochs 2 --init-lr 1e-4", "--n=3"])
+    assert a.train_args == "--n-epochs 2 --init-lr 1e-4" and a.n == 3
