@@ -51,7 +51,13 @@ def folder_gallery(root):
     rows = [(p, p.split(os.sep)[0]) for p in list_images(root) if os.sep in p]
     if not rows:
         raise UserError(f"--gallery-dir {root}: no images in its subfolders (one folder per landmark: "
-                        f"{root}/<landmark name>/*.jpg)")
+                        f"{os.path.join(root, '<landmark name>', '*.jpg')})")
+    named = {n for _, n in rows}
+    empty = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
+                   and d not in named)
+    if empty:
+        print(f"warning: {len(empty)} landmark folder(s) of --gallery-dir with no images, left out: "
+              f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}", flush=True)
     return rows
 
 
@@ -135,19 +141,23 @@ class Gallery:
 
     def extend(self, todo, new_emb):
         """Adds todo's photos ([(path under root, landmark name)]) with their features (per model,
-        NaN rows for unreadable images, which are left out); a name it does not know gets a new id."""
+        NaN rows for unreadable images, which are left out and named); a name it does not know gets
+        a new id. Returns the paths left out."""
         if not todo:
-            return
+            return []
         new_ids, by_id = ids_for_names([n for _, n in todo], self.names)
         self.names |= by_id
         good = ~unreadable_rows(*new_emb)
-        if not good.all():
-            print(f"unreadable gallery images: {int((~good).sum())} of {len(good)} (not indexed)", flush=True)
+        bad = [p for (p, _), ok in zip(todo, good) if not ok]
+        if bad:
+            print(f"unreadable gallery images: {len(bad)} of {len(good)}, not indexed: {', '.join(bad[:3])}"
+                  f"{', ...' if len(bad) > 3 else ''}", flush=True)
         keep = [p for (p, _), ok in zip(todo, good) if ok]
         self.paths += keep
         self.labels = np.concatenate([self.labels, new_ids[good]])
         self.emb = [np.asarray(e[good], np.float16) if self.emb is None else
                     np.concatenate([self.emb[i], np.asarray(e[good], np.float16)]) for i, e in enumerate(new_emb)]
+        return bad
         print(f"embedded {len(keep)} gallery images ({len(self.paths)} in all, {len(set(self.labels.tolist()))} "
               f"landmarks)", flush=True)
 

@@ -160,7 +160,7 @@ def run_folders(a):
     emb = features.embed_all(a, ens, lists, device)
     if not is_main():
         return None, None
-    gallery.extend(todo, emb.features["gallery"])
+    bad_gallery = gallery.extend(todo, emb.features["gallery"])
     rec = Recognizer(ens, gallery, emb.heads, settings)
     if a.save_index or a.add_to_index:
         gallery.save(a.save_index or a.index, ens.signature(), faiss=rec.search.index, whiten=rec.space.whiten,
@@ -183,7 +183,9 @@ def run_folders(a):
                      ).to_csv(a.retrieval_ranks, index=False)
         print(f"wrote {a.retrieval_ranks} (the first {min(a.ranks_k, len(gallery))} gallery images of each query)",
               flush=True)
-    res |= {"frames": rec.predictions(res), "scratch": emb.scratch}
+    res |= {"frames": rec.predictions(res), "scratch": emb.scratch,
+            "unreadable_paths": [("gallery", os.path.join(a.gallery_dir, p)) for p in bad_gallery]
+            + [("query", p) for p, bad in zip(q_paths, res["unreadable"][0]) if bad]}
     return res["frames"][rec.final], res
 
 
@@ -354,11 +356,24 @@ def write_parts(a, write):
         write(part, f"{stem}_{part}.csv")
 
 
+def write_unreadable(a, rows):
+    """The images that could not be read ([(role, path)]), named: the first few printed, all of them
+    in OUT_unreadable.csv beside the output."""
+    if not rows:
+        return
+    path = os.path.splitext(a.out)[0] + "_unreadable.csv"
+    pd.DataFrame(rows, columns=["role", "path"]).to_csv(path, index=False)
+    first = ", ".join(p for _, p in rows[:3])
+    print(f"unreadable images: {len(rows)} ({first}{', ...' if len(rows) > 3 else ''}); all of them in {path}",
+          flush=True)
+
+
 def answer_folders(a):
     frame, res = run_folders(a)
     if frame is None:  # no queries (an index built or grown), or torchrun's rank > 0
         return res
     frame.to_csv(a.out, index=False)
+    write_unreadable(a, res["unreadable_paths"])
     if a.report:
         write_report(a, res, res["names"])
     print(f"wrote {a.out} ({len(frame)} rows, {int((frame['landmark'] != '').sum())} with a landmark)")
@@ -375,6 +390,9 @@ def answer_gldv2(a, truth):
     final = "ensemble_nl" if a.non_landmark else "ensemble"
     # --calibrate: every guess kept, ordered by its calibrated confidence (GAP never loses by a late guess)
     format_submission(res["ids"], res[final][0], res.get("calibrated", res[final][1])).to_csv(a.out, index=False)
+    q_bad, g_bad = res["unreadable"]
+    write_unreadable(a, [("gallery", p) for p, bad in zip(res["gallery_paths"], g_bad) if bad]
+                     + [("query", p) for p, bad in zip(res["query_paths"], q_bad) if bad])
     if a.write_parts:
         write_parts(a, lambda part, path: format_submission(res["ids"], *res[part]).to_csv(path, index=False))
     if a.non_landmark:

@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -50,8 +51,13 @@ def assign_folds(df, n_folds=5, seed=233):
     df = df.reset_index(drop=True).copy()
     fold = np.full(len(df), -1, dtype=np.int64)
     skf = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
-    for i, (_, valid_idx) in enumerate(skf.split(df, df["landmark_id"])):
-        fold[valid_idx] = i
+    rare = int((df["landmark_id"].value_counts() < n_folds).sum())
+    with warnings.catch_warnings():  # scikit-learn's "least populated class" warning: our own note below
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for i, (_, valid_idx) in enumerate(skf.split(df, df["landmark_id"])):
+            fold[valid_idx] = i
+    if rare:
+        print(f"note: {rare} landmark(s) have fewer than {n_folds} images, so some validation folds lack them")
     df["fold"] = fold
     return df
 
@@ -92,12 +98,26 @@ def from_folder(root, out_dir, n_folds=5, seed=233):
     rows = [(hashlib.sha1(os.path.join(name, rel).encode()).hexdigest()[:16], lid,
              os.path.abspath(os.path.join(root, name, rel)))
             for lid, name in enumerate(names) for rel in list_images(os.path.join(root, name))]
+    os.makedirs(out_dir, exist_ok=True)
+    # every file decoded (at 1/8 scale for a JPEG): a text file named .jpg is not a photo
+    reasons = [check_image(p) for _, _, p in tqdm(rows, desc="check images", mininterval=2.0)]
+    bad = [(i, p, r) for (i, _, p), r in zip(rows, reasons) if r]
+    if bad:
+        out = os.path.join(out_dir, "bad_images.csv")
+        pd.DataFrame(bad, columns=["id", "path", "reason"]).to_csv(out, index=False)
+        first = "; ".join(f"{os.path.relpath(p, root)} ({r})" for _, p, r in bad[:3])
+        print(f"{len(bad)} of {len(rows)} files are not readable images, left out: {first}"
+              f"{'; ...' if len(bad) > 3 else ''} (all of them in {out})")
+        rows = [row for row, r in zip(rows, reasons) if not r]
     if not rows:
-        raise UserError(f"--from-folder {root}: no images in its subfolders (one folder per landmark: "
-                        f"{root}/<landmark name>/*.jpg)")
+        raise UserError(f"--from-folder {root}: no readable images in its subfolders (one folder per landmark: "
+                        f"{os.path.join(root, '<landmark name>', '*.jpg')})")
     df = pd.DataFrame(rows, columns=["id", "landmark_id", "filepath"])
     used = sorted(set(df["landmark_id"]))
-    os.makedirs(out_dir, exist_ok=True)
+    empty = [names[i] for i in range(len(names)) if i not in set(used)]
+    if empty:
+        print(f"warning: {len(empty)} landmark folder(s) with no readable images, left out: "
+              f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}")
     df.to_csv(os.path.join(out_dir, "train.csv"), index=False)
     few = df["landmark_id"].value_counts().max() < n_folds  # StratifiedKFold needs one landmark with n_folds
     (assign_folds_small if few else assign_folds)(df, n_folds, seed).to_csv(os.path.join(out_dir, "train_0.csv"),

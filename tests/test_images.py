@@ -170,6 +170,15 @@ def test_predict_with_unreadable_queries_and_gallery_images(stage1, tmp_path, ca
     # the cached run (NaN rows kept in the cache) finds the same
     res2 = predict.run(predict.options(**kw))
     assert (res2["unreadable"][1] == g_bad).all() and list(res2["ensemble"][0]) == list(res["ensemble"][0])
+    # the command line names them: the first few printed, all in OUT_unreadable.csv
+    capsys.readouterr()
+    predict.main(["--data-dir", d, "--train-csv", kw["train_csv"], "--idx2landmark", kw["idx2landmark"], "--spec",
+                  str(spec), "--device", "cpu", "--num-workers", "0", "--cache-dir", kw["cache_dir"],
+                  "--out", str(tmp_path / "sub.csv")])
+    listed = pd.read_csv(tmp_path / "sub_unreadable.csv")
+    assert sorted(zip(listed["role"], listed["path"])) == sorted(
+        [("gallery", path("train", i)) for i in bad_g] + [("query", path("test", bad_q[0]))])
+    assert f"unreadable images: 3 ({path('train', bad_g[0])}" in capsys.readouterr().out
     # --exclude: the listed files are not read at all
     pd.DataFrame({"id": bad_g + bad_q}).to_csv(tmp_path / "bad.csv", index=False)
     res3 = predict.run(predict.options(exclude=str(tmp_path / "bad.csv"), **kw))
@@ -280,3 +289,36 @@ def test_own_photos_from_folders(tmp_path):
                                       idx2landmark=os.path.join(out, "idx2landmark_id.json"), spec=str(spec),
                                       device="cpu", num_workers=0, cache_dir=None))
     assert set(res["ensemble"][0]) <= {int(k) for k in names} and not res["unreadable"][1].any()
+
+
+def test_folders_name_bad_files_and_empty_landmarks(photos, tmp_path, capsys):
+    """Your photos: preprocess.py --from-folder decodes every file (a text file named .jpg is left out,
+    named, and listed in bad_images.csv) and names empty landmark folders; predict.py names unreadable
+    gallery and query files and lists them all in OUT_unreadable.csv."""
+    import shutil
+
+    import predict
+    import preprocess
+    g, q = tmp_path / "gallery", tmp_path / "queries"
+    shutil.copytree(photos["gallery"], g)
+    shutil.copytree(photos["queries"], q)
+    first = sorted(p for p in os.listdir(g) if not p.startswith("."))[0]
+    (g / first / "notes.jpg").write_text("not a photo")
+    (g / "Empty place").mkdir()
+    (q / "day0" / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    df = preprocess.main(["--from-folder", str(g), "--out-dir", str(tmp_path / "data")])
+    out = capsys.readouterr().out
+    assert f"1 of {len(df) + 1} files are not readable images, left out: {first}/notes.jpg" in out
+    assert "1 landmark folder(s) with no readable images, left out: Empty place" in out
+    assert not df["filepath"].str.endswith("notes.jpg").any()
+    bad = pd.read_csv(tmp_path / "data" / "bad_images.csv")
+    assert bad["path"].tolist() == [str(g / first / "notes.jpg")]
+    predict.main(["--spec", photos["spec"], "--idx2landmark", photos["labels"], "--gallery-dir", str(g),
+                  "--query-dir", str(q), "--out", str(tmp_path / "pred.csv"), "--device", "cpu", "--num-workers", "0"])
+    out = capsys.readouterr().out
+    assert "landmark folder(s) of --gallery-dir with no images, left out: Empty place" in out
+    assert f"unreadable gallery images: 1 of {len(df) + 1}, not indexed: {os.path.join(first, 'notes.jpg')}" in out
+    listed = pd.read_csv(tmp_path / "pred_unreadable.csv")
+    assert sorted(zip(listed["role"], listed["path"])) == [("gallery", str(g / first / "notes.jpg")),
+                                                           ("query", str(q / "day0" / "broken.jpg"))]
+    assert "//" not in out

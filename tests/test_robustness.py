@@ -245,3 +245,25 @@ def test_flag_suggestion_leaves_values_alone():
     p.add_argument("--n", type=int)
     a = p.parse_args(["--train-args", "--n-epochs 2 --init-lr 1e-4", "--n=3"])
     assert a.train_args == "--n-epochs 2 --init-lr 1e-4" and a.n == 3
+
+
+def test_folds_say_which_landmarks_are_rare_in_words(capsys):
+    """scikit-learn's raw 'least populated class' warning becomes one note of ours; the folds are
+    StratifiedKFold's all the same."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedKFold
+
+    import preprocess
+    df = pd.DataFrame({"id": [str(i) for i in range(23)], "landmark_id": [0] * 10 + [1] * 10 + [2] * 3})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = preprocess.assign_folds(df)
+    assert not [w for w in caught if "least populated" in str(w.message)]
+    assert "note: 1 landmark(s) have fewer than 5 images" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = np.full(len(df), -1)
+        for i, (_, v) in enumerate(StratifiedKFold(5, shuffle=True, random_state=233).split(df, df["landmark_id"])):
+            want[v] = i
+    assert out["fold"].tolist() == want.tolist()
