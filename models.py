@@ -135,11 +135,16 @@ def _timm_name(enet_type):
     return name
 
 
+class MissingWeights(UserError):
+    """ImageNet weights that could not be had. The message names --pretrained-path, which every
+    command that builds a pretrained backbone takes; train.py adds its own --no-pretrained."""
+
+
 def _pretrained_error(enet_type, err):
-    return UserError(
-        f"could not get ImageNet weights for '{enet_type}' ({(str(err).splitlines() or [type(err).__name__])[0][:200]}). Without network "
-        f"access, put the file in the torch/Hugging Face cache, pass --pretrained-path FILE, or "
-        f"train from scratch with --no-pretrained.")
+    why = (str(err).splitlines() or [type(err).__name__])[0][:200]
+    return MissingWeights(f"could not get ImageNet weights for '{enet_type}' ({why}). Without network access, "
+                          f"pass --pretrained-path FILE (timm's weights file) or put it in the torch/Hugging Face "
+                          f"cache")
 
 
 def _weights_reachable(timm_name, timeout=3.0):

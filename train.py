@@ -24,7 +24,7 @@ from tqdm import tqdm
 from finetune import RECIPES, Reader, apply_recipe, init_neck_and_head
 from dataset import EpochSampler, LandmarkDataset, collate, drop_excluded, get_df, get_transforms, worker_init
 from losses import ArcFaceLossAdaptiveMargin, dynamic_margins
-from models import build_model, check_enet_type, preprocessing_for
+from models import MissingWeights, build_model, check_enet_type, preprocessing_for
 from evaluate import global_average_precision_score
 from plot_logs import read_log
 from util import (ArgumentParser, UserError, cleanup_distributed, cpu_budget, get_lr, is_main,
@@ -540,8 +540,11 @@ def build_model_and_inits(args, run, data):
         args.resume = latest_checkpoint(stem, args.trust_checkpoint)
         print0(f"--resume auto: {'continuing from ' + args.resume if args.resume else 'no checkpoint yet, starting'}")
     pretrained = args.pretrained and not args.load_from and not args.resume
-    model = build_model(args.enet_type, data.out_dim, pretrained=pretrained, pretrained_path=args.pretrained_path,
-                        pool=args.pool, preprocessing=args.preprocessing, image_size=args.image_size)
+    try:
+        model = build_model(args.enet_type, data.out_dim, pretrained=pretrained, pretrained_path=args.pretrained_path,
+                            pool=args.pool, preprocessing=args.preprocessing, image_size=args.image_size)
+    except MissingWeights as e:
+        raise UserError(f"{e}, or train from scratch with --no-pretrained") from None
     if args.load_from and not args.resume:  # a resumed run has its own weights
         load_weights(model, args.load_from, args.train_step, args.trust_checkpoint)
     model.set_frozen(*frozen(args, args.start_from_epoch))  # before DDP is built: it syncs what trains
