@@ -1,6 +1,5 @@
 import hashlib
 import os
-import time
 
 import numpy as np
 import pandas as pd
@@ -19,9 +18,7 @@ def _digest(root):
 
 def test_deterministic_for_a_seed_and_layout(tmp_path):
     kw = dict(classes=12, clean_classes=8, test=10, min_size=48, max_size=96, non_landmark_set=3)
-    t = time.perf_counter()
     synthetic.generate(str(tmp_path / "a"), seed=3, **kw)
-    dt = time.perf_counter() - t
     synthetic.generate(str(tmp_path / "b"), seed=3, **kw)
     synthetic.generate(str(tmp_path / "c"), seed=4, **kw)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
@@ -43,9 +40,6 @@ def test_deterministic_for_a_seed_and_layout(tmp_path):
     # long tail: the biggest class is several times the median
     counts = full.landmark_id.value_counts()
     assert counts.max() >= 3 * counts.median() and counts.min() >= 2
-    # fast: hundreds of images per second is the aim; fail only when far off
-    n_images = len(full) + 10 + 3
-    assert n_images / dt > 50, f"{n_images / dt:.0f} images/s"
 
 
 def test_views_of_a_landmark_differ_but_resemble():
