@@ -9,6 +9,8 @@ accuracy and GAP per epoch, one line per log file (matplotlib, no display needed
 import os
 import re
 
+import numpy as np
+
 from util import ArgumentParser, UserError, run_main
 
 LINE = re.compile(r"Epoch (\d+), lr: ([\d.e+-]+), train loss: ([\w.+-]+), valid loss: ([\w.+-]+), "
@@ -43,19 +45,30 @@ def read_logs(paths, flag=""):
     return logs
 
 
+def measured(logs, key):
+    """Whether any epoch of any log has a value of `key` (not NaN: --valid-stride 0 validates nothing)."""
+    return any(np.isfinite(r[key]) for rows in logs.values() for r in rows)
+
+
 def plot(logs, out):
+    """The curves of the logs: the loss, and accuracy and GAP where something was validated (a chart
+    only for what was measured)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = [("loss", None)] + [(t, k) for t, k in (("accuracy (%)", "acc"), ("GAP", "gap")) if measured(logs, k)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    axes = axes[0]
+    valid = measured(logs, "valid_loss")
     for path, rows in logs.items():
         name = os.path.splitext(os.path.basename(path))[0]
         ep = [r["epoch"] for r in rows]
         axes[0].plot(ep, [r["train_loss"] for r in rows], label=f"{name} train")
-        axes[0].plot(ep, [r["valid_loss"] for r in rows], "--", label=f"{name} valid")
-        axes[1].plot(ep, [r["acc"] for r in rows], label=name)
-        axes[2].plot(ep, [r["gap"] for r in rows], label=name)
-    for ax, title in zip(axes, ("loss", "accuracy (%)", "GAP")):
+        if valid:
+            axes[0].plot(ep, [r["valid_loss"] for r in rows], "--", label=f"{name} valid")
+        for ax, (_, key) in zip(axes[1:], panels[1:]):
+            ax.plot(ep, [r[key] for r in rows], label=name)
+    for ax, (title, _) in zip(axes, panels):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -63,6 +76,7 @@ def plot(logs, out):
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    return [t for t, _ in panels]
 
 
 def main(argv=None):

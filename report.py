@@ -38,7 +38,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.5em}
 table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px 6px;vertical-align:top;text-align:left}
 table.scores td,table.scores th{padding:3px 10px}
-.chart img{max-width:100%;height:auto}.q img{display:block}.nb{font-size:12px;width:100px;overflow-wrap:anywhere}.nb img{display:block;margin-bottom:2px}
+.chart img{max-width:100%;height:auto}.q img{display:block}.nb{font-size:12px;width:100px;overflow-wrap:break-word}.nb img{display:block;margin-bottom:2px}
 .right{background:#e7f6e7}.wrong{background:#fbe4e4}.nonlandmark{background:#eee}
 .mark{font-weight:bold}.right .mark{color:#197a19}.wrong .mark{color:#b11}
 .tag{display:inline-block;padding:0 5px;border-radius:3px;font-size:12px;background:#ddd;margin:1px 0}
@@ -131,6 +131,25 @@ def mark_of(prediction, truth, known):
     return "right" if truth and prediction[0] in truth else "wrong"
 
 
+PART_WORDS = {"classifier": "by the classifier", "retrieval": "by the nearest photos",
+              "ensemble": "both together"}  # what a part's answer is, in words
+
+
+def wrapped(text):
+    """HTML of a name that may wrap after its underscores, dashes and slashes (not inside a word)."""
+    out = html.escape(text)
+    for c in ("_", "-", "/"):
+        out = out.replace(c, c + "<wbr>")
+    return out
+
+
+def confidence_text(c, calibrated):
+    """A calibrated confidence as a percentage; a raw score with three decimals ('< 0.001' below)."""
+    if calibrated:
+        return f"{c:.0%}"
+    return f"{c:.3f}" if c >= 0.001 else "&lt; 0.001"
+
+
 def render_row(row, name_of, thumbs):
     """One query as a table row. row: {'id', 'image' (path or RGB array),
     'prediction' ((label, confidence) or None), 'truth' (a set of labels, None
@@ -156,10 +175,12 @@ def render_row(row, name_of, thumbs):
     if pred is None:
         pred_html = '<span class="muted">no prediction</span>'
     else:
-        conf = f"{pred[1]:.0%}" if row.get("calibrated") else f"{pred[1]:.4g}"
-        pred_html = (f'<b class="pred">{html.escape(name_of(pred[0]))}</b><br>' if sure else
+        calibrated = row.get("calibrated")
+        conf = confidence_text(pred[1], calibrated)
+        pred_html = (f'<b class="pred">{wrapped(name_of(pred[0]))}</b><br>' if sure else
                      f'<b class="unsure">not sure</b><br><span class="guess muted">guess: '
-                     f'{html.escape(name_of(pred[0]))}</span><br>') + f'confidence <span class="conf">{conf}</span>'
+                     f'{wrapped(name_of(pred[0]))}</span><br>') + (
+            f'{"confidence" if calibrated else "score"} <span class="conf">{conf}</span>')
 
     cells = [f'<td class="q">{img_tag(thumbs(row["image"], QUERY_SIDE), str(row["id"]))}'
              f'<div class="qid">{html.escape(str(row["id"]))}</div></td>',
@@ -170,8 +191,9 @@ def render_row(row, name_of, thumbs):
         if mark == "wrong" and row.get("truth_image"):
             cells[-1] += img_tag(thumbs(row["truth_image"], NEIGHBOUR_SIDE), "a gallery image of the truth", "")
     for part, answer in row.get("answers", {}).items():
-        text = "none" if answer is None else f"{name_of(answer[0])} ({answer[1]:.3g})"
-        cells[-1] += f'<div class="answer {part}">{html.escape(part)}: {html.escape(text)}</div>'
+        text = "none" if answer is None else f"{wrapped(name_of(answer[0]))} ({confidence_text(answer[1], False)})"
+        cells[-1] += (f'<div class="answer {html.escape(part)}">{html.escape(PART_WORDS.get(part, part))}: '
+                      f'{text}</div>')
     cells[-1] += "</td>"
     for image, label, cos in row.get("neighbours", ()):
         nb_mark = ("right" if truth and label in truth else "wrong") if known else ""
@@ -179,7 +201,7 @@ def render_row(row, name_of, thumbs):
         cos_html = "" if cos is None else f'<br><span class="cos">{cos:.3f}</span>'
         cells.append(f'<td class="nb {nb_mark}" data-landmark="{html.escape(str(label))}">'
                      f'{img_tag(thumbs(image, NEIGHBOUR_SIDE), name_of(label), "not found")}'
-                     f'<span class="mark">{sym}</span>{html.escape(name_of(label))}{cos_html}</td>')
+                     f'<span class="mark">{sym}</span>{wrapped(name_of(label))}{cos_html}</td>')
     return (f'<tr class="row {mark}" data-id="{html.escape(str(row["id"]))}" data-mark="{mark}">'
             + "".join(cells) + "</tr>")
 
@@ -265,9 +287,9 @@ def write_report(path, answers, view, scores=None):
     (under its final_name) and the parts, as evaluate.score_answers computes them."""
     names = view.names or {}
 
-    def name_of(label):
+    def name_of(label):  # the landmark's name where it has one (folder names), else its id (GLDv2)
         n = names.get(label)
-        return str(label) if n is None else (n if str(n) == str(label) else f"{n} ({label})")
+        return str(label) if n is None else str(n)
 
     shown = select_rows(answers.ids, answers.final, view.truth, view.rows)
     html_ = "\n".join(_head(answers, view, scores) + _queries(answers, view, shown, name_of))
@@ -276,6 +298,8 @@ def write_report(path, answers, view, scores=None):
         f.write(page(view.title, html_))
     print(f"wrote {path} ({len(shown)} of {len(answers.ids)} queries, {os.path.getsize(path) / 1e6:.1f} MB)",
           flush=True)
+    for name, (gap, acc) in (scores or {}).items():  # the report's scores on the console too
+        print(f"GAP {gap:.4f}, accuracy {acc:.4f}: {name}", flush=True)
     return shown
 
 

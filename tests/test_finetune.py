@@ -306,6 +306,10 @@ def test_valid_stride_and_gem_from_avg(synth, tmp_path):
     assert "no epoch was validated" in p.stdout
     row = read_log(os.path.join(synth, "logs", "vs0.txt"))[0]
     assert np.isnan(row["gap"]) and np.isnan(row["valid_loss"])
+    # a chart only for what was measured: the loss alone
+    import plot_logs
+    assert plot_logs.plot(plot_logs.read_logs([os.path.join(synth, "logs", "vs0.txt")]), tmp_path / "c.png") == \
+        ["loss"]
     p = run([sys.executable, *train_cmd(synth, "vs15", 0, "--model-dir", str(tmp_path))], cwd=ROOT)
     assert "warning: only" in p.stdout
     p = run([sys.executable, *train_cmd(synth, "gem", 0, "--pool", "gem", "--model-dir", str(tmp_path),

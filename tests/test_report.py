@@ -170,3 +170,27 @@ def test_browser_opens_report_offline(gld_report):
         # every image decoded by the browser itself
         bad = b.execute_script("return [...document.images].filter(i => !i.complete || i.naturalWidth == 0).length")
         assert bad == 0 and b.execute_script("return document.images.length") == len(p.imgs)
+
+
+def test_rows_speak_plainly(tmp_path, capsys):
+    """Names without internal ids and wrapping between words; the parts' answers in words; a raw score
+    with three decimals, a calibrated confidence as a percentage; the scores on the console too."""
+    names = {10**9: "saranda_kolones_paphos", 10**9 + 1: "ajloun_castle"}
+    img = np.full((40, 60, 3), 128, np.uint8)
+    answers = report.Answers(ids=["q1", "q2"], images=[img, img], final=[(10**9, 0.8123), (10**9 + 1, 6.514e-05)],
+                             parts={"classifier": [(10**9, 0.93), None], "retrieval": [(10**9 + 1, 0.71), None]},
+                             neighbours=[[(img, 10**9, 0.7)], []], calibrated=True, sure=[True, False])
+    truth = {"q1": {10**9}, "q2": {10**9}}
+    report.write_report(str(tmp_path / "r.html"), answers, report.View(truth=truth, names=names, rows=10),
+                        scores={"final": (0.5, 0.5)})
+    text = open(tmp_path / "r.html", encoding="utf-8").read()
+    assert "1000000000" not in text.replace('data-landmark="1000000000"', "")
+    assert "saranda_<wbr>kolones_<wbr>paphos" in text and "overflow-wrap:anywhere" not in text
+    assert "by the classifier: saranda_<wbr>kolones_<wbr>paphos (0.930)" in text
+    assert "by the nearest photos: ajloun_<wbr>castle (0.710)" in text
+    assert 'confidence <span class="conf">81%</span>' in text and 'confidence <span class="conf">0%</span>' in text
+    assert "GAP 0.5000, accuracy 0.5000: final" in capsys.readouterr().out
+    row = report.render_row({"id": "q", "image": img, "prediction": (1, 6.514e-05)}, str, report.Thumbnails())
+    assert 'score <span class="conf">&lt; 0.001</span>' in row and "e-05" not in row
+    row = report.render_row({"id": "q", "image": img, "prediction": (1, 0.25)}, str, report.Thumbnails())
+    assert 'score <span class="conf">0.250</span>' in row

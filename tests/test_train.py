@@ -226,6 +226,8 @@ def test_stage_summary_and_curves(ddp_run, tmp_path):
     assert f"best gap_m {best['gap']:.6f} at epoch {best['epoch']}" in out
     assert str(tmp_path / "summ_fold0_final.pth") in out and "images/s" in out and "wall time" in out
     plot_logs.main([str(tmp_path / "summ.txt"), os.path.join(synth, "logs", "ddp0.txt"), "-o", str(tmp_path / "c.png")])
+    assert plot_logs.plot(plot_logs.read_logs([os.path.join(synth, "logs", "ddp0.txt")]), tmp_path / "d.png") == \
+        ["loss", "accuracy (%)", "GAP"]
     assert (tmp_path / "c.png").stat().st_size > 10_000
 
 
