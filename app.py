@@ -97,8 +97,13 @@ class Page:
         heads = [m.metric_classify for m, _ in self.models] if ens.classifies else None
         self.rec = Recognizer(ens, gallery, heads, settings_of(a, self.device))
         self.lock = threading.Lock()
-        print(f"gallery: {len(gallery)} photos of {len(set(gallery.labels.tolist()))} landmarks; "
-              f"{len(self.models)} model(s) on {self.device}", flush=True)
+        where = os.path.basename(os.path.normpath(a.index if a.index is not None else a.gallery_dir))
+        kind = "trained" if ens.classifies else "pretrained, no training"
+        self.about = (f"gallery: {len(gallery)} photos of {len(set(gallery.labels.tolist()))} landmarks ({where}); "
+                      f"model(s): {', '.join(m.name for m in ens.members)} ({kind})")
+        if self.rec.calibration is not None:
+            self.about += f"; answers below {a.min_confidence:.0%} confidence are 'not sure'"
+        print(f"{self.about}; on {self.device}", flush=True)
 
     def __call__(self, images):
         """Recognizer.answers of the images (RGB uint8 arrays)."""
@@ -180,15 +185,17 @@ zone.addEventListener('dragover', e => { e.preventDefault(); zone.classList.add(
 zone.addEventListener('dragleave', () => zone.classList.remove('over'));
 zone.addEventListener('drop', e => { e.preventDefault(); input.files = e.dataTransfer.files;
   document.getElementById('upload').submit(); });
+// picking photos sends them too; the button stays for keyboards and for browsers without scripts
+input.addEventListener('change', () => { if (input.files.length) document.getElementById('upload').submit(); });
 </script>"""
 APP_CSS = ("<style>.drop{display:block;border:2px dashed #aaa;border-radius:8px;padding:1.5em;margin:1em 0;"
            "max-width:40em}.drop.over{border-color:#36c;background:#eef4ff}button{font-size:1em;padding:4px 14px}"
            "</style>")
 
 
-def page_html(rec, messages=(), rows=""):
-    about = "" if rec is None else (f'<p class="muted">gallery: {len(rec.gallery)} photos of '
-                                    f'{len(set(rec.gallery.labels.tolist()))} landmarks</p>')
+def page_html(about, messages=(), rows=""):
+    """The page: `about` (what it serves, Page.about; None: nothing said), messages, the answers' rows."""
+    about = "" if about is None else f'<p class="muted about">{html.escape(about)}</p>'
     msgs = "".join(f'<p class="msg">{html.escape(m)}</p>' for m in messages)
     table = ('<table class="queries"><tr><th>photo</th><th>landmark</th>'
              + "".join(f"<th>{k}</th>" for k in range(1, 6)) + f"</tr>{rows}</table>") if rows else ""
@@ -222,7 +229,7 @@ def create_app(a, workdir):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
     page = Page(a)
-    rec = page.rec
+    rec, about = page.rec, page.about
     thumbs = report.Thumbnails(limit=20000)
     max_bytes = int(a.max_upload_mb * 2**20)
 
@@ -239,7 +246,7 @@ def create_app(a, workdir):
 
     @api.get("/", response_class=HTMLResponse)
     def index():
-        return page_html(rec)
+        return page_html(about)
 
     @api.post("/", response_class=HTMLResponse)
     async def recognise(request: Request):
@@ -248,7 +255,7 @@ def create_app(a, workdir):
                                           "calibrated": r["calibrated"], "answers": r["answers"],
                                           "neighbours": [(p, lid, c) for _, p, lid, c in r["neighbours"]]},
                                          rec.name_of, thumbs) for n, im, r in done)
-        return HTMLResponse(page_html(rec, messages, rows), status_code=200 if done or not messages else 400)
+        return HTMLResponse(page_html(about, messages, rows), status_code=200 if done or not messages else 400)
 
     @api.post("/api/recognize")
     async def recognise_json(request: Request):

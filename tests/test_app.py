@@ -168,9 +168,12 @@ def test_browser_picks_or_drops_photos_and_sees_landmark_and_neighbours(server):
     row = pred[pred["landmark"] == ""].iloc[0]  # picked: a "not sure" answer
     with chrome() as b:
         b.get(server["url"] + "/")
-        assert b.find_elements("css selector", "input[type=file]")
+        assert b.find_elements("css selector", "input[type=file]") and b.find_elements("id", "go")  # for keyboards
+        about = b.find_element("css selector", "p.about").text
+        assert about.startswith("gallery: ") and "model(s): " in about and "(trained)" in about, about
+        assert "'not sure'" in about
+        # picking is enough: the page sends the photos at once, no second click
         b.find_element("id", "photos").send_keys(os.path.join(server["queries"], row["path"]))
-        b.find_element("id", "go").click()
         from selenium.webdriver.support.ui import WebDriverWait
         WebDriverWait(b, 60).until(lambda d: d.find_elements("css selector", "tr.row"))  # the answer page loaded
         rows = b.find_elements("css selector", "tr.row")
