@@ -218,3 +218,19 @@ def test_temporary_folder_removed_at_stop(server):
     server["proc"].send_signal(signal.SIGTERM)
     server["proc"].wait(timeout=60)
     assert os.listdir(server["tmp"]) == []
+
+
+@needs_browser
+def test_screenshots_of_the_report_and_the_page(server, tmp_path):
+    """scripts/screenshots.py: the page's answers to picked photos and a report, as PNGs of the window's size."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import screenshots
+    report_html = tmp_path / "r.html"
+    report_html.write_text("<!DOCTYPE html><html><body><h1>Recognition report</h1></body></html>")
+    photos = [os.path.join(server["queries"], p) for p in server["pred"]["path"][:2]]
+    screenshots.main(["--report", str(report_html), "--app", server["url"], "--photos", *photos,
+                      "--out", str(tmp_path / "shots"), "--width", "800", "--height", "600"])
+    for name in ("report.png", "app.png"):
+        img = cv2.imread(str(tmp_path / "shots" / name))
+        assert img is not None and img.shape[:2] == (600, 800), name
+        assert img.std() > 5  # something drawn, not a blank window

