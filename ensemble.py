@@ -50,6 +50,15 @@ def _scales(v):
     return s
 
 
+BACKBONE_SCALES = (0.7, 1.0, 1.4)  # --backbone's default: GAP 0.833 -> 0.878 on realhard, 0.978 kept on realdev
+
+
+def scales_of(a):
+    """--scales, or its default: BACKBONE_SCALES with --backbone, one scale with --spec (the original's)."""
+    s = getattr(a, "scales", None)
+    return s if s is not None else (BACKBONE_SCALES if getattr(a, "backbone", None) else (1.0,))
+
+
 def sizes_of(image_size, scales):
     """The input sizes of a model at these scales (rounded to whole pixels, at least 32)."""
     return [max(32, int(round(image_size * s))) for s in scales]
@@ -72,9 +81,10 @@ def add_args(p):
     p.add_argument("--whiten", choices=["auto", "pca", "off"], default="auto",
                    help="with --backbone: PCA whitening learnt on the gallery (auto: when the gallery has at least "
                         f"{WHITEN_MIN_RATIO} images per feature dimension)")
-    p.add_argument("--scales", type=_scales, default=(1.0,), metavar="S,S,...",
+    p.add_argument("--scales", type=_scales, default=None, metavar="S,S,...",
                    help="multi-scale descriptors: each model embeds every image at these multiples of its size "
-                        "and averages the unit-length features (default 1: one scale, the original's)")
+                        "and averages the unit-length features (default: 0.7,1,1.4 with --backbone, chosen on "
+                        "the real photo sets, docs/transfer.md; 1 with --spec, the original's)")
     p.add_argument("--gem-p", type=float, default=None, metavar="P",
                    help="with --backbone --pool gem: GeM's exponent (default 3; 1 is average pooling)")
     p.add_argument("--rerank-vote", choices=["auto", "sum", "max"], default="auto",
@@ -304,8 +314,8 @@ def load(a, device="cpu"):
     # (GLDv2's landmarks have no other name): a gallery folder named so is a class the classifier knows
     known = landmark_names(a.idx2landmark) or ({lid: str(lid) for lid in idx2lid.values()} if idx2lid else {})
     if a.backbone:
-        member = PretrainedBackbone(a.backbone, a.pretrained_path, a.pool, a.image_size, device,
-                                    getattr(a, "scales", (1.0,)), getattr(a, "gem_p", None))
+        member = PretrainedBackbone(a.backbone, a.pretrained_path, a.pool, a.image_size, device, scales_of(a),
+                                    getattr(a, "gem_p", None))
         return Ensemble([member], idx2lid, known, RERANK["original"], f"backbone {a.backbone} without training",
                         a.whiten)
     models, base = load_spec(a.spec) if isinstance(a.spec, str) else (a.spec, os.getcwd())
@@ -316,6 +326,6 @@ def load(a, device="cpu"):
     if getattr(a, "gem_p", None) is not None:
         raise UserError("--gem-p goes with --backbone (a trained model keeps the GeM exponent it learnt)")
     members = [TrainedModel(m["enet_type"], c, m["image_size"], p, a.trust_checkpoint, getattr(a, "compile", False),
-                            getattr(a, "scales", (1.0,))) for m, c, p in zip(models, ckpts, pres)]
+                            scales_of(a)) for m, c, p in zip(models, ckpts, pres)]
     return Ensemble(members, idx2lid, known, resolve_rerank(a.rerank_vote, a.rerank_cls_power, recipes),
                     f"spec {a.spec}")

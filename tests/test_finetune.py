@@ -381,7 +381,7 @@ def test_zero_training_on_folders_equals_direct_retrieval(tmp_path, weights_file
     out = tmp_path / "pred.csv"
     # --no-calibrate: the confidence is the best cosine itself, checked below against a direct computation
     common = ["--backbone", "resnet10t", "--pretrained-path", weights_file, "--image-size", "48",
-              "--query-dir", str(qdir), "--num-workers", "0", "--no-calibrate"]
+              "--query-dir", str(qdir), "--num-workers", "0", "--no-calibrate", "--scales", "1"]
     predict.main([*common, "--gallery-dir", str(tmp_path / "g"), "--out", str(out), "--save-index",
                   str(tmp_path / "idx"), "--whiten", "off"])
     got = __import__("pandas").read_csv(out)
@@ -478,6 +478,7 @@ def test_multiscale_descriptors_and_gem_p(tmp_path, weights_file):
     """--scales: every image embedded at each multiple of the size, unit-length features averaged
     (checked against the model run directly at both sizes); the index records the scales and refuses
     another set; --gem-p sets GeM's exponent of a --backbone --pool gem."""
+    import ensemble
     import predict
     from dataset import get_transforms, read_rgb
     from features import multiscale
@@ -510,10 +511,12 @@ def test_multiscale_descriptors_and_gem_p(tmp_path, weights_file):
     np.testing.assert_allclose(res["neighbours"][0][:, 0], s.max(1).values.numpy(), atol=1e-4)
     assert [g[j][1] for j in s.argmax(1).tolist()] == list(__import__("pandas").read_csv(out)["landmark"])
     assert json.load(open(tmp_path / "idx.json"))["models"][0]["scales"] == [1.0, 1.5]
-    with pytest.raises(UserError, match="other models"):
-        predict.main([*common, "--index", str(tmp_path / "idx"), "--out", str(out)])  # one scale: refused
+    with pytest.raises(UserError, match="other models"):  # one scale: refused
+        predict.main([*common, "--index", str(tmp_path / "idx"), "--out", str(out), "--scales", "1"])
+    # the default: 0.7, 1, 1.4 for a backbone without training (chosen on the real sets), one scale for --spec
+    assert ensemble.scales_of(predict.parse_args(["--backbone", "x", "--gallery-dir", "g"])) == (0.7, 1.0, 1.4)
+    assert ensemble.scales_of(predict.parse_args(["--spec", "s.json", "--gallery-dir", "g"])) == (1.0,)
     # --gem-p: the exponent of the backbone's GeM, recorded in the signature
-    import ensemble
     m = ensemble.PretrainedBackbone("resnet10t", weights_file, pool="gem", image_size=48, gem_p=4.5)
     assert m.model.net.pool.p.item() == 4.5 and m.signature()["gem_p"] == 4.5
     with pytest.raises(UserError, match="--gem-p"):
