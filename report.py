@@ -38,7 +38,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.5em}
 table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px 6px;vertical-align:top;text-align:left}
 table.scores td,table.scores th{padding:3px 10px}
-.chart img{max-width:100%;height:auto}.q img{display:block}.nb{font-size:12px;width:100px;overflow-wrap:break-word}.nb img{display:block;margin-bottom:2px}
+.chart img{max-width:100%;height:auto}.q img{display:block}.qid{font-size:12px;max-width:130px;overflow-wrap:anywhere}.nb{font-size:12px;width:100px;overflow-wrap:break-word}.nb img{display:block;margin-bottom:2px}
 .right{background:#e7f6e7}.wrong{background:#fbe4e4}.nonlandmark{background:#eee}
 .mark{font-weight:bold}.right .mark{color:#197a19}.wrong .mark{color:#b11}
 .tag{display:inline-block;padding:0 5px;border-radius:3px;font-size:12px;background:#ddd;margin:1px 0}
@@ -160,7 +160,9 @@ def render_row(row, name_of, thumbs):
     probability: shown as a percentage)}. name_of(label) -> the text shown for a landmark."""
     known = "truth" in row
     truth, pred = row.get("truth"), row["prediction"]
-    mark = mark_of(pred, truth, known)
+    sure = row.get("sure", True)
+    # "not sure" on a photo of no landmark claims nothing: nothing to get wrong (GAP still scores the guess)
+    mark = "nonlandmark" if known and not truth and not sure else mark_of(pred, truth, known)
     tags = list(row.get("tags", ()))
     if known and not truth:
         tags.append("non-landmark")
@@ -168,7 +170,6 @@ def render_row(row, name_of, thumbs):
         tags.append("wrong")
     elif mark == "right":
         tags.append("right")
-    sure = row.get("sure", True)
     if pred is not None and not sure:
         tags.append("not sure")
     tag_html = " ".join(f'<span class="tag {html.escape(t.replace(" ", "-"))}">{html.escape(t)}</span>' for t in tags)
@@ -213,24 +214,25 @@ def page(title, body):
 
 # ---------------------------------------------------------------- the report
 
-def confidence_histogram(right, wrong, other):
+def confidence_histogram(right, wrong, other, calibrated=False):
     """A PNG data: URI: the confidences of right and wrong predictions (or of all,
-    without truth), on a log scale when they span more than two decades."""
+    without truth): a calibrated one in % from 0 to 100; a raw score on a log scale when
+    they span more than two decades."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     groups = [(np.asarray(v, np.float64), lab, col) for v, lab, col in
               ((right, "right", "#3a3"), (wrong, "wrong", "#c33"), (other, "predicted", "#58a")) if len(v)]
     allc = np.concatenate([g[0] for g in groups]) if groups else np.zeros(0)
-    log = len(allc) and allc.min() > 0 and allc.max() / allc.min() > 100
+    log = not calibrated and len(allc) and allc.min() > 0 and allc.max() / allc.min() > 100
     fig, ax = plt.subplots(figsize=(6, 2.6))
     if len(allc):
-        vals = [np.log10(g[0]) if log else g[0] for g in groups]
-        lo, hi = min(v.min() for v in vals), max(v.max() for v in vals)
+        vals = [np.log10(g[0]) if log else 100 * g[0] if calibrated else g[0] for g in groups]
+        lo, hi = (0, 100) if calibrated else (min(v.min() for v in vals), max(v.max() for v in vals))
         ax.hist(vals, bins=np.linspace(lo, hi + 1e-9, 31), stacked=True, label=[g[1] for g in groups],
                 color=[g[2] for g in groups])
         ax.legend(fontsize=8)
-    ax.set_xlabel("log10 confidence" if log else "confidence")
+    ax.set_xlabel("confidence, %" if calibrated else "log10 score" if log else "score")
     ax.set_ylabel("queries")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -329,7 +331,7 @@ def _head(answers, view, scores):
 
     marks = [mark_of(p, truth[q], True) if truth is not None and q in truth else "" for q, p in zip(ids, final)]
     conf = lambda m: [p[1] for p, k in zip(final, marks) if p is not None and k == m]  # noqa: E731
-    hist = confidence_histogram(conf("right"), conf("wrong"), conf(""))
+    hist = confidence_histogram(conf("right"), conf("wrong"), conf(""), answers.calibrated)
     head.append(f'<h2>Confidence of the {html.escape(answers.final_name)}</h2><div class="chart">'
                 f'{img_tag(hist, "histogram")}</div>')
     if view.logs:

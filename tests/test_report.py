@@ -185,7 +185,7 @@ def test_rows_speak_plainly(tmp_path, capsys):
                         scores={"final": (0.5, 0.5)})
     text = open(tmp_path / "r.html", encoding="utf-8").read()
     assert "1000000000" not in text.replace('data-landmark="1000000000"', "")
-    assert "saranda_<wbr>kolones_<wbr>paphos" in text and "overflow-wrap:anywhere" not in text
+    assert "saranda_<wbr>kolones_<wbr>paphos" in text and ".nb{font-size:12px;width:100px;overflow-wrap:break-word}" in text
     assert "by the classifier: saranda_<wbr>kolones_<wbr>paphos (0.930)" in text
     assert "by the nearest photos: ajloun_<wbr>castle (0.710)" in text
     assert 'confidence <span class="conf">81%</span>' in text and 'confidence <span class="conf">0%</span>' in text
@@ -194,3 +194,8 @@ def test_rows_speak_plainly(tmp_path, capsys):
     assert 'score <span class="conf">&lt; 0.001</span>' in row and "e-05" not in row
     row = report.render_row({"id": "q", "image": img, "prediction": (1, 0.25)}, str, report.Thumbnails())
     assert 'score <span class="conf">0.250</span>' in row
+    # "not sure" on a photo of no landmark claims nothing: not marked wrong; a sure answer there is
+    for sure, mark in ((False, "nonlandmark"), (True, "wrong")):
+        row = report.render_row({"id": "q", "image": img, "prediction": (1, 0.2), "truth": None, "sure": sure,
+                                 "calibrated": True}, str, report.Thumbnails())
+        assert f'data-mark="{mark}"' in row
