@@ -128,6 +128,7 @@ def features_from_images(a, cfg):
 
     import ensemble
     import features
+    from retrieval import unreadable_rows
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ens = ensemble.load(a, device)
     db_paths = [os.path.join(a.images, n + ".jpg") for n in cfg["imlist"]]
@@ -145,6 +146,11 @@ def features_from_images(a, cfg):
                                  [features.Images("database", db_paths),
                                   features.Images("queries", q_paths, neck=True)],
                                  device)
+    bad = unreadable_rows(*emb.features["database"])
+    if bad.any():  # the protocol ranks every database image: a missing one would be scored as a miss
+        names = [db_paths[i] for i in np.flatnonzero(bad)]
+        raise UserError(f"--images: {len(names)} database image(s) unreadable: {', '.join(names[:3])}"
+                        f"{', ...' if len(names) > 3 else ''}")
     space = ens.fit(emb.features["database"])
     qs = space.embeddings(space.inputs(emb.features["queries"]))
     scale = 1 / np.sqrt(len(qs))

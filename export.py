@@ -64,12 +64,15 @@ def check_images(check_dir, image_size, interpolation, n_random=4, seed=0):
     n_random seeded random images."""
     if check_dir:
         val = get_transforms(image_size, interpolation)[1]
-        out = []
+        out, bad = [], []
         for rel in list_images(check_dir)[:16]:
             try:
                 out.append(val(image=read_rgb(os.path.join(check_dir, rel)))["image"].transpose(2, 0, 1))
-            except BadImage:
-                continue
+            except BadImage as e:
+                bad.append(f"{os.path.join(check_dir, rel)} ({e.reason})")
+        if bad:
+            print(f"--check-dir: {len(bad)} unreadable image(s) left out: {'; '.join(bad[:3])}"
+                  f"{'; ...' if len(bad) > 3 else ''}", flush=True)
         if not out:
             raise UserError(f"--check-dir {check_dir}: no readable image in it")
         return np.ascontiguousarray(np.stack(out))

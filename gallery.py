@@ -157,9 +157,9 @@ class Gallery:
         self.labels = np.concatenate([self.labels, new_ids[good]])
         self.emb = [np.asarray(e[good], np.float16) if self.emb is None else
                     np.concatenate([self.emb[i], np.asarray(e[good], np.float16)]) for i, e in enumerate(new_emb)]
-        return bad
         print(f"embedded {len(keep)} gallery images ({len(self.paths)} in all, {len(set(self.labels.tolist()))} "
               f"landmarks)", flush=True)
+        return bad
 
     def faiss_index(self, factory, vectors, whiten=None):
         """The gallery's faiss index of `vectors` (what is searched: the embeddings, or the whitened

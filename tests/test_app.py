@@ -206,20 +206,6 @@ def test_browser_picks_or_drops_photos_and_sees_landmark_and_neighbours(server):
         assert all(len(r.find_elements("css selector", "td.nb")) == 5 for r in rows)
 
 
-def test_temporary_folder_removed_at_stop(server):
-    # a photo over the form parser's 1 MB spool goes to disk: inside the app's own folder
-    noise = np.random.default_rng(1).integers(0, 256, (700, 700, 3), dtype=np.uint8)
-    png = cv2.imencode(".png", noise)[1].tobytes()
-    assert len(png) > 2**20
-    status, _ = post(server["url"] + "/api/recognize", [("noise.png", png)])
-    assert status == 400  # over the 50 kB limit: refused, but parsed
-    inside = os.listdir(server["tmp"])
-    assert len(inside) == 1 and inside[0].startswith("landmark-app-")
-    server["proc"].send_signal(signal.SIGTERM)
-    server["proc"].wait(timeout=60)
-    assert os.listdir(server["tmp"]) == []
-
-
 @needs_browser
 def test_screenshots_of_the_report_and_the_page(server, tmp_path):
     """scripts/screenshots.py: the page's answers to picked photos and a report, as PNGs of the window's size."""
@@ -234,3 +220,17 @@ def test_screenshots_of_the_report_and_the_page(server, tmp_path):
         img = cv2.imread(str(tmp_path / "shots" / name))
         assert img is not None and img.shape[:2] == (600, 800), name
         assert img.std() > 5  # something drawn, not a blank window
+
+
+def test_temporary_folder_removed_at_stop(server):
+    # a photo over the form parser's 1 MB spool goes to disk: inside the app's own folder
+    noise = np.random.default_rng(1).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    png = cv2.imencode(".png", noise)[1].tobytes()
+    assert len(png) > 2**20
+    status, _ = post(server["url"] + "/api/recognize", [("noise.png", png)])
+    assert status == 400  # over the 50 kB limit: refused, but parsed
+    inside = os.listdir(server["tmp"])
+    assert len(inside) == 1 and inside[0].startswith("landmark-app-")
+    server["proc"].send_signal(signal.SIGTERM)
+    server["proc"].wait(timeout=60)
+    assert os.listdir(server["tmp"]) == []

@@ -92,3 +92,12 @@ def test_two_checkpoints_of_one_name_are_refused_before_any_export(stage1, tmp_p
     spec.write_text(json.dumps({"models": models}))
     assert [os.path.basename(p) for _, p, _ in export.models_to_export(export.parse_args(
         ["--spec", str(spec), "--out", str(tmp_path / "out")]))] == ["final.pth", "final.pth"]
+
+
+def test_check_dir_names_its_unreadable_images(tmp_path, capsys):
+    import cv2
+    cv2.imwrite(str(tmp_path / "good.jpg"), np.full((20, 30, 3), 90, np.uint8))
+    (tmp_path / "bad.jpg").write_text("not an image")
+    x = export.check_images(str(tmp_path), 32, "bilinear")
+    assert x.shape == (1, 3, 32, 32) and x.dtype == np.uint8
+    assert f"1 unreadable image(s) left out: {tmp_path / 'bad.jpg'} (" in capsys.readouterr().out

@@ -114,6 +114,10 @@ def test_queries_cropped_to_their_boxes(tmp_path, stage1):
     want = features.extract_features(model, [str(tmp_path / "crop.png")], 40,
                                      features.Extraction(torch.device("cpu"), num_workers=0), normalize=True)
     np.testing.assert_allclose(q, want, rtol=1e-5, atol=1e-6)
+    # an unreadable database image: the protocol cannot rank it, and the message names it
+    (tmp_path / f"{names[2]}.jpg").write_text("not an image")
+    with pytest.raises(UserError, match=f"1 database image.*unreadable: {tmp_path / names[2]}.jpg"):
+        er.features_from_images(a, cfg)
 
 
 def test_ranks_from_predict_folders(tmp_path, stage1):
