@@ -59,7 +59,7 @@ def hf_cache(root, hub_id="timm/tf_efficientnet_lite0.in1k", arch="tf_efficientn
     save_file(sd, os.path.join(repo, "snapshots", commit, "model.safetensors"))
 
 
-def reader_folder(photos, d, n_landmarks=4, per=5, n_queries=6):
+def reader_folder(photos, d, n_landmarks=3, per=4, n_queries=4):
     """What the README's reader has, from the synthetic photos: a few landmarks' folders, photos to
     recognise (of those landmarks, or of none), their truth, and photo.jpg."""
     gallery, queries = photos["gallery"], photos["queries"]
