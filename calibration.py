@@ -26,7 +26,7 @@ import numpy as np
 from retrieval import CLS_TOP_K, TOP_K, classifier_topk, rerank, topk_cosine, unreadable_rows
 
 SAMPLE = 1000  # gallery photos answered twice to learn the calibration: bounds its cost on large galleries
-VERIFY_SAMPLE = 300  # with --verify: each of them verified against k neighbours twice (about 0.1 s a pair on CPU)
+VERIFY_SAMPLE = 300  # with --verify: each of them verified against k neighbours twice (25-50 ms a pair on a CPU)
 FEATURES = ("cosine", "margin", "votes")
 CLS_FEATURES = ("cls_cosine", "log_score")
 VERIFY_FEATURES = ("inliers",)

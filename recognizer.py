@@ -46,7 +46,7 @@ def add_args(p):
     p.add_argument("--verify", type=int, default=0, metavar="K",
                    help="geometric verification: each answer's first K neighbours matched to the photo by local "
                         "features (SIFT, MAGSAC), the inliers a feature of the calibrated confidence; the gallery's "
-                        "local features are kept beside a saved index (INDEX.local.npz). About 0.1 s per photo "
+                        "local features are kept beside a saved index (INDEX.local.npz). About 50 ms per photo "
                         "pair on a CPU core; default 0: off (docs/transfer.md: it did not pay on the real sets)")
     p.add_argument("--knn", choices=["exact", "faiss"], default="exact",
                    help="nearest-neighbour search: exact (the original's, in bounded memory) or faiss (pip install "
