@@ -511,7 +511,7 @@ def test_multiscale_descriptors_and_gem_p(tmp_path, weights_file):
     np.testing.assert_allclose(res["neighbours"][0][:, 0], s.max(1).values.numpy(), atol=1e-4)
     assert [g[j][1] for j in s.argmax(1).tolist()] == list(__import__("pandas").read_csv(out)["landmark"])
     assert json.load(open(tmp_path / "idx.json"))["models"][0]["scales"] == [1.0, 1.5]
-    with pytest.raises(UserError, match="other models"):  # one scale: refused
+    with pytest.raises(UserError, match="other models.*built with --scales 1,1.5"):  # one scale: refused, hinted
         predict.main([*common, "--index", str(tmp_path / "idx"), "--out", str(out), "--scales", "1"])
     # the default: 0.7, 1, 1.4 for a backbone without training (chosen on the real sets), one scale for --spec
     assert ensemble.scales_of(predict.parse_args(["--backbone", "x", "--gallery-dir", "g"])) == (0.7, 1.0, 1.4)
