@@ -83,7 +83,7 @@ def idx2landmark_id(landmark_ids):
     return {i: lid for i, lid in enumerate(sorted(pd.unique(np.asarray(landmark_ids)).tolist()))}
 
 
-def from_folder(root, out_dir, n_folds=5, seed=233):
+def from_folder(root, out_dir, n_folds=5, seed=233, workers=1):
     """A data set from one folder per landmark: root/<landmark name>/**/*.jpg|png|...
 
     Writes out_dir/train.csv (id, landmark_id, filepath: every image; paths
@@ -100,7 +100,7 @@ def from_folder(root, out_dir, n_folds=5, seed=233):
             for lid, name in enumerate(names) for rel in list_images(os.path.join(root, name))]
     os.makedirs(out_dir, exist_ok=True)
     # every file decoded (at 1/8 scale for a JPEG): a text file named .jpg is not a photo
-    reasons = [check_image(p) for _, _, p in tqdm(rows, desc="check images", mininterval=2.0)]
+    reasons = image_problems([p for _, _, p in rows], workers)
     bad = [(i, p, r) for (i, _, p), r in zip(rows, reasons) if r]
     if bad:
         out = os.path.join(out_dir, "bad_images.csv")
@@ -147,6 +147,19 @@ def check_image(path):
         return e.reason
 
 
+POOL_MIN_FILES = 1000  # fewer files are checked in this process: spawned workers take seconds to import OpenCV
+
+
+def image_problems(paths, workers=1):
+    """Per path None (a readable image) or why not (check_image), in `workers` processes when there
+    are at least POOL_MIN_FILES of them."""
+    if workers > 1 and len(paths) >= POOL_MIN_FILES:
+        with multiprocessing.get_context("spawn").Pool(workers, initializer=worker_init, initargs=(0,)) as pool:
+            return list(tqdm(pool.imap(check_image, paths, chunksize=64), total=len(paths), desc="check images",
+                             mininterval=2.0))
+    return [check_image(p) for p in tqdm(paths, desc="check images", mininterval=2.0)]
+
+
 def check_images(data_dir, out_dir, workers):
     """Scan every image that data_dir's CSVs name (train.csv, sample_submission.csv,
     non_landmark.csv) in worker processes; write the bad ones to
@@ -162,10 +175,7 @@ def check_images(data_dir, out_dir, workers):
             rows += [(i, image_path(data_dir, split, i)) for i in read_csv_checked(path, ["id"])["id"]]
     if not rows:
         raise UserError(f"--data-dir {data_dir}: no train.csv or sample_submission.csv to take image names from")
-    paths = [p for _, p in rows]
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=worker_init, initargs=(0,)) as pool:
-        reasons = list(tqdm(pool.imap(check_image, paths, chunksize=64), total=len(paths), desc="check images",
-                            mininterval=2.0))
+    reasons = image_problems([p for _, p in rows], workers)
     bad = pd.DataFrame([(i, p, r) for (i, p), r in zip(rows, reasons) if r], columns=["id", "path", "reason"])
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, "bad_images.csv")
@@ -187,7 +197,8 @@ def parse_args(argv=None):
     p.add_argument("--check-images", action="store_true",
                    help="instead: scan every image DATA_DIR's CSVs name and write OUT_DIR/bad_images.csv")
     p.add_argument("--data-dir", default="./data", help="with --check-images: train.csv, train/, test/, ...")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="with --check-images: processes")
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="with --check-images or --from-folder: processes that decode the images")
     return p.parse_args(argv)
 
 
@@ -196,7 +207,7 @@ def main(argv=None):
     if args.check_images:
         return check_images(args.data_dir, args.out_dir, max(1, args.workers))
     if args.from_folder:
-        return from_folder(args.from_folder, args.out_dir, args.n_folds, args.seed)
+        return from_folder(args.from_folder, args.out_dir, args.n_folds, args.seed, max(1, args.workers))
     df = assign_folds(read_clean_list(args.train_csv), args.n_folds, args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     df.to_csv(os.path.join(args.out_dir, "train_0.csv"), index=False)

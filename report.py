@@ -290,8 +290,7 @@ def write_report(path, answers, view, scores=None):
     names = view.names or {}
 
     def name_of(label):  # the landmark's name where it has one (folder names), else its id (GLDv2)
-        n = names.get(label)
-        return str(label) if n is None else str(n)
+        return str(names.get(label, label))
 
     shown = select_rows(answers.ids, answers.final, view.truth, view.rows)
     html_ = "\n".join(_head(answers, view, scores) + _queries(answers, view, shown, name_of))

@@ -18,11 +18,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from util import ArgumentParser  # noqa: E402
 
 
+def browser_paths():
+    """(Chromium's binary, chromedriver) on this machine; None for what is missing."""
+    return (shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome"),
+            shutil.which("chromedriver"))
+
+
 def chrome(width, height):
+    """Headless Chromium (Selenium) with a width x height viewport; quit() it when done."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    driver = shutil.which("chromedriver")
+    binary, driver = browser_paths()
     if not binary or not driver:
         sys.exit("screenshots.py: needs Chromium and chromedriver (apt-get install chromium chromium-driver)")
     o = webdriver.ChromeOptions()

@@ -1,16 +1,20 @@
-"""Headless Chromium for the tests of the report and the app (Selenium with the system's browser)."""
+"""Headless Chromium for the tests of the report and the app: scripts/screenshots.py's, with Selenium."""
 import contextlib
 import importlib.util
-import shutil
+import os
+import sys
 
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import screenshots  # noqa: E402
 
 
 def _missing():
     """What the browser tests lack on this machine, or None."""
     if importlib.util.find_spec("selenium") is None:
         return "Selenium is not installed (make test installs it: requirements-test.txt)"
-    if not (shutil.which("chromium") or shutil.which("chromium-browser")) or not shutil.which("chromedriver"):
+    if not all(screenshots.browser_paths()):
         return "no Chromium and chromedriver on this machine (apt-get install chromium chromium-driver; .ci/run does)"
     return None
 
@@ -21,14 +25,7 @@ needs_browser = pytest.mark.skipif(_missing() is not None, reason=f"needs a brow
 
 @contextlib.contextmanager
 def chrome(width=1200, height=900):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    o = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--window-size={width},{height}"):
-        o.add_argument(arg)
-    o.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
-    b = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=o)
+    b = screenshots.chrome(width, height)
     try:
         yield b
     finally:
