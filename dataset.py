@@ -450,6 +450,27 @@ def get_transforms(image_size, interpolation="bilinear"):
     return transforms_train, transforms_val
 
 
+def val_transform(image_size, preprocessing):
+    """How a model sees an image at evaluation, from its `preprocessing` (models.preprocessing_for):
+    the original's square resize (get_transforms' val), or with preprocessing["resize"] ==
+    "keep-aspect" (predict.py --backbone) the image whole, its longer side at image_size, on a
+    square of the backbone's mean colour at the bottom and right (a letterbox). Batches keep one
+    shape, and models.pool_within pools only the picture's own cells. A square resize squashes a
+    wide view of a site: on realhard the letterbox adds 0.025 GAP (docs/transfer.md)."""
+    interpolation = preprocessing.get("interpolation", "bilinear")
+    if preprocessing.get("resize", "square") == "square":
+        return get_transforms(image_size, interpolation)[1]
+    fill = tuple(int(v) for v in letterbox_fill(preprocessing))
+    return A.Compose([A.LongestMaxSize(max_size=image_size, interpolation=INTERPOLATION[interpolation]),
+                      A.PadIfNeeded(image_size, image_size, position="top_left", border_mode=cv2.BORDER_CONSTANT,
+                                    fill=fill)])
+
+
+def letterbox_fill(preprocessing):
+    """The letterbox's colour: the backbone's mean, uint8 RGB (normalised to zero)."""
+    return np.round(np.asarray(preprocessing["mean"], np.float64) * 255).astype(np.uint8)
+
+
 def reference_transforms(image_size):
     """The original's augmentations step by step, on float32 normalised output
     (albumentations 0.4 names in brackets): the distribution get_transforms

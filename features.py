@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from dataset import LandmarkDataset, collate, get_transforms, worker_init
+from dataset import LandmarkDataset, collate, val_transform, worker_init
 from util import UserError, memory_format, print0
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision -> autocast dtype
@@ -300,7 +300,7 @@ def extract_features(model, paths, image_size, how, store=None, normalize=False,
         print0(f"{desc}: {int(covered.sum())} of {n} rows already in {rows_to.f_arr}; embedding the rest")
     if mine:
         bs = how.batch_size
-        val = get_transforms(image_size, model.preprocessing["interpolation"])[1]  # as the model was validated
+        val = val_transform(image_size, model.preprocessing)  # as the model was validated
         ds = LandmarkDataset(pd.DataFrame({"filepath": paths}), "", "test", transform=val, skip_bad=True)
         rows = [r for b in mine for r in range(b * bs, min(n, (b + 1) * bs))]
         # every batch but the last of all is full, and that one comes last: the loader's batches are `mine`
@@ -327,7 +327,7 @@ def extract_features(model, paths, image_size, how, store=None, normalize=False,
 def embed_images(model, images, image_size, device, precision="fp32", batch_size=32):
     """extract_features of RGB uint8 images in memory (app.py): the same resize as
     validation and the same embed_batch. The neck outputs z (N, C), float32."""
-    val = get_transforms(image_size, model.preprocessing["interpolation"])[1]
+    val = val_transform(image_size, model.preprocessing)
     out = []
     for i in range(0, len(images), batch_size):
         x = torch.stack([torch.from_numpy(np.ascontiguousarray(val(image=im)["image"])).permute(2, 0, 1)

@@ -75,16 +75,22 @@ def gallery_digest(paths):
     return hashlib.sha1("\n".join(paths).encode()).hexdigest()
 
 
-def _scales_hint(saved, current):
-    """When the models differ only in their --scales: the flag that reads the index as it was built."""
+def _flags_hint(saved, current):
+    """When the models differ only in how images are sized (--scales, --resize): the flags that read
+    the index as it was built."""
     if not isinstance(saved, list) or len(saved) != len(current):
         return ""
-    strip = lambda sig: [{k: v for k, v in m.items() if k != "scales"} for m in sig]  # noqa: E731
+    strip = lambda sig: [{k: v for k, v in m.items() if k not in ("scales", "resize")} for m in sig]  # noqa: E731
     if strip(saved) != strip(current):
         return ""
-    scales = {tuple(m.get("scales", [1.0])) for m in saved}
-    return (f"; it was built with --scales {','.join(f'{v:g}' for v in next(iter(scales)))}"
-            if len(scales) == 1 else "")
+    built = {(tuple(m.get("scales", [1.0])), m.get("resize", "square")) for m in saved}
+    if len(built) != 1:
+        return ""
+    scales, resize = next(iter(built))
+    flags = f"--scales {','.join(f'{v:g}' for v in scales)}"
+    if any("resize" in m for m in saved + current):  # a backbone's (trained models see squares only)
+        flags += f" --resize {resize}"
+    return f"; it was built with {flags}"
 
 
 def _stem(path):
@@ -138,7 +144,7 @@ class Gallery:
             raise UserError(f"--index {path}: not a readable index ({e})") from e
         if meta.get("models") != signature:
             raise UserError(f"--index {path}: built with other models than this spec (backbones, sizes, "
-                            f"preprocessing or checkpoint files differ){_scales_hint(meta.get('models'), signature)}; "
+                            f"preprocessing or checkpoint files differ){_flags_hint(meta.get('models'), signature)}; "
                             f"build it again with --save-index")
         names = dict(known or {}) | {int(k): v for k, v in meta["names"].items()}
         g = cls(meta["paths"], labels, emb, names, root or meta.get("gallery_dir"))

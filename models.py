@@ -262,6 +262,44 @@ class GeM(nn.Module):
             return x.mean(dim=(2, 3)).pow(1.0 / self.p)
 
 
+def letterbox_extent(x, fill):
+    """(B, 2): the rows and columns of uint8 images x (B, 3, H, W) that hold the picture, when
+    dataset.val_transform's letterbox filled the bottom and right with `fill` (uint8 RGB). Read
+    from the pixels, so that nothing travels beside the batch: the last row (column) with a pixel
+    of another colour ends the picture. A photo whose own last rows are that exact colour across
+    its width loses them from the pooling, which changes nothing they could show; an image of the
+    fill colour alone keeps its whole extent."""
+    _, _, h, w = x.shape
+    differs = (x != torch.as_tensor(fill, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).any(1)
+    rows, cols = differs.any(2), differs.any(1)
+    # argmax of the flipped mask: how many trailing rows (columns) are fill alone; 0 when none differs
+    return torch.stack([h - rows.flip(1).int().argmax(1), w - cols.flip(1).int().argmax(1)], 1)
+
+
+def pool_within(f, extent, input_hw, p=None):
+    """Average (p None) or generalized-mean (p) pooling of feature maps f (B, C, h, w) over the
+    cells that see the picture: extent (B, 2) of an input of input_hw (H, W) pixels, as
+    letterbox_extent gives it. A cell counts when it starts inside the picture (its receptive
+    field's centre may lie in the fill by less than a cell). float32, as GeM."""
+    with torch.autocast(f.device.type, enabled=False):
+        f = f.float()
+        b, _, h, w = f.shape
+        cells = torch.stack([torch.ceil(extent[:, 0].float() * h / input_hw[0]),
+                             torch.ceil(extent[:, 1].float() * w / input_hw[1])], 1).clamp(min=1)
+        mask = ((torch.arange(h, device=f.device).view(1, h, 1) < cells[:, 0].view(b, 1, 1))
+                & (torch.arange(w, device=f.device).view(1, 1, w) < cells[:, 1].view(b, 1, 1))).unsqueeze(1)
+        n = mask.sum((2, 3)).float()
+        if p is None:
+            return (f * mask).sum((2, 3)) / n
+        return ((f.clamp(min=1e-6).pow(p) * mask).sum((2, 3)) / n).pow(1.0 / p)
+
+
+def has_feature_map(enet_type):
+    """Whether build_backbone(pool='gem') gives this backbone's spatial map (a CNN of timm), which
+    pool_within needs: rex20 pools inside its own layout, a transformer its tokens."""
+    return enet_type != "rex20" and not _is_transformer(_timm_name(enet_type))
+
+
 def _rexnet20(pretrained, pretrained_path):
     """ReXNet-V1 2.0x in clovaai's layout and its width; weights from a file of either layout (the
     original's location by default), or timm's rexnet_200 renamed."""

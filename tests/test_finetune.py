@@ -367,6 +367,74 @@ def weights_file(tmp_path_factory):
     return str(path)
 
 
+def test_letterbox_extent_and_pooling_within():
+    """models.letterbox_extent reads the picture's rows and columns from the pixels (the fill at the
+    bottom and right); pool_within averages (or GeM-pools) exactly the cells the picture starts in."""
+    from models import letterbox_extent, pool_within
+    fill = np.array([124, 116, 104], np.uint8)
+    x = torch.from_numpy(np.broadcast_to(fill.reshape(1, 3, 1, 1), (4, 3, 64, 64)).copy())
+    x[0, :, :32, :64] = 7          # a wide picture: 32 rows, 64 columns
+    x[1, 1, :64, :20] = 200        # a tall one: one channel differs from the fill
+    x[2, :, :40, :50] = 9
+    x[2, :, 30:40, :] = torch.from_numpy(fill).view(3, 1, 1)  # its own last rows are the fill colour
+    # x[3]: the fill colour alone keeps its whole extent
+    np.testing.assert_array_equal(letterbox_extent(x, fill).numpy(), [[32, 64], [64, 20], [30, 50], [64, 64]])
+    f = torch.randn(4, 5, 4, 4).abs()  # a map of stride 16: a picture of 30 rows starts in rows 0 and 1
+    ext = letterbox_extent(x, fill)
+    got = pool_within(f, ext, (64, 64))
+    want = torch.stack([f[0, :, :2, :4].mean((1, 2)), f[1, :, :4, :2].mean((1, 2)), f[2, :, :2, :4].mean((1, 2)),
+                        f[3].mean((1, 2))])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(pool_within(f, ext, (64, 64), p=3.0)[1], f[1, :, :4, :2].pow(3).mean((1, 2)).pow(1 / 3))
+
+
+def test_keep_aspect_backbone_equals_direct_letterbox(tmp_path, weights_file):
+    """--backbone keeps each photo's aspect by default: its longer side at the size, on a square of the
+    mean colour, pooled over the picture's cells; checked against the letterbox made by hand and the
+    map cropped by hand. The index records the resize; a square one is refused with the flags that
+    read it; keep-aspect is refused with --spec and with a backbone without a spatial map."""
+    import predict
+    from models import build_model
+    from util import UserError
+    rng = np.random.default_rng(0)
+    for d, shapes in (("g", [(48, 96), (96, 48), (64, 64), (48, 96)]), ("q", [(96, 48), (48, 96)])):
+        for i, (h, w) in enumerate(shapes):
+            os.makedirs(tmp_path / d / f"lm{i % 2}", exist_ok=True)
+            img = cv2.resize(rng.integers(0, 255, (h // 16, w // 16, 3)).astype(np.uint8), (w, h),
+                             interpolation=cv2.INTER_NEAREST)
+            cv2.imwrite(str(tmp_path / d / f"lm{i % 2}" / f"{i}.png"), img)
+    common = ["--backbone", "resnet10t", "--pretrained-path", weights_file, "--image-size", "64", "--scales", "1",
+              "--query-dir", str(tmp_path / "q"), "--num-workers", "0", "--no-calibrate", "--whiten", "off"]
+    res = predict.main([*common, "--gallery-dir", str(tmp_path / "g"), "--out", str(tmp_path / "p.csv"),
+                        "--save-index", str(tmp_path / "idx")])
+    net = build_model("resnet10t", 1, pretrained=True, pretrained_path=weights_file, pool="gem").eval()
+    fill = np.round(np.array(net.preprocessing["mean"]) * 255).astype(np.uint8)
+
+    def feat(path):
+        im = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
+        h, w = im.shape[:2]
+        hh, ww = h * 64 // max(h, w), w * 64 // max(h, w)  # whole pixels for these shapes
+        canvas = np.empty((64, 64, 3), np.uint8)
+        canvas[:] = fill
+        canvas[:hh, :ww] = cv2.resize(im, (ww, hh), interpolation=cv2.INTER_CUBIC)
+        with torch.no_grad():
+            m = net.enet(net.normalize_input(torch.from_numpy(canvas).permute(2, 0, 1)[None]))[0]  # stride 32: 2x2
+        return F.normalize(m[:, :hh // 32, :ww // 32].mean((1, 2)), dim=0)
+    g = sorted(str(p) for p in (tmp_path / "g").rglob("*.png"))
+    q = sorted(str(p) for p in (tmp_path / "q").rglob("*.png"))
+    s = torch.stack([feat(p) for p in q]) @ torch.stack([feat(p) for p in g]).T
+    np.testing.assert_allclose(np.sort(res["neighbours"][0][:, :4], 1), np.sort(s.numpy(), 1), atol=1e-4)
+    assert json.load(open(tmp_path / "idx.json"))["models"][0]["resize"] == "keep-aspect"
+    with pytest.raises(UserError, match="other models.*built with --scales 1 --resize keep-aspect"):
+        predict.main([*common, "--index", str(tmp_path / "idx"), "--out", str(tmp_path / "p.csv"), "--resize", "square"])
+    with pytest.raises(UserError, match="--resize keep-aspect goes with --backbone"):
+        predict.main(["--spec", "s.json", "--gallery-dir", str(tmp_path / "g"), "--query-dir", str(tmp_path / "q"),
+                      "--resize", "keep-aspect"])
+    with pytest.raises(UserError, match="--resize keep-aspect: rex20 gives no spatial map"):
+        predict.main(["--backbone", "rex20", "--gallery-dir", str(tmp_path / "g"), "--query-dir", str(tmp_path / "q"),
+                      "--resize", "keep-aspect"])
+
+
 def test_zero_training_on_folders_equals_direct_retrieval(tmp_path, weights_file):
     import predict
     from dataset import get_transforms, read_rgb
@@ -513,9 +581,15 @@ def test_multiscale_descriptors_and_gem_p(tmp_path, weights_file):
     assert json.load(open(tmp_path / "idx.json"))["models"][0]["scales"] == [1.0, 1.5]
     with pytest.raises(UserError, match="other models.*built with --scales 1,1.5"):  # one scale: refused, hinted
         predict.main([*common, "--index", str(tmp_path / "idx"), "--out", str(out), "--scales", "1"])
-    # the default: 0.7, 1, 1.4 for a backbone without training (chosen on the real sets), one scale for --spec
-    assert ensemble.scales_of(predict.parse_args(["--backbone", "x", "--gallery-dir", "g"])) == (0.7, 1.0, 1.4)
-    assert ensemble.scales_of(predict.parse_args(["--spec", "s.json", "--gallery-dir", "g"])) == (1.0,)
+    # the defaults (chosen on the real sets): a CNN backbone without training keeps the aspect at 1, 1.4, 2;
+    # squares at 0.7, 1, 1.4 (asked for, or a backbone without a spatial map); one square scale for --spec
+    for argv, resize, scales in ((["--backbone", "resnet10t"], "keep-aspect", (1.0, 1.4, 2.0)),
+                                 (["--backbone", "resnet10t", "--resize", "square"], "square", (0.7, 1.0, 1.4)),
+                                 (["--backbone", "rex20"], "square", (0.7, 1.0, 1.4)),
+                                 (["--backbone", "vit_small_patch16_224"], "square", (0.7, 1.0, 1.4)),
+                                 (["--spec", "s.json"], "square", (1.0,))):
+        a = predict.parse_args([*argv, "--gallery-dir", "g"])
+        assert (ensemble.resize_of(a), ensemble.scales_of(a)) == (resize, scales), argv
     # --gem-p: the exponent of the backbone's GeM, recorded in the signature
     m = ensemble.PretrainedBackbone("resnet10t", weights_file, pool="gem", image_size=48, gem_p=4.5)
     assert m.model.net.pool.p.item() == 4.5 and m.signature()["gem_p"] == 4.5
