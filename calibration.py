@@ -213,3 +213,12 @@ def expected_calibration_error(p, right, bins=10):
     idx = np.minimum((p * bins).astype(int), bins - 1)
     return float(sum(abs(right[idx == b].mean() - p[idx == b].mean()) * (idx == b).mean()
                      for b in range(bins) if (idx == b).any()))
+
+
+def ece_noise_floor(p, bins=10, draws=2000, seed=0):
+    """The ECE a perfectly calibrated confidence scores on these answers: the mean of
+    expected_calibration_error over outcomes drawn right with probability p. On a hundred answers
+    it is about 0.05: a measured ECE near it cannot tell the calibration from a perfect one."""
+    p = np.asarray(p, np.float64)
+    rng = np.random.default_rng(seed)
+    return float(np.mean([expected_calibration_error(p, rng.random(len(p)) < p, bins) for _ in range(draws)]))

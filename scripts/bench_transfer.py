@@ -121,7 +121,8 @@ def _gap(predictions, names, solution):
 def answered(predictions, names, solution):
     """At the threshold predict.py applied (--min-confidence): precision (answered and right / answered),
     coverage (answered landmark queries / landmark queries), the share of distractors answered, and the
-    expected calibration error (10 bins) of the guesses' confidences; None without a calibration."""
+    expected calibration error (10 bins) of the guesses' confidences, and the ECE a perfect calibration
+    would score on as many answers of these confidences (its noise floor); {} without a calibration."""
     p = pd.read_csv(predictions, keep_default_na=False, dtype={"landmark": str, "guess": str})
     if "guess" not in p.columns:
         return {}
@@ -135,7 +136,8 @@ def answered(predictions, names, solution):
     return dict(precision=round(float(right.sum() / max(on.sum(), 1)), 4),
                 coverage=round(float((on & landmark).sum() / max(landmark.sum(), 1)), 4),
                 distractors_answered=round(float((on & ~landmark).sum() / max((~landmark).sum(), 1)), 4),
-                ece=round(cal.expected_calibration_error(p["confidence"].to_numpy(), guess == t), 4))
+                ece=round(cal.expected_calibration_error(p["confidence"].to_numpy(), guess == t), 4),
+                ece_floor=round(cal.ece_noise_floor(p["confidence"].to_numpy()), 4))
 
 
 def run_one(run, a, work, names):

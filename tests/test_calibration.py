@@ -51,6 +51,16 @@ def test_expected_calibration_error_by_hand():
     assert cal.expected_calibration_error(p, right) == pytest.approx(want)
 
 
+def test_ece_noise_floor_against_the_binomial():
+    """Answers of one confidence fill one bin: a perfect calibration's ECE is E|K/n - p| for K of
+    Binomial(n, p), computed from its probabilities."""
+    from scipy.stats import binom
+    for n, q in ((10, 0.5), (40, 0.73)):
+        k = np.arange(n + 1)
+        want = float((binom.pmf(k, n, q) * abs(k / n - q)).sum())
+        assert cal.ece_noise_floor(np.full(n, q), draws=20000) == pytest.approx(want, rel=0.03)
+
+
 def test_answer_features_by_hand():
     sims = np.array([[0.9, 0.8, 0.7, 0.6, 0.5], [0.9, 0.8, 0.7, 0.6, -np.inf]])
     nn_l = np.array([[3, 4, 3, 3, 4], [3, 3, 3, 3, 3]])
