@@ -52,9 +52,9 @@ def _scales(v):
 
 
 # --backbone's defaults (docs/transfer.md, 10 splits of realhard and realdev): the whole picture
-# (letterbox) with its longer side at 1, 1.4 and 2x --image-size: realhard 0.863 -> 0.890 GAP of the
-# nearest photo against squares at 0.7, 1, 1.4x (which were 0.830 -> 0.863 against one square),
-# realdev 0.967 kept. Squares keep 0.7, 1, 1.4 (a backbone without a spatial map).
+# (letterbox) with its longer side at 1, 1.4 and 2x --image-size: realhard 0.875 -> 0.894 GAP of the
+# nearest photo against squares at 0.7, 1, 1.4x (which were 0.832 -> 0.875 against one square),
+# realdev 0.967 -> 0.968. Squares keep 0.7, 1, 1.4 (a backbone without a spatial map).
 BACKBONE_SCALES = {"keep-aspect": (1.0, 1.4, 2.0), "square": (0.7, 1.0, 1.4)}
 
 
