@@ -27,7 +27,7 @@ from retrieval import CLS_TOP_K, TOP_K, classifier_topk, rerank, topk_cosine, un
 
 SAMPLE = 1000  # gallery photos answered twice to learn the calibration: bounds its cost on large galleries
 VERIFY_SAMPLE = 300  # with --verify: each of them verified against k neighbours twice (25-50 ms a pair on a CPU)
-FEATURES = ("cosine", "margin", "votes")
+FEATURES = ("cosine", "margin", "votes", "neighbourhood")
 CLS_FEATURES = ("cls_cosine", "log_score")
 VERIFY_FEATURES = ("inliers",)
 NOISE_QUANTILE = 95  # the inlier count wrong answers reach 95 % of the time: verification's noise floor
@@ -36,7 +36,10 @@ NOISE_QUANTILE = 95  # the inlier count wrong answers reach 95 % of the time: ve
 def answer_features(sims, nn_l, landmarks, confidences, cls=None, inl=None):
     """(Q, F) features of answers: per query the cosine of the best neighbour naming the answered
     landmark (0 when none does), its margin over the best neighbour of another landmark (or over
-    the last neighbour when all name it), and the share of the neighbours that name it; with cls
+    the last neighbour when all name it), the share of the neighbours that name it, and the mean
+    cosine of its neighbours (a photo close to everything, a street or a generic ruin, is less
+    likely right at a given cosine: on realhard it cut the distractors answered from 7 to 5 %, 10
+    splits, docs/transfer.md); with cls
     = (cls_scores, cls_landmarks), the classifier's cosine of the answered landmark (its lowest
     top-k score when outside its top k) and log10 of the re-ranked score; with inl ((Q, k): the
     inliers of the first k neighbours, verify.py), the most inliers of a neighbour naming the
@@ -51,7 +54,8 @@ def answer_features(sims, nn_l, landmarks, confidences, cls=None, inl=None):
     s_ans = np.where(named.any(1), np.where(named, s, -np.inf).max(1), 0.0)
     last = np.where(finite, s, np.inf).min(1)
     s_other = np.where(other.any(1), np.where(other, s, -np.inf).max(1), np.where(finite.any(1), last, 0.0))
-    cols = [s_ans, s_ans - s_other, named.sum(1) / np.maximum(finite.sum(1), 1)]
+    n = np.maximum(finite.sum(1), 1)
+    cols = [s_ans, s_ans - s_other, named.sum(1) / n, s.sum(1) / n]
     if cls is not None:
         cls_s, cls_l = (np.asarray(a) for a in cls)
         hit = cls_l == ans

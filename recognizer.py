@@ -145,8 +145,9 @@ class Recognizer:
 
     def calibration_key(self):
         """What a calibration depends on beyond the models (the index's signature): the gallery's
-        photos, the re-ranking, the whitening and the sample's size."""
+        photos, the features it maps, the re-ranking, the whitening and the sample's size."""
         return json.loads(json.dumps({"paths_sha1": gallery_digest(self.gallery.paths), "sample": cal.SAMPLE,
+                                      "features": cal.feature_names(self.heads is not None, self.verifier is not None),
                                       "rerank_with": self.ens.rerank_with, "whiten": self.space.whiten}
                                      | ({"verify": self.settings.verify, "local": verify.PARAMS,
                                          "verify_sample": cal.VERIFY_SAMPLE} if self.settings.verify else {})))

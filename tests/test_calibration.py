@@ -65,11 +65,12 @@ def test_answer_features_by_hand():
     sims = np.array([[0.9, 0.8, 0.7, 0.6, 0.5], [0.9, 0.8, 0.7, 0.6, -np.inf]])
     nn_l = np.array([[3, 4, 3, 3, 4], [3, 3, 3, 3, 3]])
     x = cal.answer_features(sims, nn_l, [3, 3], [0.9, 0.9])
-    np.testing.assert_allclose(x[0], [0.9, 0.9 - 0.8, 3 / 5])
-    np.testing.assert_allclose(x[1], [0.9, 0.9 - 0.6, 1.0])  # all name it: the margin over the last neighbour
+    np.testing.assert_allclose(x[0], [0.9, 0.9 - 0.8, 3 / 5, 3.5 / 5])
+    # all name it: the margin over the last neighbour; an empty slot counts in neither votes nor mean
+    np.testing.assert_allclose(x[1], [0.9, 0.9 - 0.6, 1.0, 3.0 / 4])
     cls = (np.array([[0.7, 0.2], [0.4, 0.1]]), np.array([[5, 3], [5, 6]]))
     x = cal.answer_features(sims, nn_l, [3, 3], [1e-20, 0.5], cls)
-    np.testing.assert_allclose(x[:, 3:], [[0.2, -20.0], [0.1, np.log10(0.5)]])  # not in its top k: the lowest
+    np.testing.assert_allclose(x[:, 4:], [[0.2, -20.0], [0.1, np.log10(0.5)]])  # not in its top k: the lowest
 
 
 def _clustered(n_landmarks=12, per=6, dim=16, seed=0):
@@ -114,10 +115,11 @@ def test_held_out_classifier_answers_drop_their_own_class():
     rows = np.arange(len(labels))
     x, right = cal.held_out_answers(g, labels, rows, (heads, idx2lid))
     n = len(rows)
-    assert x.shape == (2 * n, 5) and right[n:].sum() == 0 and right[:n].mean() > 0.8
+    k = len(cal.FEATURES)  # the classifier's cosine follows the retrieval features
+    assert x.shape == (2 * n, k + 2) and right[n:].sum() == 0 and right[:n].mean() > 0.8
     # leave-landmark-out: the classifier's own class masked, its cosine is another class's (below the own one)
-    own_cls = x[:n, 3]
-    assert (x[n:, 3] < own_cls).mean() > 0.9
+    own_cls = x[:n, k]
+    assert (x[n:, k] < own_cls).mean() > 0.9
     c = cal.learn(g, labels, (heads, idx2lid), sample=50)
     assert c.features == list(cal.FEATURES + cal.CLS_FEATURES) and c.samples == 100
     p = c(x)

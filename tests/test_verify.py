@@ -98,19 +98,19 @@ def test_inliers_feature_and_its_noise_floor():
     n = 400
     right = rng.random(n) < 0.5
     noise = rng.integers(0, 20, n)
-    xs = np.stack([rng.random(n), rng.random(n), rng.random(n), np.where(right & (rng.random(n) < 0.5), 200, noise)],
-                  1)
+    k = len(cal.FEATURES)  # the inliers column follows the retrieval features
+    xs = np.stack([rng.random(n) for _ in range(k)] + [np.where(right & (rng.random(n) < 0.5), 200, noise)], 1)
     c = cal.fit(xs, right.astype(int), names)
-    assert c.inlier_floor == pytest.approx(np.percentile(xs[~right, 3], cal.NOISE_QUANTILE))
+    assert c.inlier_floor == pytest.approx(np.percentile(xs[~right, k], cal.NOISE_QUANTILE))
     t = xs.copy()
-    t[:, 3] = np.log1p(np.maximum(xs[:, 3] - c.inlier_floor, 0))
+    t[:, k] = np.log1p(np.maximum(xs[:, k] - c.inlier_floor, 0))
     z = (t - c.mean) / c.scale @ np.array(c.coef) + c.intercept
     np.testing.assert_allclose(c(xs), 1 / (1 + np.exp(-z)))
-    assert c.coef[3] > 0  # more inliers than the noise: more likely right
+    assert c.coef[k] > 0  # more inliers than the noise: more likely right
     # below the floor, any count is alike (0 matches says no more than the noise)
     lo = xs[:2].copy()
-    lo[:, 3] = [0, c.inlier_floor]
-    assert c(lo)[0] == pytest.approx(c(np.concatenate([lo[:1, :3], [[c.inlier_floor]]], 1))[0])
+    lo[:, k] = [0, c.inlier_floor]
+    assert c(lo)[0] == pytest.approx(c(np.concatenate([lo[:1, :k], [[c.inlier_floor]]], 1))[0])
     assert cal.Calibration.from_dict(json.loads(json.dumps(c.as_dict())))(xs).tolist() == c(xs).tolist()
 
 
