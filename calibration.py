@@ -26,7 +26,6 @@ import numpy as np
 from retrieval import CLS_TOP_K, TOP_K, classifier_topk, rerank, topk_cosine, unreadable_rows
 
 SAMPLE = 1000  # gallery photos answered twice to learn the calibration: bounds its cost on large galleries
-MIN_HELD_OUT = 20  # gallery photos the models did not train on that a calibration is learnt from (else: all)
 VERIFY_SAMPLE = 300  # with --verify: each of them verified against k neighbours twice (25-50 ms a pair on a CPU)
 FEATURES = ("cosine", "margin", "votes", "neighbourhood")
 CLS_FEATURES = ("cls_cosine", "log_score")
@@ -197,14 +196,12 @@ def feature_names(classifier, verifier):
 
 
 def learn(g_emb, g_labels, classifier=None, rerank_with=("sum", 9, 10), device="cpu", sample=SAMPLE, seed=0,
-          verifier=None, rows=None):
+          verifier=None):
     """The Calibration of a gallery (per model its compared embeddings, its landmark ids): a sample of
-    at most `sample` readable photos (VERIFY_SAMPLE with a verifier) of `rows` (default: all),
-    drawn with `seed`, answered by held_out_answers."""
+    at most `sample` readable photos (VERIFY_SAMPLE with a verifier), drawn with `seed`, answered by
+    held_out_answers."""
     bad = unreadable_rows(*g_emb)
     good = np.flatnonzero(~bad)
-    if rows is not None:
-        good = np.intersect1d(good, rows)
     n = min(sample, VERIFY_SAMPLE) if verifier is not None else sample
     rows = np.sort(np.random.default_rng(seed).choice(good, min(n, len(good)), replace=False))
     x, y = held_out_answers(g_emb, g_labels, rows, classifier, rerank_with, device, bad, verifier)

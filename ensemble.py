@@ -170,8 +170,8 @@ def check_models(models, base, n_classes, label_map, trust=False):
     themselves). Each checkpoint is mapped, not read: the shapes and args come
     from its index, the weights stay on disk (9 checkpoints of GBs). Returns (the resolved
     checkpoint paths, the number of classes, each model's preprocessing, each
-    model's train.py --recipe or None, each model's held-out image ids or None)."""
-    paths, pres, recipes, held = [], [], [], []
+    model's train.py --recipe or None)."""
+    paths, pres, recipes = [], [], []
     for m in models:
         ckpt = resolve_checkpoint(m["checkpoint"], base)
         check_enet_type(m["enet_type"])
@@ -188,9 +188,8 @@ def check_models(models, base, n_classes, label_map, trust=False):
         paths.append(ckpt)
         pres.append(trained.get("preprocessing") or preprocessing_for(m["enet_type"]))
         recipes.append(trained.get("recipe"))
-        held.append(trained.get("held_out"))  # None: not recorded (the original's); []: trained on every image
         del sd
-    return paths, n_classes, pres, recipes, held
+    return paths, n_classes, pres, recipes
 
 
 class TrainedModel:
@@ -310,14 +309,11 @@ class Ensemble:
     """members: TrainedModel or PretrainedBackbone, in the spec's order; classifies: whether they
     have heads (all or none); idx2lid: the heads' class index -> landmark id; known: the names of
     the landmarks the classifier knows (landmark id -> name); rerank_with: (vote, sim power, cls
-    power) of retrieval.rerank; description: one line for reports; held_out: the ids of the
-    images no model trained on (gallery.photo_id; empty when they trained on every image), or None
-    when a model does not say."""
+    power) of retrieval.rerank; description: one line for reports."""
 
-    def __init__(self, members, idx2lid, known, rerank_with, description, whiten="auto", held_out=None):
+    def __init__(self, members, idx2lid, known, rerank_with, description, whiten="auto"):
         self.members, self.idx2lid, self.known = members, idx2lid, known
         self.rerank_with, self.description, self.whiten = rerank_with, description, whiten
-        self.held_out = held_out
         self.classifies = all(m.classifies for m in members)
 
     def signature(self):
@@ -360,15 +356,13 @@ def load(a, device="cpu"):
     if getattr(a, "resize", None) == "keep-aspect":
         raise UserError("--resize keep-aspect goes with --backbone (trained models see squares, as they were trained)")
     models, base = load_spec(a.spec) if isinstance(a.spec, str) else (a.spec, os.getcwd())
-    ckpts, n, pres, recipes, held = check_models(models, base, len(idx2lid) if idx2lid else None, a.idx2landmark,
-                                                 a.trust_checkpoint)
+    ckpts, n, pres, recipes = check_models(models, base, len(idx2lid) if idx2lid else None, a.idx2landmark,
+                                           a.trust_checkpoint)
     if idx2lid is None:  # anonymous classes: the classifier can name no gallery landmark
         idx2lid = {i: -1 - i for i in range(n)}
     if getattr(a, "gem_p", None) is not None:
         raise UserError("--gem-p goes with --backbone (a trained model keeps the GeM exponent it learnt)")
     members = [TrainedModel(m["enet_type"], c, m["image_size"], p, a.trust_checkpoint, getattr(a, "compile", False),
                             scales_of(a)) for m, c, p in zip(models, ckpts, pres)]
-    # the images no model trained on (train.py keeps its held-out fold's ids): the calibration's sample
-    held_out = None if any(h is None for h in held) else set.intersection(*map(set, held))
     return Ensemble(members, idx2lid, known, resolve_rerank(a.rerank_vote, a.rerank_cls_power, recipes),
-                    f"spec {a.spec}", held_out=held_out)
+                    f"spec {a.spec}")

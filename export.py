@@ -104,7 +104,7 @@ def models_to_export(a):
     """[(enet_type, checkpoint path, image size)] from --spec or --checkpoint, checked before any export."""
     if a.spec:
         models, base = load_spec(a.spec)
-        ckpts = check_models(models, base, None, None, a.trust_checkpoint)[0]
+        ckpts, _, _, _ = check_models(models, base, None, None, a.trust_checkpoint)
         todo = [(m["enet_type"], c, int(m["image_size"])) for m, c in zip(models, ckpts)]
         first = {}  # file name -> the model (1-based) written to it
         for i, (_, c, s) in enumerate(todo, 1):

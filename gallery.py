@@ -71,13 +71,6 @@ def ids_for_names(names, known):
     return np.array([by_name[n] for n in names], np.int64), {i: n for n, i in by_name.items()}
 
 
-def photo_id(path):
-    """The id of a gallery photo, its path under the gallery folder (landmark/file): preprocess.py
-    --from-folder names training images so, which lets predict.py find the photos a model was not
-    trained on (a checkpoint's held-out ids)."""
-    return hashlib.sha1(path.encode()).hexdigest()[:16]
-
-
 def gallery_digest(paths):
     return hashlib.sha1("\n".join(paths).encode()).hexdigest()
 

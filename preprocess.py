@@ -26,7 +26,7 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
 from dataset import BadImage, image_path, read_csv_checked, read_rgb, worker_init
-from gallery import list_images, photo_id
+from gallery import list_images
 from util import ArgumentParser, UserError, run_main
 
 
@@ -95,7 +95,7 @@ def from_folder(root, out_dir, n_folds=5, seed=233, workers=1):
     if not os.path.isdir(root):
         raise UserError(f"--from-folder {root}: no such folder")
     names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    rows = [(photo_id(os.path.join(name, rel)), lid,
+    rows = [(hashlib.sha1(os.path.join(name, rel).encode()).hexdigest()[:16], lid,
              os.path.abspath(os.path.join(root, name, rel)))
             for lid, name in enumerate(names) for rel in list_images(os.path.join(root, name))]
     os.makedirs(out_dir, exist_ok=True)

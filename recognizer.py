@@ -23,7 +23,7 @@ import torch
 
 import calibration as cal
 import verify
-from gallery import Gallery, gallery_digest, local_features_path, photo_id, predictions_frame
+from gallery import Gallery, gallery_digest, local_features_path, predictions_frame
 from retrieval import (FAISS_EF_SEARCH, FAISS_NPROBE, FAISS_RERANK, Rules, Search, apply_non_landmark, import_faiss,
                        recognize, topk_cosine)
 from util import UserError
@@ -137,7 +137,6 @@ class Recognizer:
             self.search.index = gallery.faiss_index(self.search.factory, self.space.gallery, self.space.whiten)
         self.verifier = (verify.Verifier(self.image_paths, s.verify, names=gallery.paths, keep=s.keep_local)
                          if s.verify else None)
-        self.calibration_rows = self._untrained_rows() if s.calibrate else None
         self.calibration = self._calibration() if s.calibrate else None
 
     def saved_calibration(self):
@@ -146,45 +145,25 @@ class Recognizer:
 
     def calibration_key(self):
         """What a calibration depends on beyond the models (the index's signature): the gallery's
-        photos, the features it maps, the re-ranking, the whitening, the rows and the sample's size."""
+        photos, the features it maps, the re-ranking, the whitening and the sample's size."""
         return json.loads(json.dumps({"paths_sha1": gallery_digest(self.gallery.paths), "sample": cal.SAMPLE,
                                       "features": cal.feature_names(self.heads is not None, self.verifier is not None),
-                                      "rerank_with": self.ens.rerank_with, "whiten": self.space.whiten,
-                                      "rows_sha1": None if self.calibration_rows is None
-                                      else gallery_digest([str(r) for r in self.calibration_rows])}
+                                      "rerank_with": self.ens.rerank_with, "whiten": self.space.whiten}
                                      | ({"verify": self.settings.verify, "local": verify.PARAMS,
                                          "verify_sample": cal.VERIFY_SAMPLE} if self.settings.verify else {})))
 
-    def _untrained_rows(self):
-        """The gallery rows no model trained on (their ids in every checkpoint's held-out fold: train.py
-        keeps them), when there are at least calibration.MIN_HELD_OUT; else None (every row). A photo
-        a model trained on is answered with a confidence that new photos do not earn: fine-tuned on
-        realhard, a calibration learnt on them let 13-16 % of the distractors through (docs/transfer.md)."""
-        held = self.ens.held_out
-        if held is None:  # a backbone, or models that do not say what they trained on
-            return None
-        rows = np.array([i for i, p in enumerate(self.gallery.paths) if photo_id(p) in held], np.int64)
-        if len(rows) >= cal.MIN_HELD_OUT:
-            return rows
-        print(f"note: the models trained on all but {len(rows)} of the gallery's photos; the confidence is learnt "
-              f"on photos they have seen and runs high (train with a held-out fold, --valid-stride 1, for "
-              f"{cal.MIN_HELD_OUT} or more unseen photos)", flush=True)
-        return None
-
     def _calibration(self):
         """The saved index's calibration when it was learnt on this very gallery and re-ranking, else
-        one learnt now (calibration.learn: a bounded sample of the gallery answered held out, from the
-        photos the models did not train on where they say so)."""
+        one learnt now (calibration.learn: a bounded sample of the gallery answered held out)."""
         saved = self.gallery.saved_calibration
         if saved and saved.get("key") == self.calibration_key():
             return cal.Calibration.from_dict(saved["fit"])
         t0 = time.time()
         c = cal.learn(self.space.gallery, self.gallery.labels,
                       (self.heads, self.ens.idx2lid) if self.heads is not None else None, self.ens.rerank_with,
-                      self.device, verifier=self.verifier, rows=self.calibration_rows)
-        unseen = "" if self.calibration_rows is None else " the models did not train on"
-        print(f"confidence calibrated on {c.samples} held-out answers of gallery photos{unseen} ({c.right:.0%} of "
-              f"them right) in {time.time() - t0:.1f} s", flush=True)
+                      self.device, verifier=self.verifier)
+        print(f"confidence calibrated on {c.samples} held-out answers of gallery photos ({c.right:.0%} of them "
+              f"right) in {time.time() - t0:.1f} s", flush=True)
         return c
 
     def name_of(self, label):

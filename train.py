@@ -33,7 +33,6 @@ from util import (ArgumentParser, UserError, cleanup_distributed, cpu_budget, ge
 
 VALID_STRIDE = 15  # the original validates on every 15th row of the held-out fold
 MIN_VALID = 30     # fewer validation images than this: the curves are noise (a warning says so)
-HELD_OUT_KEPT = 1000  # held-out image ids a checkpoint keeps: calibration.SAMPLE, the most predict.py asks
 
 
 def parse_args(argv=None):
@@ -496,11 +495,8 @@ def build_data(args, run):
                                               shuffle=True, seed=args.seed))
     train_loader = DataLoader(dataset_train, sampler=sampler, drop_last=True, **loader_kwargs(args, run.device))
     valid_loader, valid_idx = validation_loader(args, dataset_valid, run.device, run.rank, run.world_size)
-    # the whole held-out fold is kept out of training, whatever --valid-stride validates of it
-    held_out = df.loc[df["fold"] == args.fold, "id"].head(HELD_OUT_KEPT) if args.valid_stride else []
     return SimpleNamespace(out_dim=out_dim, margins=margins, df_train=df_train, transforms_val=transforms_val,
-                           held_out=[str(i) for i in held_out], sampler=sampler, train_loader=train_loader,
-                           valid_loader=valid_loader, valid_idx=valid_idx)
+                           sampler=sampler, train_loader=train_loader, valid_loader=valid_loader, valid_idx=valid_idx)
 
 
 def split(args, df, world_size):
@@ -601,9 +597,6 @@ def open_log(args, run, data):
     if args.overwrite and not args.resume and is_main() and os.path.exists(log_file):
         os.remove(log_file)  # a new run of this kernel: a new log
     args_dict = vars(args).copy()
-    # the ids of the held-out fold (the first HELD_OUT_KEPT): predict.py learns the confidence's
-    # calibration on the gallery photos a model did not train on (recognizer.Recognizer)
-    args_dict["held_out"] = data.held_out
     if is_main():
         with open(os.path.join(args.log_dir, f"{args.kernel_type}_args.json"), "w") as f:
             json.dump({**args_dict, "world_size": run.world_size, "out_dim": data.out_dim}, f, indent=1)

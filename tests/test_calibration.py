@@ -169,32 +169,6 @@ def test_unknown_below_the_threshold_and_the_index_keeps_the_calibration(photos,
     np.testing.assert_allclose(raw["confidence"], res["ensemble"][1])
 
 
-def test_calibration_learnt_on_the_photos_the_models_did_not_train_on(photos, tmp_path, capsys, monkeypatch):
-    """train.py keeps its held-out fold's ids in the checkpoint (the photos preprocess.py --from-folder
-    named, gallery.photo_id of their paths in the gallery); predict.py learns the calibration on those
-    alone when there are enough of them, and says when the models trained on (nearly) every photo."""
-    from gallery import folder_gallery, photo_id
-    from util import load_checkpoint
-    spec = json.load(open(photos["spec"]))["models"][0]
-    held = load_checkpoint(spec["checkpoint"])[1]["held_out"]
-    folds = pd.read_csv(os.path.join(os.path.dirname(photos["labels"]), "train_0.csv"), dtype={"id": str})
-    assert sorted(held) == sorted(folds.loc[folds["fold"] == 0, "id"]) and held
-    gallery = [p for p, _ in folder_gallery(photos["gallery"])]
-    unseen = [p for p in gallery if photo_id(p) in set(held)]
-    assert len(unseen) == len(held)  # every held-out id is a gallery photo
-    # too few unseen photos for a calibration of their own: all of them, and a note
-    monkeypatch.setattr(cal, "MIN_HELD_OUT", len(unseen) + 1)
-    _run(photos, tmp_path, "--gallery-dir", photos["gallery"], "--save-index", str(tmp_path / "all"))
-    out = capsys.readouterr().out
-    assert f"the models trained on all but {len(unseen)} of the gallery's photos" in out
-    assert json.load(open(tmp_path / "all.json"))["calibration"]["fit"]["samples"] == 2 * len(gallery)
-    monkeypatch.setattr(cal, "MIN_HELD_OUT", len(unseen))
-    _run(photos, tmp_path, "--gallery-dir", photos["gallery"], "--save-index", str(tmp_path / "unseen"))
-    out = capsys.readouterr().out
-    assert f"calibrated on {2 * len(unseen)} held-out answers of gallery photos the models did not train on" in out
-    assert json.load(open(tmp_path / "unseen.json"))["calibration"]["key"]["rows_sha1"] is not None
-
-
 def res_samples(meta):
     """The calibration's sample: two answers of each sampled gallery photo (at most SAMPLE photos)."""
     return 2 * min(cal.SAMPLE, len(meta["paths"]))

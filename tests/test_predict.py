@@ -350,7 +350,7 @@ def test_check_models_maps_checkpoints_and_reads_legacy_files(tmp_path, monkeypa
     monkeypatch.setattr(util.torch, "load", lambda *a, **kw: seen.append(kw.get("mmap")) or real(*a, **kw))
     models = [{"enet_type": TINY_BACKBONE, "checkpoint": str(tmp_path / f), "image_size": 32}
               for f in ("zip.pth", "legacy.pth")]
-    paths, n = ensemble.check_models(models, str(tmp_path), None, None)[:2]
+    paths, n, _, _ = ensemble.check_models(models, str(tmp_path), None, None)
     assert n == 7 and paths == [str(tmp_path / "zip.pth"), str(tmp_path / "legacy.pth")] and seen == [True, False]
     sd_zip, _ = util.load_checkpoint(str(tmp_path / "zip.pth"), mmap=True)
     sd_legacy, _ = util.load_checkpoint(str(tmp_path / "legacy.pth"), mmap=True)
