@@ -11,8 +11,9 @@ photos is answered as queries twice,
 
 A logistic regression (scikit-learn; Platt's scaling, generalised to a few features) maps the
 features of each answer (answer_features: the cosine of the best neighbour of the answered
-landmark, its margin over the best other landmark, the share of the neighbours that name it, with
-a classifier its cosine and the re-ranked score, and with --verify the inliers of the answered
+landmark, its margin over the best other landmark, the share of the neighbours that name it, the
+mean cosine of the neighbours, how alike the answered landmark's photos are (Typical), with a
+classifier its cosine and the re-ranked score, and with --verify the inliers of the answered
 landmark's neighbours above the noise of wrong answers) to P(right). The two kinds of sample
 weigh alike: the prior it learns is one query in two showing a place the gallery does not hold.
 
@@ -27,19 +28,57 @@ from retrieval import CLS_TOP_K, TOP_K, classifier_topk, rerank, topk_cosine, un
 
 SAMPLE = 1000  # gallery photos answered twice to learn the calibration: bounds its cost on large galleries
 VERIFY_SAMPLE = 300  # with --verify: each of them verified against k neighbours twice (25-50 ms a pair on a CPU)
-FEATURES = ("cosine", "margin", "votes", "neighbourhood")
+FEATURES = ("cosine", "margin", "votes", "neighbourhood", "typical")
+TYPICAL_CAP = 50  # photos per landmark that set how alike its photos are: bounds the cost on GLDv2's landmarks
 CLS_FEATURES = ("cls_cosine", "log_score")
 VERIFY_FEATURES = ("inliers",)
 NOISE_QUANTILE = 95  # the inlier count wrong answers reach 95 % of the time: verification's noise floor
 
 
-def answer_features(sims, nn_l, landmarks, confidences, cls=None, inl=None):
+@dataclass
+class Typical:
+    """How alike each landmark's gallery photos are: values {landmark: the mean over its photos of
+    each one's best cosine to another of its photos}, default (their mean) for a landmark of one
+    photo. A photo of a whole site, or of a place in other seasons, matches its own landmark's
+    photos at a lower cosine than a photo of a facade does: this says which cosine is high for the
+    landmark answered (on realhard it halved the distractors answered, docs/transfer.md)."""
+    values: dict
+    default: float
+
+    def of(self, landmarks):
+        return np.array([self.values.get(v, self.default) if v is not None and v == v else self.default
+                         for v in landmarks], np.float64)
+
+
+def typical_of(g_emb, g_labels, bad=None, cap=TYPICAL_CAP):
+    """The Typical of a gallery (per model its compared unit vectors, its landmark ids; bad: its
+    unreadable rows), with topk_cosine's similarity (the mean of the models' inner products): for
+    each landmark of at least two readable photos, its first `cap` of them compared with each
+    other, each one's best cosine to another, averaged."""
+    labels = np.asarray(g_labels)
+    bad = unreadable_rows(*g_emb) if bad is None else bad
+    good = np.flatnonzero(~bad)
+    order = good[np.argsort(labels[good], kind="stable")]
+    starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])
+    values = {}
+    for a, b in zip(starts, np.r_[starts[1:], len(order)]):
+        rows = order[a:min(b, a + cap)]
+        if len(rows) < 2:
+            continue
+        s = sum(np.asarray(g[rows], np.float64) @ np.asarray(g[rows], np.float64).T for g in g_emb) / len(g_emb)
+        np.fill_diagonal(s, -np.inf)
+        values[labels[rows[0]].item()] = float(s.max(1).mean())
+    return Typical(values, float(np.mean(list(values.values()))) if values else 0.0)
+
+
+def answer_features(sims, nn_l, landmarks, confidences, typical, cls=None, inl=None):
     """(Q, F) features of answers: per query the cosine of the best neighbour naming the answered
     landmark (0 when none does), its margin over the best neighbour of another landmark (or over
     the last neighbour when all name it), the share of the neighbours that name it, and the mean
     cosine of its neighbours (a photo close to everything, a street or a generic ruin, is less
     likely right at a given cosine: on realhard it cut the distractors answered from 7 to 5 %, 10
-    splits, docs/transfer.md); with cls
+    splits, docs/transfer.md), and how alike the answered landmark's photos are (typical: a
+    Typical); with cls
     = (cls_scores, cls_landmarks), the classifier's cosine of the answered landmark (its lowest
     top-k score when outside its top k) and log10 of the re-ranked score; with inl ((Q, k): the
     inliers of the first k neighbours, verify.py), the most inliers of a neighbour naming the
@@ -55,7 +94,7 @@ def answer_features(sims, nn_l, landmarks, confidences, cls=None, inl=None):
     last = np.where(finite, s, np.inf).min(1)
     s_other = np.where(other.any(1), np.where(other, s, -np.inf).max(1), np.where(finite.any(1), last, 0.0))
     n = np.maximum(finite.sum(1), 1)
-    cols = [s_ans, s_ans - s_other, named.sum(1) / n, s.sum(1) / n]
+    cols = [s_ans, s_ans - s_other, named.sum(1) / n, s.sum(1) / n, typical.of(landmarks)]
     if cls is not None:
         cls_s, cls_l = (np.asarray(a) for a in cls)
         hit = cls_l == ans
@@ -93,12 +132,15 @@ def held_out(g_emb, g_labels, rows, leave_landmark, device="cpu", cap=256, bad=N
 
 
 def held_out_answers(g_emb, g_labels, rows, classifier=None, rerank_with=("sum", 9, 10), device="cpu", bad=None,
-                     verifier=None):
+                     verifier=None, typical=None):
     """The features and labels (1: right) of the sample's leave-one-out and leave-landmark-out answers.
     classifier: (heads, idx2lid) of trained models, or None (retrieval alone answers). bad: as held_out.
-    verifier: a verify.Verifier of the gallery, or None (no verification)."""
+    verifier: a verify.Verifier of the gallery, or None (no verification). typical: the gallery's
+    Typical (default: typical_of it; the whole gallery's, the sampled photo included, as a query
+    meets it)."""
     labels = np.asarray(g_labels)
     bad = unreadable_rows(*g_emb) if bad is None else bad  # one pass over the gallery, not one per kind
+    typical = typical_of(g_emb, labels, bad) if typical is None else typical
     feats, right = [], []
     cls_all = None
     if classifier is not None:
@@ -126,7 +168,7 @@ def held_out_answers(g_emb, g_labels, rows, classifier=None, rerank_with=("sum",
         inl = None
         if verifier is not None:  # empty slots (too few photos left) are not verified
             inl = verifier.gallery_inliers(rows[usable], np.where(np.isfinite(sims), nn[usable], -1))
-        feats.append(answer_features(sims, nn_l, landmarks, conf, cls, inl))
+        feats.append(answer_features(sims, nn_l, landmarks, conf, typical, cls, inl))
         right.append(np.zeros(len(own), bool) if leave_landmark else np.asarray(landmarks) == own)
     return np.concatenate(feats), np.concatenate(right).astype(np.int64)
 
@@ -196,15 +238,15 @@ def feature_names(classifier, verifier):
 
 
 def learn(g_emb, g_labels, classifier=None, rerank_with=("sum", 9, 10), device="cpu", sample=SAMPLE, seed=0,
-          verifier=None):
+          verifier=None, typical=None):
     """The Calibration of a gallery (per model its compared embeddings, its landmark ids): a sample of
     at most `sample` readable photos (VERIFY_SAMPLE with a verifier), drawn with `seed`, answered by
-    held_out_answers."""
+    held_out_answers (typical: as there)."""
     bad = unreadable_rows(*g_emb)
     good = np.flatnonzero(~bad)
     n = min(sample, VERIFY_SAMPLE) if verifier is not None else sample
     rows = np.sort(np.random.default_rng(seed).choice(good, min(n, len(good)), replace=False))
-    x, y = held_out_answers(g_emb, g_labels, rows, classifier, rerank_with, device, bad, verifier)
+    x, y = held_out_answers(g_emb, g_labels, rows, classifier, rerank_with, device, bad, verifier, typical)
     return fit(x, y, feature_names(classifier is not None, verifier is not None))
 
 

@@ -137,6 +137,8 @@ class Recognizer:
             self.search.index = gallery.faiss_index(self.search.factory, self.space.gallery, self.space.whiten)
         self.verifier = (verify.Verifier(self.image_paths, s.verify, names=gallery.paths, keep=s.keep_local)
                          if s.verify else None)
+        # how alike each landmark's photos are: a feature of every answer's calibrated confidence
+        self.typical = cal.typical_of(self.space.gallery, self.gallery.labels) if s.calibrate else None
         self.calibration = self._calibration() if s.calibrate else None
 
     def saved_calibration(self):
@@ -161,7 +163,7 @@ class Recognizer:
         t0 = time.time()
         c = cal.learn(self.space.gallery, self.gallery.labels,
                       (self.heads, self.ens.idx2lid) if self.heads is not None else None, self.ens.rerank_with,
-                      self.device, verifier=self.verifier)
+                      self.device, verifier=self.verifier, typical=self.typical)
         print(f"confidence calibrated on {c.samples} held-out answers of gallery photos ({c.right:.0%} of them "
               f"right) in {time.time() - t0:.1f} s", flush=True)
         return c
@@ -193,7 +195,7 @@ class Recognizer:
         if self.calibration is not None:
             landmarks, conf = res["ensemble"]  # the features of the answer before non-landmarks are sunk
             p = self.calibration(cal.answer_features(res["neighbours"][0], res["neighbour_landmarks"], landmarks,
-                                                     conf, res.get("cls_top"), res.get("inliers")))
+                                                     conf, self.typical, res.get("cls_top"), res.get("inliers")))
             p = np.where(res["unreadable"][0], 0.0, p)
             res["calibrated"] = apply_non_landmark(p, res["nl_flags"]) if "nl_flags" in res else p
             res["sure"] = res["calibrated"] >= self.settings.min_confidence

@@ -64,13 +64,38 @@ def test_ece_noise_floor_against_the_binomial():
 def test_answer_features_by_hand():
     sims = np.array([[0.9, 0.8, 0.7, 0.6, 0.5], [0.9, 0.8, 0.7, 0.6, -np.inf]])
     nn_l = np.array([[3, 4, 3, 3, 4], [3, 3, 3, 3, 3]])
-    x = cal.answer_features(sims, nn_l, [3, 3], [0.9, 0.9])
-    np.testing.assert_allclose(x[0], [0.9, 0.9 - 0.8, 3 / 5, 3.5 / 5])
+    typical = cal.Typical({3: 0.8, 4: 0.6}, 0.7)
+    x = cal.answer_features(sims, nn_l, [3, 3], [0.9, 0.9], typical)
+    np.testing.assert_allclose(x[0], [0.9, 0.9 - 0.8, 3 / 5, 3.5 / 5, 0.8])
     # all name it: the margin over the last neighbour; an empty slot counts in neither votes nor mean
-    np.testing.assert_allclose(x[1], [0.9, 0.9 - 0.6, 1.0, 3.0 / 4])
+    np.testing.assert_allclose(x[1], [0.9, 0.9 - 0.6, 1.0, 3.0 / 4, 0.8])
+    # a landmark of one photo (none in values) and no answer: the default
+    np.testing.assert_allclose(cal.answer_features(sims, nn_l, [9, None], [0.9, 0.9], typical)[:, 4], [0.7, 0.7])
     cls = (np.array([[0.7, 0.2], [0.4, 0.1]]), np.array([[5, 3], [5, 6]]))
-    x = cal.answer_features(sims, nn_l, [3, 3], [1e-20, 0.5], cls)
-    np.testing.assert_allclose(x[:, 4:], [[0.2, -20.0], [0.1, np.log10(0.5)]])  # not in its top k: the lowest
+    x = cal.answer_features(sims, nn_l, [3, 3], [1e-20, 0.5], typical, cls)
+    k = len(cal.FEATURES)
+    np.testing.assert_allclose(x[:, k:], [[0.2, -20.0], [0.1, np.log10(0.5)]])  # not in its top k: the lowest
+
+
+def test_typical_by_hand():
+    """Typical: per landmark the mean of each photo's best cosine to another of its photos, with the
+    mean of two models' inner products; unreadable rows and landmarks of one photo left out; capped."""
+    rng = np.random.default_rng(0)
+    labels = np.array([5, 7, 5, 5, 7, 9, 7])
+    g = [rng.normal(size=(7, 4)), rng.normal(size=(7, 3))]
+    g = [(a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32) for a in g]
+    g[0][4] = np.nan  # an unreadable photo of landmark 7
+    g[1][4] = np.nan
+    t = cal.typical_of(g, labels)
+
+    def sim(i, j):
+        return (g[0][i] @ g[0][j] + g[1][i] @ g[1][j]) / 2
+    want5 = np.mean([max(sim(0, 2), sim(0, 3)), max(sim(2, 0), sim(2, 3)), max(sim(3, 0), sim(3, 2))])
+    want7 = np.mean([sim(1, 6), sim(6, 1)])
+    assert t.values.keys() == {5, 7} and t.values[5] == pytest.approx(want5) and t.values[7] == pytest.approx(want7)
+    assert t.default == pytest.approx((want5 + want7) / 2)
+    capped = cal.typical_of(g, labels, cap=2)  # the first two photos of each landmark
+    assert capped.values[5] == pytest.approx(sim(0, 2)) and capped.values[7] == pytest.approx(want7)
 
 
 def _clustered(n_landmarks=12, per=6, dim=16, seed=0):

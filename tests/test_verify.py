@@ -90,7 +90,7 @@ def test_inliers_feature_and_its_noise_floor():
     sims = np.array([[0.9, 0.8, 0.7], [0.6, 0.5, -np.inf]])
     nn_l = np.array([[3, 4, 3], [5, 5, 3]])
     inl = np.array([[12, 400, 40], [9, 30, 77]])
-    x = cal.answer_features(sims, nn_l, [3, 5], [0.5, 0.4], inl=inl)
+    x = cal.answer_features(sims, nn_l, [3, 5], [0.5, 0.4], cal.Typical({}, 0.5), inl=inl)
     # landmark 3: neighbours 0 and 2 name it (400 belongs to landmark 4); landmark 5: 0 and 1 (77 is an empty slot)
     assert x[:, -1].tolist() == [40, 30]
     names = cal.FEATURES + cal.VERIFY_FEATURES
