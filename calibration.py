@@ -41,7 +41,8 @@ class Typical:
     each one's best cosine to another of its photos}, default (their mean) for a landmark of one
     photo. A photo of a whole site, or of a place in other seasons, matches its own landmark's
     photos at a lower cosine than a photo of a facade does: this says which cosine is high for the
-    landmark answered (on realhard it halved the distractors answered, docs/transfer.md)."""
+    landmark answered (on realhard, 10 splits, the distractors answered went from 5.1 to 3.7 % and
+    the precision at 85 % coverage from 0.888 to 0.923, docs/transfer.md)."""
     values: dict
     default: float
 

@@ -456,7 +456,7 @@ def val_transform(image_size, preprocessing):
     "keep-aspect" (predict.py --backbone) the image whole, its longer side at image_size, on a
     square of the backbone's mean colour at the bottom and right (a letterbox). Batches keep one
     shape, and models.pool_within pools only the picture's own cells. A square resize squashes a
-    wide view of a site: on realhard the letterbox adds 0.025 GAP (docs/transfer.md)."""
+    wide view of a site: on realhard the letterbox added 0.02 GAP over 10 splits (docs/transfer.md)."""
     interpolation = preprocessing.get("interpolation", "bilinear")
     if preprocessing.get("resize", "square") == "square":
         return get_transforms(image_size, interpolation)[1]
