@@ -86,6 +86,7 @@ def test_a_killed_rank_ends_the_run_and_the_next_run_resumes(gld):
     cache = t / "cache_kill"
     p = subprocess.Popen(_launch(2, gld["args"]("kill")), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
+    ranks = []
     try:
         t0 = time.time()
         record = lambda: features._merged(sum((features._read_done(f)  # noqa: E731
@@ -93,15 +94,22 @@ def test_a_killed_rank_ends_the_run_and_the_next_run_resumes(gld):
         while record() != [[0, 45]] and p.poll() is None and time.time() - t0 < 240:
             time.sleep(0.05)
         assert p.poll() is None and record() == [[0, 45]], record()
-        ranks = subprocess.run(["pgrep", "-f", "--", "kill.csv"], capture_output=True, text=True).stdout.split()
-        ranks = [int(r) for r in ranks if int(r) != p.pid]
-        assert len(ranks) >= 2, ranks
-        os.kill(max(ranks), signal.SIGKILL)  # one rank only
+        # the launcher's children: the ranks (a pattern over every process could find another run's, and
+        # pids wrap around, so the larger is not always a rank)
+        ranks = [int(r) for r in subprocess.run(["pgrep", "-P", str(p.pid), "-f", "--", "kill.csv"],
+                                                capture_output=True, text=True).stdout.split()]
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[-1], signal.SIGKILL)  # one rank only
         t_kill = time.time()
         assert p.wait(timeout=120) != 0 and time.time() - t_kill < 60
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
+        for r in ranks:  # the ranks run in sessions of their own: none is left blocked on the FIFO
+            try:
+                os.kill(r, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         os.remove(img)
         os.rename(img + ".real", img)
     assert not (t / "kill.csv").exists() and record() == [[0, 45]]

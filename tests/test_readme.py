@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -90,8 +91,10 @@ def serve(code, d, env):
     """A block that starts a server: started on a free port, its health and page fetched, stopped."""
     cmd = re.sub(r"\s+#.*$", "", code.strip())
     port = free_port()
+    # a session of its own: the server is bash's child, and stopping bash alone would leave it serving
     p = subprocess.Popen(["bash", "-c", f'python() {{ "{sys.executable}" "$@"; }}; {cmd} --port {port}'],
-                         cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -107,7 +110,7 @@ def serve(code, d, env):
         page = urllib.request.urlopen(url + "/", timeout=10).read().decode()
         return health, page
     finally:
-        p.terminate()
+        os.killpg(p.pid, signal.SIGTERM)
         p.wait(timeout=30)
 
 
