@@ -66,7 +66,8 @@ def typical_of(g_emb, g_labels, bad=None, cap=TYPICAL_CAP):
         rows = order[a:min(b, a + cap)]
         if len(rows) < 2:
             continue
-        s = sum(np.asarray(g[rows], np.float64) @ np.asarray(g[rows], np.float64).T for g in g_emb) / len(g_emb)
+        vs = [np.asarray(g[rows], np.float64) for g in g_emb]  # each model's rows read once
+        s = sum(v @ v.T for v in vs) / len(vs)
         np.fill_diagonal(s, -np.inf)
         values[labels[rows[0]].item()] = float(s.max(1).mean())
     return Typical(values, float(np.mean(list(values.values()))) if values else 0.0)
