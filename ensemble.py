@@ -3,14 +3,15 @@
     ens = ensemble.load(a, device)        # from --spec (trained) or --backbone (no training), checked
     for member in ens.members:            # features.py loads them one at a time
         model = member.load(device)       # .neck(x) -> features, .preprocessing; .metric_classify if trained
-    space = ens.fit(gallery_features)     # how the queries and this gallery are compared
+    space = ens.fit(gallery_features, gallery_labels)  # how the queries and this gallery are compared
 
 - Trained models (--spec): each a models.Net from a checkpoint of ours or of the original code,
   fed as it was trained. Their features are embeddings, L2-normalised at extraction; their ArcFace
   heads classify, and the re-ranking follows how they were trained (retrieval.resolve_rerank).
 - A pretrained backbone (--backbone): its pooled features stand in for the neck output, with no
-  head. They are compared after a PCA whitening learnt on the gallery (retrieval.whitening_of;
-  --whiten auto whitens only galleries large enough for it, docs/transfer.md).
+  head. With a gallery of landmarks they are compared after a whitening learnt from its landmarks
+  (retrieval.learn_within_whitening, --whiten auto or learned); without (a retrieval database), after
+  a PCA whitening learnt on it, for databases large enough for it (retrieval.whitening_of).
 
 Every check that can fail runs here, before any image is read: an ensemble's extraction takes
 hours, a wrong checkpoint path must not surface after them.
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 
 from dataset import letterbox_fill
 from models import build_model, check_enet_type, has_feature_map, letterbox_extent, pool_within, preprocessing_for
-from retrieval import RERANK, WHITEN_MIN_RATIO, resolve_rerank, whitened, whitening_of
+from retrieval import (RERANK, WHITEN_MIN_RATIO, learn_within_whitening, learned_whitened, resolve_rerank, whitened,
+                       whitening_of)
 from util import UserError, file_digest, load_checkpoint, load_fitting, memory_format, read_label_map
 
 
@@ -88,13 +90,16 @@ def add_args(p):
                    help="unpickle the spec's checkpoints in full, objects included (only for files you trust)")
     p.add_argument("--backbone", metavar="NAME",
                    help="with folders, in place of --spec: no training, retrieval on this pretrained backbone's "
-                        "pooled features, PCA-whitened on the gallery (a timm name, e.g. tf_efficientnet_b3_ns)")
+                        "pooled features, whitened on the gallery (a timm name, e.g. tf_efficientnet_b3_ns)")
     p.add_argument("--pretrained-path", default=None, help="with --backbone: its ImageNet weights file")
     p.add_argument("--image-size", type=int, default=256, help="with --backbone: the input size (default 256)")
     p.add_argument("--pool", choices=["avg", "gem"], default="avg", help="with --backbone: global pooling")
-    p.add_argument("--whiten", choices=["auto", "pca", "off"], default="auto",
-                   help="with --backbone: PCA whitening learnt on the gallery (auto: when the gallery has at least "
-                        f"{WHITEN_MIN_RATIO} images per feature dimension)")
+    p.add_argument("--whiten", choices=["auto", "pca", "off", "learned"], default="auto",
+                   help="with --backbone: learned: a whitening learnt from the gallery's landmarks (the ways "
+                        "photos of one landmark differ shrunk), compared half with the raw cosine; pca: PCA "
+                        "whitening learnt on the gallery; auto (default): learned with a gallery of landmark "
+                        f"folders, else pca from {WHITEN_MIN_RATIO} images per feature dimension "
+                        "(evaluate_retrieval.py's database)")
     p.add_argument("--resize", choices=["keep-aspect", "square"], default=None,
                    help="with --backbone: keep-aspect sees the whole picture, its longer side at the size, on a "
                         "square of the mean colour, pooled over the picture alone (the default where the backbone "
@@ -291,10 +296,14 @@ class Space:
     """How the queries are compared with one gallery. inputs(zqs): the queries' features as
     retrieval.recognize takes them (it normalises them); embeddings(inputs): the unit vectors it
     compares, for a full ranking (--retrieval-ranks); gallery: the gallery's side; whiten: the
-    whitening mode it was learnt with (None for trained models), recorded with a faiss index."""
+    whitening mode it was learnt with (None for trained models), recorded with a faiss index; refit:
+    for a space learnt from the gallery's labels (--whiten learned), keep (bool per gallery row) ->
+    the gallery's side in the space learnt from those rows alone, for a calibration whose held-out
+    answers the space did not learn from (calibration.held_out_answers)."""
 
-    def __init__(self, gallery, transform=None, whiten=None):
+    def __init__(self, gallery, transform=None, whiten=None, refit=None):
         self.gallery, self.transform, self.whiten = gallery, transform, whiten
+        self.refit = refit
 
     def inputs(self, zqs):
         return zqs if self.transform is None else [self.transform(zqs[0])]
@@ -319,13 +328,29 @@ class Ensemble:
     def signature(self):
         return [m.signature() for m in self.members]
 
-    def fit(self, g_emb):
-        """The Space of this gallery (its features per model, as features.embed_all gives them):
-        as they are for trained models; for a backbone, the PCA whitening learnt on them."""
+    def fit(self, g_emb, labels=None):
+        """The Space of this gallery (its features per model, as features.embed_all gives them; its
+        landmark ids, which --whiten learned needs): as they are for trained models; for a backbone,
+        with its landmarks the whitening of their own scatter (retrieval.learn_within_whitening),
+        without them the PCA whitening learnt on them (--whiten auto from WHITEN_MIN_RATIO images
+        per dimension)."""
         if self.classifies:
             return Space(g_emb)
-        w = whitening_of(g_emb[0], self.whiten)
-        return Space([whitened(g_emb[0], w)], lambda z: whitened(z, w), self.whiten)
+        mode = self.whiten
+        if mode == "auto" and labels is not None:
+            # a gallery of landmark folders: its landmarks teach the whitening. realhard +0.03 GAP, 2 photos
+            # a landmark +0.045 (realhard) and +0.014 (realdev); realdev's quarter split -0.004, one photo
+            # of a castle taken for another in 2 of 10 splits (10 splits each, docs/transfer.md)
+            mode = "learned"
+        if mode == "learned":
+            if labels is None:
+                raise UserError("--whiten learned: needs a gallery whose photos name their landmarks")
+            g, lab = g_emb[0], np.asarray(labels)
+            w = learn_within_whitening(g, lab)
+            return Space([learned_whitened(g, w)], lambda z: learned_whitened(z, w), mode,
+                         lambda keep: [learned_whitened(g, learn_within_whitening(g[keep], lab[keep]))])
+        w = whitening_of(g_emb[0], mode)
+        return Space([whitened(g_emb[0], w)], lambda z: whitened(z, w), mode)
 
 
 def landmark_names(label_map_path):

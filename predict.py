@@ -140,7 +140,7 @@ def run_folders(a):
     folder (--query-dir). With --retrieval-ranks, also a CSV of each query's gallery
     images by decreasing similarity (the first a.ranks_k), for evaluate_retrieval.py
     --ranks. --backbone in place of --spec: recognition without training, by
-    retrieval on the pretrained backbone's pooled features, PCA-whitened on the
+    retrieval on the pretrained backbone's pooled features, whitened on the
     gallery (an index holds the raw features; the whitening is learnt again from the
     whole gallery at each run). --knn faiss: a saved index keeps its faiss index
     beside it (PATH.faiss), used again while the gallery and the factory are the same.

@@ -130,7 +130,7 @@ class Recognizer:
         s = settings or Settings()
         self.ens, self.gallery, self.heads, self.settings = ens, gallery, heads, s
         self.device, self.non_landmark = torch.device(s.device), s.non_landmark
-        self.space = ens.fit(gallery.emb)  # a backbone's whitening: learnt on the gallery once, not per answer
+        self.space = ens.fit(gallery.emb, gallery.labels)  # a backbone's whitening: learnt on the gallery once, not per answer
         self.image_paths = gallery.image_paths  # where the gallery's photos are shown from
         self.search = s.search or Search()
         if self.search.kind == "faiss" and self.search.index is None:
@@ -163,7 +163,7 @@ class Recognizer:
         t0 = time.time()
         c = cal.learn(self.space.gallery, self.gallery.labels,
                       (self.heads, self.ens.idx2lid) if self.heads is not None else None, self.ens.rerank_with,
-                      self.device, verifier=self.verifier, typical=self.typical)
+                      self.device, verifier=self.verifier, typical=self.typical, refit=self.space.refit)
         print(f"confidence calibrated on {c.samples} held-out answers of gallery photos ({c.right:.0%} of them "
               f"right) in {time.time() - t0:.1f} s", flush=True)
         return c

@@ -11,7 +11,8 @@ similarity of two images is the mean of the models' cosines, the cosine of the n
 - non-landmark queries flagged and sunk (non_landmark_flags, apply_non_landmark);
 - recognize(): all of it, for the queries' neck outputs against a gallery's embeddings;
 - PCA whitening learnt on a gallery, for recognition without training and finetune.py's neck (learn_whitening,
-  whiten, whitening_of, whitened).
+  whiten, whitening_of, whitened);
+- the learned whitening of a labelled gallery (--whiten learned: learn_within_whitening, learned_whitened).
 """
 from dataclasses import dataclass
 
@@ -530,3 +531,47 @@ def whitening_of(g_raw, whiten_mode="auto"):
 def whitened(a, w):
     """Features a whitened with w = (P, m) (None: as they are), L2-normalised, float32."""
     return F.normalize(torch.from_numpy(whiten(a, *w) if w else np.asarray(a, np.float32)), dim=1).numpy()
+
+
+# ---------------------------------------------------------------- learned whitening (--whiten learned)
+
+# The within-landmark scatter's estimate is blended half with the identity (times its mean
+# eigenvalue): chosen on realhard and realdev over 10 splits among 0.2-0.7 (docs/transfer.md).
+LEARNED_SHRINK = 0.5
+
+
+def learn_within_whitening(features, labels, shrink=LEARNED_SHRINK):
+    """(P (C, C), m (C,)) in float64 that whiten the scatter of the gallery's photos about their
+    landmark's mean: the supervised whitening of Radenovic, Tolias and Chum (TPAMI 2018, "Lw"),
+    with classes in place of matching pairs, at full dimension (a rotation after it changes no
+    cosine). The directions in which photos of one landmark differ (the season, the distance, the
+    part of a site) are shrunk, those that tell landmarks apart kept. Features (N, C) are taken
+    at unit length; rows that are not finite (unreadable photos) and landmarks of one photo add
+    no scatter. The scatter S is blended with the identity: (1 - shrink) S + shrink tr(S)/C I,
+    since a dozen photos per landmark cannot estimate C x C entries; m is the photos' mean."""
+    x = np.asarray(features, np.float64)
+    ok = np.isfinite(x).all(1)
+    x, lab = x[ok], np.asarray(labels)[ok]
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    c = x.shape[1]
+    _, inv, counts = np.unique(lab, return_inverse=True, return_counts=True)
+    means = np.zeros((len(counts), c))
+    np.add.at(means, inv, x)
+    means /= np.maximum(counts, 1)[:, None]
+    d = (x - means[inv])[counts[inv] > 1]
+    scatter = d.T @ d / max(len(d), 1)
+    mu = np.trace(scatter) / c if np.trace(scatter) > 0 else 1.0
+    w, u = np.linalg.eigh((1 - shrink) * scatter + shrink * mu * np.eye(c))
+    return u.T / np.sqrt(np.maximum(w, mu * 1e-12))[:, None], x.mean(0) if len(x) else np.zeros(c)
+
+
+def learned_whitened(a, w):
+    """Features a (N, C) as --whiten learned compares them, with w = learn_within_whitening's (P, m):
+    the unit vectors of their learned-whitened and of their raw features side by side, over sqrt 2,
+    so that the inner product of two rows is the mean of the two cosines (float32). The raw cosine
+    stays in: alone, the whitening learnt on a dozen photos a landmark lost to the raw features on
+    realdev more than the mean does (docs/transfer.md). A NaN row stays NaN (unreadable)."""
+    a = np.asarray(a, np.float32)
+    raw = F.normalize(torch.from_numpy(a), dim=1).numpy()
+    out = np.concatenate([whitened(raw, w), raw], 1) / np.sqrt(2.0)
+    return out.astype(np.float32)

@@ -151,6 +151,80 @@ def test_held_out_classifier_answers_drop_their_own_class():
     assert p[:n][right[:n] == 1].mean() > 0.7 > 0.3 > p[n:].mean()
 
 
+def test_held_out_refit_answers_in_a_space_learnt_without_them():
+    """held_out_refit: every group is answered in a space learnt without it (leave-one-out: without its
+    photos; leave-landmark-out: without every photo of its landmarks), and with a space that does not
+    depend on what it learns from, the answers are held_out's."""
+    g, labels = _clustered()
+    rows = np.arange(0, len(labels), 2)
+    seen = []
+
+    def refit(keep):
+        seen.append(keep.copy())
+        return g
+
+    for leave_landmark in (False, True):
+        seen.clear()
+        got = cal.held_out_refit(refit, labels, rows, leave_landmark)
+        ref = cal.held_out(g, labels, rows, leave_landmark)
+        np.testing.assert_allclose(got[0], ref[0], atol=1e-6)  # float32 products, summed in other chunks
+        np.testing.assert_array_equal(got[1], ref[1])
+        np.testing.assert_array_equal(got[2], ref[2])
+        assert len(seen) == cal.FOLDS
+        answered = np.zeros(len(labels), bool)
+        for keep in seen:
+            out = ~keep
+            if leave_landmark:  # whole landmarks out, and each of them a landmark of the sample
+                assert np.array_equal(out, np.isin(labels, labels[out])) and set(labels[out]) <= set(labels[rows])
+            else:
+                assert set(np.flatnonzero(out)) <= set(rows)
+            answered |= out
+        # the groups cover the sample
+        assert set(rows) <= set(np.flatnonzero(answered))
+    # a space that learns: its learn_within_whitening from the kept rows alone
+    from retrieval import learn_within_whitening, learned_whitened
+    sims, nn, _ = cal.held_out_refit(lambda keep: [learned_whitened(g[0], learn_within_whitening(g[0][keep],
+                                                                                                 labels[keep]))],
+                                     labels, rows[:1], False)
+    keep = np.ones(len(labels), bool)
+    keep[rows[0]] = False  # one row: the only member of its fold
+    direct = learned_whitened(g[0], learn_within_whitening(g[0][keep], labels[keep]))
+    s = direct[rows[0]] @ direct.T
+    s[rows[0]] = -np.inf
+    np.testing.assert_array_equal(nn[0], np.argsort(-s, kind="stable")[:TOP_K])
+    np.testing.assert_allclose(sims[0], np.sort(s)[::-1][:TOP_K], rtol=1e-5)
+
+
+def test_learned_whitening_by_hand():
+    """learn_within_whitening whitens the shrunk scatter of the photos about their landmark's mean (computed
+    here from its definition), and learned_whitened compares by the mean of that space's cosine and the raw
+    cosine (the whitened cosine computed with scipy's inverse square root: any rotation gives it)."""
+    from scipy.linalg import fractional_matrix_power
+    from retrieval import LEARNED_SHRINK, learn_within_whitening, learned_whitened
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 8)) + 3 * rng.normal(size=(1, 8))
+    labels = np.r_[np.repeat([1, 2, 3, 4, 5], 7), [6, 7, 8, 9, 10]]  # five landmarks of one photo: no scatter
+    x[-1] = np.nan  # unreadable
+    P, m = learn_within_whitening(x, labels)
+    u = x[:-1] / np.linalg.norm(x[:-1], axis=1, keepdims=True)
+    lab = labels[:-1]
+    d = np.concatenate([u[lab == v] - u[lab == v].mean(0) for v in (1, 2, 3, 4, 5)])
+    scatter = d.T @ d / len(d)
+    blended = (1 - LEARNED_SHRINK) * scatter + LEARNED_SHRINK * np.trace(scatter) / 8 * np.eye(8)
+    np.testing.assert_allclose(P @ blended @ P.T, np.eye(8), atol=1e-9)
+    np.testing.assert_allclose(m, u.mean(0), atol=1e-12)
+    q = rng.normal(size=(3, 8))
+    e = learned_whitened(np.r_[q, x], (P, m))
+    assert np.isnan(e[-1]).all() and np.isfinite(e[:-1]).all()
+    root = fractional_matrix_power(blended, -0.5).real
+    def cos(a, b):
+        a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+        return a @ b.T
+    qu = q / np.linalg.norm(q, axis=1, keepdims=True)
+    want = 0.5 * cos((qu - m) @ root, (u - m) @ root) + 0.5 * cos(qu, u)
+    np.testing.assert_allclose(e[:3] @ e[3:-1].T, want, atol=1e-5)
+
+
 # ---------------------------------------------------------------- through predict.py
 
 def _run(ph, tmp, *extra, out="pred.csv"):

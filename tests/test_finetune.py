@@ -471,6 +471,19 @@ def test_zero_training_on_folders_equals_direct_retrieval(tmp_path, weights_file
     assert list(got["path"]) == qs
     assert list(got["landmark"]) == [g[j][1] for j in s.argmax(1).tolist()]
     assert np.allclose(got["confidence"], best.numpy(), atol=1e-4)
+    # --whiten learned: the mean of the raw cosine and the cosine after the whitening of the gallery's
+    # within-landmark scatter (retrieval.learn_within_whitening, tested by hand in test_calibration.py)
+    from retrieval import learn_within_whitening, learned_whitened
+    out3 = tmp_path / "pred3.csv"
+    predict.main([*common, "--gallery-dir", str(tmp_path / "g"), "--out", str(out3), "--whiten", "learned"])
+    got3 = __import__("pandas").read_csv(out3)
+    w = learn_within_whitening(gf.numpy(), np.array([lm for _, lm in g]))
+    s3 = torch.from_numpy(learned_whitened(feats([str(qdir / q) for q in qs]).numpy(), w)
+                          @ learned_whitened(gf.numpy(), w).T)
+    assert list(got3["landmark"]) == [g[j][1] for j in s3.argmax(1).tolist()]
+    # the whitening magnifies the extraction's last bits (here 3e-4); the raw cosines differ by far more
+    assert np.allclose(got3["confidence"], s3.max(1).values.numpy(), atol=1e-3)
+    assert not np.allclose(got3["confidence"], best.numpy(), atol=1e-2)
     # the saved index answers the same; another backbone's signature is refused
     out2 = tmp_path / "pred2.csv"
     predict.main([*common, "--index", str(tmp_path / "idx"), "--out", str(out2), "--whiten", "off"])
@@ -498,6 +511,25 @@ def test_zero_training_whitening_is_learnt_on_the_gallery(tmp_path, weights_file
     P, m = learn_whitening(big)
     ref = whiten(q, P, m)
     assert np.allclose(qw, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_learned_whitening_needs_the_gallery_landmarks():
+    """--whiten learned learns from the gallery's landmarks: a database without them (evaluate_retrieval.py)
+    is refused as a user mistake; with them, the space refits on the rows it is told to learn from."""
+    from types import SimpleNamespace
+    from ensemble import Ensemble
+    from util import UserError
+    ens = Ensemble([SimpleNamespace(classifies=False)], None, {}, ("sum", 9, 10), "test", whiten="learned")
+    g = np.random.default_rng(0).normal(size=(12, 6)).astype(np.float32)
+    with pytest.raises(UserError, match="--whiten learned"):
+        ens.fit([g])
+    labels = np.repeat([1, 2, 3], 4)
+    space = ens.fit([g], labels)
+    assert space.whiten == "learned" and space.gallery[0].shape == (12, 12)
+    keep = labels != 3
+    from retrieval import learn_within_whitening, learned_whitened
+    np.testing.assert_allclose(space.refit(keep)[0], learned_whitened(g, learn_within_whitening(g[keep], labels[keep])))
+    assert not np.allclose(space.refit(keep)[0], space.gallery[0], atol=1e-3)
 
 
 def test_predict_backbone_flag_errors(tmp_path):
