@@ -75,6 +75,19 @@ def test_answer_features_by_hand():
     x = cal.answer_features(sims, nn_l, [3, 3], [1e-20, 0.5], typical, cls)
     k = len(cal.FEATURES)
     np.testing.assert_allclose(x[:, k:], [[0.2, -20.0], [0.1, np.log10(0.5)]])  # not in its top k: the lowest
+    # the vote share counts as many places as the landmark has photos (at most 5), one fewer for a gallery
+    # photo asked without itself and answered with its own landmark
+    counted = cal.Typical({3: 0.8, 4: 0.6}, 0.7, {3: 4, 4: 9})
+    x = cal.answer_features(sims, nn_l, [3, 4], [0.9, 0.9], counted)
+    np.testing.assert_allclose(x[:, 2], [3 / 4, 0.0])
+    x = cal.answer_features(sims[:1], nn_l[:1], [4], [0.9], counted)
+    np.testing.assert_allclose(x[0, 2], 2 / 5)
+    x = cal.answer_features(sims[:1], nn_l[:1], [3], [0.9], cal.Typical({}, 0.7, {3: 3}))
+    np.testing.assert_allclose(x[0, 2], 3 / 3)
+    two = np.array([[3, 4, 4, 4, 4]])  # one of a landmark of 2 photos, asked without one of them
+    x = cal.answer_features(sims[:1], two, [3], [0.9], cal.Typical({}, 0.7, {3: 2}), left_out=[True])
+    np.testing.assert_allclose(x[0, 2], 1.0)
+    np.testing.assert_allclose(cal.answer_features(sims[:1], two, [3], [0.9], cal.Typical({}, 0.7, {3: 2}))[0, 2], 0.5)
 
 
 def test_typical_by_hand():
@@ -94,6 +107,7 @@ def test_typical_by_hand():
     want7 = np.mean([sim(1, 6), sim(6, 1)])
     assert t.values.keys() == {5, 7} and t.values[5] == pytest.approx(want5) and t.values[7] == pytest.approx(want7)
     assert t.default == pytest.approx((want5 + want7) / 2)
+    assert t.counts == {5: 3, 7: 2, 9: 1}  # readable photos per landmark
     capped = cal.typical_of(g, labels, cap=2)  # the first two photos of each landmark
     assert capped.values[5] == pytest.approx(sim(0, 2)) and capped.values[7] == pytest.approx(want7)
 
@@ -122,6 +136,20 @@ def test_held_out_answers_exclude_the_photo_or_its_landmark():
     # a landmark of more photos than the cap is not left out whole: not usable
     _, _, usable = cal.held_out(g, labels, rows, leave_landmark=True, cap=5)
     assert not usable.any()
+
+
+def test_held_out_vote_share_counts_the_photos_left():
+    """Two photos a landmark: asked without itself, a photo answered with its own landmark has one photo of
+    it left (share 1 when it is among the neighbours); asked without its landmark, the answer's two photos."""
+    g, labels = _clustered(per=2)
+    rows = np.arange(len(labels))
+    x, right = cal.held_out_answers(g, labels, rows)
+    n = len(rows)
+    own = right[:n] == 1
+    assert own.sum() > 5 and (x[:n][own, 2] == 1.0).all()
+    sims, nn, _ = cal.held_out(g, labels, rows, leave_landmark=True)
+    named = (labels[nn] == labels[nn[:, :1]]).sum(1)
+    np.testing.assert_allclose(x[n:, 2], named / 2)
 
 
 def test_held_out_classifier_answers_drop_their_own_class():
