@@ -11,11 +11,13 @@ photos is answered as queries twice,
 
 A logistic regression (scikit-learn; Platt's scaling, generalised to a few features) maps the
 features of each answer (answer_features: the cosine of the best neighbour of the answered
-landmark, its margin over the best other landmark, the share of the neighbours that name it, the
-mean cosine of the neighbours, how alike the answered landmark's photos are (Typical), with a
-classifier its cosine and the re-ranked score, and with --verify the inliers of the answered
-landmark's neighbours above the noise of wrong answers) to P(right). The two kinds of sample
+landmark, its margin over the best other landmark, the share of the neighbours that name it (of as
+many as it has photos), the mean cosine of the neighbours, how alike the answered landmark's photos
+are (Typical), with a classifier its cosine and the re-ranked score, and with --verify the inliers
+of the answered landmark's neighbours above the noise of wrong answers) to P(right). The two kinds of sample
 weigh alike: the prior it learns is one query in two showing a place the gallery does not hold.
+With --whiten learned (a space learnt from the gallery's landmarks), each group of the sample is
+answered in a space learnt without it (held_out_refit).
 
 A photo whose landmark has a single gallery photo cannot be answered right by leave-one-out: it
 is a negative, as it should be (the gallery knows that place from nothing else).
@@ -43,7 +45,8 @@ class Typical:
     photo. A photo of a whole site, or of a place in other seasons, matches its own landmark's
     photos at a lower cosine than a photo of a facade does: this says which cosine is high for the
     landmark answered (on realhard, 10 splits, the distractors answered went from 5.1 to 3.7 % and
-    the precision at 85 % coverage from 0.888 to 0.923, docs/transfer.md)."""
+    the precision at 85 % coverage from 0.888 to 0.923, docs/transfer.md). counts: each landmark's
+    readable photos, for the vote share (reachable)."""
     values: dict
     default: float
     counts: dict = field(default_factory=dict)  # readable gallery photos per landmark

@@ -130,7 +130,8 @@ class Recognizer:
         s = settings or Settings()
         self.ens, self.gallery, self.heads, self.settings = ens, gallery, heads, s
         self.device, self.non_landmark = torch.device(s.device), s.non_landmark
-        self.space = ens.fit(gallery.emb, gallery.labels)  # a backbone's whitening: learnt on the gallery once, not per answer
+        # a backbone's whitening: learnt from the gallery (its landmarks) once, not per answer
+        self.space = ens.fit(gallery.emb, gallery.labels)
         self.image_paths = gallery.image_paths  # where the gallery's photos are shown from
         self.search = s.search or Search()
         if self.search.kind == "faiss" and self.search.index is None:
