@@ -343,7 +343,7 @@ def _queries(answers, view, shown, name_of):
     ids, truth, n_q, thumbs = answers.ids, view.truth, len(answers.ids), Thumbnails()
     sunk = np.zeros(n_q, bool) if answers.sunk is None else np.asarray(answers.sunk, bool)
     unreadable = np.zeros(n_q, bool) if answers.unreadable is None else np.asarray(answers.unreadable, bool)
-    what = ("the 5 nearest gallery images (cosine)" if answers.neighbours_are == "nearest"
+    what = ("the 5 nearest gallery images (their similarity)" if answers.neighbours_are == "nearest"
             else "gallery images of the predicted landmark")
     order = ("the most confident wrong predictions first, then a sample of the rest" if truth is not None
              else "a sample, by decreasing confidence")
