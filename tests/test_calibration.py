@@ -253,6 +253,23 @@ def test_learned_whitening_by_hand():
     np.testing.assert_allclose(e[:3] @ e[3:-1].T, want, atol=1e-5)
 
 
+def test_learned_whitening_without_scatter():
+    """Landmarks of one photo each (no scatter to learn), or nothing to learn from (a refit leaving every
+    photo out): the whitening is a scaled rotation about the mean, and the space compares as the centred
+    cosine and the raw one."""
+    from retrieval import learn_within_whitening, learned_whitened
+    x = np.random.default_rng(4).normal(size=(6, 5))
+    P, m = learn_within_whitening(x, np.arange(6))
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(P @ P.T, np.eye(5) * (P @ P.T)[0, 0], atol=1e-9)  # a multiple of a rotation
+    np.testing.assert_allclose(m, u.mean(0), atol=1e-12)
+    e = learned_whitened(x, (P, m))
+    c = (u - m) / np.linalg.norm(u - m, axis=1, keepdims=True)
+    np.testing.assert_allclose(e @ e.T, 0.5 * c @ c.T + 0.5 * u @ u.T, atol=1e-5)
+    P, m = learn_within_whitening(x[:0], np.arange(0))
+    assert np.isfinite(P).all() and not m.any()
+
+
 # ---------------------------------------------------------------- through predict.py
 
 def _run(ph, tmp, *extra, out="pred.csv"):
