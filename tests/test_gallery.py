@@ -45,6 +45,10 @@ def test_predictions_from_folders(photos):
 
 
 def test_index_refuses_other_models_and_grows_with_new_files(photos, tmp_path, capsys):
+    # its own index of the whole gallery: under xdist this test may run before, or beside, the one above
+    base = ["--spec", photos["spec"], "--device", "cpu", "--num-workers", "0", "--idx2landmark", photos["labels"]]
+    idx = tmp_path / "idx"
+    predict.main([*base, "--gallery-dir", photos["gallery"], "--save-index", str(idx), "--no-calibrate"])
     # other weights: refused
     import torch
     ck = json.load(open(photos["spec"]))["models"][0]["checkpoint"]
@@ -55,7 +59,7 @@ def test_index_refuses_other_models_and_grows_with_new_files(photos, tmp_path, c
     spec.write_text(json.dumps({"models": [{"enet_type": TINY_BACKBONE, "checkpoint": str(tmp_path / "other.pth"),
                                             "image_size": 32}]}))
     with pytest.raises(UserError, match="other models"):
-        predict.run_folders(predict.options(spec=str(spec), query_dir=photos["queries"], index=str(photos["t"] / "idx"),
+        predict.run_folders(predict.options(spec=str(spec), query_dir=photos["queries"], index=str(idx),
                                             device="cpu", num_workers=0))
     # an index of all but one landmark, then --add-to-index embeds that landmark's files alone
     part = tmp_path / "gallery"
@@ -63,15 +67,14 @@ def test_index_refuses_other_models_and_grows_with_new_files(photos, tmp_path, c
     last = sorted(os.listdir(part))[-1]
     n_last = len(os.listdir(part / last))
     shutil.rmtree(part / last)
-    base = ["--spec", photos["spec"], "--device", "cpu", "--num-workers", "0", "--idx2landmark", photos["labels"]]
     predict.main([*base, "--gallery-dir", str(part), "--save-index", str(tmp_path / "grow")])
     capsys.readouterr()
     predict.main([*base, "--gallery-dir", photos["gallery"], "--index", str(tmp_path / "grow"), "--add-to-index"])
     assert f"embedded {n_last} gallery images" in capsys.readouterr().out
-    full = json.load(open(photos["t"] / "idx.json"))
+    full = json.load(open(tmp_path / "idx.json"))
     grown = json.load(open(tmp_path / "grow.json"))
     assert sorted(grown["paths"]) == sorted(full["paths"]) and grown["names"] == full["names"]
-    a, b = np.load(photos["t"] / "idx.npz"), np.load(tmp_path / "grow.npz")
+    a, b = np.load(tmp_path / "idx.npz"), np.load(tmp_path / "grow.npz")
     order = [grown["paths"].index(p) for p in full["paths"]]
     np.testing.assert_array_equal(b["labels"][order], a["labels"])
     np.testing.assert_allclose(b["emb0"][order].astype(np.float32), a["emb0"].astype(np.float32), atol=2e-3)
