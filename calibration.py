@@ -182,8 +182,10 @@ def held_out_refit(refit, g_labels, rows, leave_landmark, device="cpu", bad=None
     for grp in groups:
         if not len(grp):
             continue
-        left_out = np.isin(labels, labels[rows[grp]]) if leave_landmark else np.isin(np.arange(len(labels)), rows[grp])
-        sims[grp], nn[grp], usable[grp] = held_out(refit(~left_out & ~bad), labels, rows[grp], leave_landmark, device,
+        learn_from = ~bad & ~np.isin(labels, labels[rows[grp]]) if leave_landmark else ~bad
+        if not leave_landmark:
+            learn_from[rows[grp]] = False
+        sims[grp], nn[grp], usable[grp] = held_out(refit(learn_from), labels, rows[grp], leave_landmark, device,
                                                    bad=bad)
     return sims, nn, usable
 
