@@ -34,7 +34,7 @@ MIN_CONFIDENCE = 0.5  # --min-confidence: below it the answer is unknown (more l
 
 def add_args(p):
     """How answers are found and given, on predict.py's parser and app.py's: --knn and the faiss flags
-    (search_of reads them), --calibrate, --min-confidence (settings_of)."""
+    (search_of reads them), --calibrate, --min-confidence, --unknown-share (settings_of)."""
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
                    help="a calibrated confidence, the probability that the landmark is right, learnt from the "
                         "gallery (leave-one-out and leave-landmark-out answers of a sample of its photos) and kept "
@@ -43,6 +43,10 @@ def add_args(p):
     p.add_argument("--min-confidence", type=float, default=MIN_CONFIDENCE, metavar="P",
                    help="with a calibrated confidence: below P the answer is unknown ('not sure': predictions.csv's "
                         f"landmark empty, its guess kept); default {MIN_CONFIDENCE}: more likely right than wrong")
+    p.add_argument("--unknown-share", type=float, default=cal.UNKNOWN_SHARE, metavar="U",
+                   help="with a calibrated confidence: the share of your photos you expect to show a place the "
+                        "gallery does not hold, the prior the confidence is learnt with; more makes it more "
+                        f"cautious (default {cal.UNKNOWN_SHARE:.2f}: one in three)")
     p.add_argument("--verify", type=int, default=0, metavar="K",
                    help="geometric verification: each answer's first K neighbours matched to the photo by local "
                         "features (SIFT, MAGSAC), the inliers a feature of the calibrated confidence; the gallery's "
@@ -69,6 +73,8 @@ def settings_of(a, device, folders=True):
     """The Settings of the options of add_args (and --non-landmark, --index, --save-index where the
     caller has them)."""
     calibrate = folders if a.calibrate is None else a.calibrate
+    if not 0 < a.unknown_share < 1:
+        raise UserError(f"--unknown-share {a.unknown_share}: a share of the photos, strictly between 0 and 1")
     if a.verify < 0:
         raise UserError(f"--verify {a.verify}: the number of neighbours to verify, 0 (off) or more")
     if a.verify and not calibrate:
@@ -76,7 +82,7 @@ def settings_of(a, device, folders=True):
                         "(--calibrate turns it on)")
     index = getattr(a, "save_index", None) or getattr(a, "index", None)
     return Settings(search_of(a), device, getattr(a, "non_landmark", None), calibrate, a.min_confidence, a.verify,
-                    local_features_path(index) if index and a.verify else None)
+                    local_features_path(index) if index and a.verify else None, a.unknown_share)
 
 
 def search_of(a):
@@ -109,7 +115,8 @@ class Settings:
     given to answer (a known set); calibrate: learn (or read from the saved index) the calibration
     of the confidence (calibration.py); min_confidence: below it, with a calibration, the answer is
     unknown (its landmark a guess); verify: the neighbours verified per answer (0: none);
-    keep_local: the file the gallery's local features are read from and kept in (verify.Verifier)."""
+    keep_local: the file the gallery's local features are read from and kept in (verify.Verifier);
+    unknown_share: the calibration's prior share of photos of places the gallery does not hold."""
     search: Search = None
     device: object = "cpu"
     non_landmark: object = None
@@ -117,6 +124,7 @@ class Settings:
     min_confidence: float = MIN_CONFIDENCE
     verify: int = 0
     keep_local: str = None
+    unknown_share: float = cal.UNKNOWN_SHARE
 
 
 class Recognizer:
@@ -148,8 +156,9 @@ class Recognizer:
 
     def calibration_key(self):
         """What a calibration depends on beyond the models (the index's signature): the gallery's
-        photos, the features it maps, the re-ranking, the whitening and the sample's size."""
+        photos, the features it maps, the re-ranking, the whitening, the sample's size and the prior."""
         return json.loads(json.dumps({"paths_sha1": gallery_digest(self.gallery.paths), "sample": cal.SAMPLE,
+                                      "unknown_share": self.settings.unknown_share,
                                       "features": cal.feature_names(self.heads is not None, self.verifier is not None),
                                       "rerank_with": self.ens.rerank_with, "whiten": self.space.whiten}
                                      | ({"verify": self.settings.verify, "local": verify.PARAMS,
@@ -164,9 +173,11 @@ class Recognizer:
         t0 = time.time()
         c = cal.learn(self.space.gallery, self.gallery.labels,
                       (self.heads, self.ens.idx2lid) if self.heads is not None else None, self.ens.rerank_with,
-                      self.device, verifier=self.verifier, typical=self.typical, refit=self.space.refit)
+                      self.device, verifier=self.verifier, typical=self.typical, refit=self.space.refit,
+                      unknown_share=self.settings.unknown_share)
         print(f"confidence calibrated on {c.samples} held-out answers of gallery photos ({c.right:.0%} of them "
-              f"right) in {time.time() - t0:.1f} s", flush=True)
+              f"right; prior: {c.unknown_share:.0%} of photos show places the gallery does not hold) in "
+              f"{time.time() - t0:.1f} s", flush=True)
         return c
 
     def name_of(self, label):

@@ -14,16 +14,18 @@ import predict
 from retrieval import TOP_K
 
 
-def _logistic_direct(x, y, c=1.0, iters=50):
-    """L2-penalised logistic regression (the intercept free), by Newton's method on standardised x."""
+def _logistic_direct(x, y, c=1.0, iters=50, weight=None):
+    """L2-penalised logistic regression (the intercept free), each sample's loss times its weight, by
+    Newton's method on standardised x."""
     z = (x - x.mean(0)) / x.std(0)
     a = np.hstack([z, np.ones((len(z), 1))])
+    s = np.ones(len(y)) if weight is None else np.asarray(weight, np.float64)
     w = np.zeros(a.shape[1])
     penalty = np.diag([1.0 / c] * z.shape[1] + [0.0])
     for _ in range(iters):
         p = 1 / (1 + np.exp(-a @ w))
-        grad = a.T @ (p - y) + penalty @ w
-        hess = a.T @ (a * (p * (1 - p))[:, None]) + penalty
+        grad = a.T @ (s * (p - y)) + penalty @ w
+        hess = a.T @ (a * (s * p * (1 - p))[:, None]) + penalty
         w -= np.linalg.solve(hess, grad)
     return 1 / (1 + np.exp(-a @ w))
 
@@ -41,6 +43,30 @@ def test_fit_equals_a_direct_logistic_regression():
     # one class only: the constant share
     only = cal.fit(x, np.ones(400, int), ("a", "b", "c"))
     assert np.allclose(only(x), 1 - 1e-6)
+
+
+def test_prior_weights_and_the_weighted_fit():
+    """The answers of unknown places weigh `share` of the whole; the weighted fit is a direct weighted
+    logistic regression, and its intercept's score equation holds: the weighted mean confidence is the
+    weighted share of right answers, (1 - share) times the known answers' rate of right ones."""
+    unknown = np.array([True, True, False, False, False, False])
+    w = cal.prior_weights(unknown, 0.5)
+    np.testing.assert_allclose(w, [1.5, 1.5, 0.75, 0.75, 0.75, 0.75])
+    w = cal.prior_weights(unknown, 0.2)
+    assert w.mean() == pytest.approx(1) and w[unknown].sum() / w.sum() == pytest.approx(0.2)
+    assert cal.prior_weights(np.zeros(3, bool), 0.3) is None and cal.prior_weights(np.ones(3, bool), 0.3) is None
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 2))
+    kind = np.arange(300) >= 100  # 100 known, 200 unknown answers
+    y = (~kind & (rng.random(300) < 1 / (1 + np.exp(-2 * x[:, 0])))).astype(int)
+    for share in (0.5, 0.25):
+        w = cal.prior_weights(kind, share)
+        c = cal.fit(x, y, ("a", "b"), weight=w, unknown_share=share)
+        np.testing.assert_allclose(c(x), _logistic_direct(x, y, weight=w), atol=2e-4)
+        # known answers right at rate r: weighted mean confidence (1 - share) r
+        r = y[~kind].mean()
+        assert np.average(c(x), weights=w) == pytest.approx((1 - share) * r, abs=1e-4)
+        assert c.unknown_share == share
 
 
 def test_expected_calibration_error_by_hand():
@@ -143,7 +169,7 @@ def test_held_out_vote_share_counts_the_photos_left():
     it left (share 1 when it is among the neighbours); asked without its landmark, the answer's two photos."""
     g, labels = _clustered(per=2)
     rows = np.arange(len(labels))
-    x, right = cal.held_out_answers(g, labels, rows)
+    x, right, _ = cal.held_out_answers(g, labels, rows)
     n = len(rows)
     own = right[:n] == 1
     assert own.sum() > 5 and (x[:n][own, 2] == 1.0).all()
@@ -166,15 +192,17 @@ def test_held_out_classifier_answers_drop_their_own_class():
     heads = [Head(g[0], labels)]
     idx2lid = {i: int(v) for i, v in enumerate(np.unique(labels))}
     rows = np.arange(len(labels))
-    x, right = cal.held_out_answers(g, labels, rows, (heads, idx2lid))
+    x, right, unknown = cal.held_out_answers(g, labels, rows, (heads, idx2lid))
     n = len(rows)
     k = len(cal.FEATURES)  # the classifier's cosine follows the retrieval features
     assert x.shape == (2 * n, k + 2) and right[n:].sum() == 0 and right[:n].mean() > 0.8
     # leave-landmark-out: the classifier's own class masked, its cosine is another class's (below the own one)
     own_cls = x[:n, k]
     assert (x[n:, k] < own_cls).mean() > 0.9
+    assert unknown.sum() == n and unknown[n:].all()
     c = cal.learn(g, labels, (heads, idx2lid), sample=50)
     assert c.features == list(cal.FEATURES + cal.CLS_FEATURES) and c.samples == 100
+    assert c.unknown_share == cal.UNKNOWN_SHARE
     p = c(x)
     assert p[:n][right[:n] == 1].mean() > 0.7 > 0.3 > p[n:].mean()
 
@@ -303,6 +331,13 @@ def test_unknown_below_the_threshold_and_the_index_keeps_the_calibration(photos,
     # another re-ranking: the saved calibration does not fit, it is learnt again
     _run(photos, tmp_path, "--index", idx, "--rerank-cls-power", "2", out="other.csv")
     assert "confidence calibrated on" in capsys.readouterr().out
+    # another prior: learnt again, said in the log; a more cautious one answers with less confidence
+    mid, _ = _run(photos, tmp_path, "--index", idx, "--unknown-share", "0.6", out="mid.csv")
+    assert "prior: 60% of photos show places" in capsys.readouterr().out
+    assert mid["confidence"].mean() < again["confidence"].mean() - 0.02
+    from util import UserError
+    with pytest.raises(UserError, match="--unknown-share 1.0: a share of the photos"):
+        _run(photos, tmp_path, "--index", idx, "--unknown-share", "1")
     # thresholds 0 and 1: everything answered, nothing answered
     all_, _ = _run(photos, tmp_path, "--index", idx, "--min-confidence", "0", out="all.csv")
     none, _ = _run(photos, tmp_path, "--index", idx, "--min-confidence", "1", out="none.csv")
