@@ -23,7 +23,7 @@ answered in a space learnt without it (held_out_refit).
 A photo whose landmark has a single gallery photo cannot be answered right by leave-one-out: it
 is a negative, as it should be (the gallery knows that place from nothing else).
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -266,7 +266,7 @@ class Calibration:
     samples: int
     right: float
     inlier_floor: float = 0.0
-    unknown_share: float = 0.5  # the prior it was learnt with (prior_weights)
+    unknown_share: float = None  # the prior learn() weighed its answers with (prior_weights); None: fit alone
 
     def __call__(self, x):
         x = above_noise(x, self.features, self.inlier_floor)
@@ -292,10 +292,10 @@ def prior_weights(unknown, share):
     return np.where(unknown, share / n_u, (1 - share) / n_k) * len(unknown)
 
 
-def fit(x, y, names, c=1.0, weight=None, unknown_share=0.5):
+def fit(x, y, names, c=1.0, weight=None):
     """The logistic regression of labels y (1: right) on features x, standardised (scikit-learn's
-    LogisticRegression, L2 strength 1/c), each answer weighing `weight` (prior_weights, learnt with
-    unknown_share; None: alike). With one class only (a gallery too small to be wrong, or
+    LogisticRegression, L2 strength 1/c), each answer's loss times its `weight` (None: alike; learn
+    gives prior_weights). With one class only (a gallery too small to be wrong, or
     to be right), the constant share of right answers. An inliers column is taken above the count
     that NOISE_QUANTILE % of the wrong answers reach (above_noise)."""
     from sklearn.linear_model import LogisticRegression
@@ -310,10 +310,10 @@ def fit(x, y, names, c=1.0, weight=None, unknown_share=0.5):
     if len(np.unique(y)) < 2:
         p = min(max(share, 1e-6), 1 - 1e-6)
         return Calibration(list(names), mean.tolist(), scale.tolist(), [0.0] * x.shape[1],
-                           float(np.log(p / (1 - p))), len(y), share, floor, unknown_share)
+                           float(np.log(p / (1 - p))), len(y), share, floor)
     lr = LogisticRegression(C=c, max_iter=1000).fit((x - mean) / scale, y, sample_weight=weight)
     return Calibration(list(names), mean.tolist(), scale.tolist(), lr.coef_[0].tolist(), float(lr.intercept_[0]),
-                       len(y), share, floor, unknown_share)
+                       len(y), share, floor)
 
 
 def feature_names(classifier, verifier):
@@ -332,8 +332,9 @@ def learn(g_emb, g_labels, classifier=None, rerank_with=("sum", 9, 10), device="
     rows = np.sort(np.random.default_rng(seed).choice(good, min(n, len(good)), replace=False))
     x, y, unknown = held_out_answers(g_emb, g_labels, rows, classifier, rerank_with, device, bad, verifier, typical,
                                      refit)
-    return fit(x, y, feature_names(classifier is not None, verifier is not None),
-               weight=prior_weights(unknown, unknown_share), unknown_share=unknown_share)
+    c = fit(x, y, feature_names(classifier is not None, verifier is not None),
+            weight=prior_weights(unknown, unknown_share))
+    return replace(c, unknown_share=unknown_share)
 
 
 def expected_calibration_error(p, right, bins=10):

@@ -61,12 +61,11 @@ def test_prior_weights_and_the_weighted_fit():
     y = (~kind & (rng.random(300) < 1 / (1 + np.exp(-2 * x[:, 0])))).astype(int)
     for share in (0.5, 0.25):
         w = cal.prior_weights(kind, share)
-        c = cal.fit(x, y, ("a", "b"), weight=w, unknown_share=share)
+        c = cal.fit(x, y, ("a", "b"), weight=w)
         np.testing.assert_allclose(c(x), _logistic_direct(x, y, weight=w), atol=2e-4)
         # known answers right at rate r: weighted mean confidence (1 - share) r
         r = y[~kind].mean()
         assert np.average(c(x), weights=w) == pytest.approx((1 - share) * r, abs=1e-4)
-        assert c.unknown_share == share
 
 
 def test_expected_calibration_error_by_hand():
