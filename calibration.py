@@ -15,8 +15,9 @@ landmark, its margin over the best other landmark, the share of the neighbours t
 many as it has photos), the mean cosine of the neighbours, how alike the answered landmark's photos
 are (Typical), with a classifier its cosine and the re-ranked score, and with --verify the inliers
 of the answered landmark's neighbours above the noise of wrong answers) to P(right). The two kinds of sample
-are weighed so that the leave-landmark-out answers carry UNKNOWN_SHARE of the whole (--unknown-share):
-the prior it learns, the share of queries that show a place the gallery does not hold.
+are weighed so that the leave-landmark-out answers carry a share of the whole (--unknown-share, 1/3
+without training, 1/2 with a trained model: UNKNOWN_SHARE): the prior it learns, the share of
+queries that show a place the gallery does not hold.
 With --whiten learned (a space learnt from the gallery's landmarks), each group of the sample is
 answered in a space learnt without it (held_out_refit).
 
@@ -35,12 +36,17 @@ FEATURES = ("cosine", "margin", "vote_share", "neighbourhood", "typical")
 TYPICAL_CAP = 50  # photos per landmark that set how alike its photos are: bounds the cost on GLDv2's landmarks
 CLS_FEATURES = ("cls_cosine", "log_score")
 VERIFY_FEATURES = ("inliers",)
-# The prior share of queries showing a place the gallery does not hold (--unknown-share). One in
-# three, not one in two: the leave-landmark-out answers are a gallery's own look-alike landmarks, harder
-# than most photos of unknown places, and at one in two the confidence was cautious on both real sets
-# (realhard, 10 splits: 82 % of the landmark photos answered at a precision of 0.99, none of the
-# distractors; one in three: 86 % at 0.98, 0.7 % of the distractors, ECE 0.093 -> 0.075; docs/transfer.md).
+# The share of the fit the leave-landmark-out answers weigh (--unknown-share): the prior share of
+# photos of places the gallery does not hold, and how hard those answers are beside real ones.
+# Without training, one in three: they are the gallery's own look-alike landmarks, harder than most
+# photos of other places, and at one in two the confidence was cautious on both real sets (realhard, 10
+# splits: 82 % of the landmark photos answered at a precision of 0.99, no distractor; one in three:
+# 86 % at 0.98, 0.7 % of the distractors, ECE 0.093 -> 0.075). With a trained model, one in two: it
+# learnt the very photos left out, its leave-landmark-out answers are easy, and its confidence already
+# leans high (realhard, `--recipe finetune`, seeds 0-2: one in three named 19 % of the distractors
+# against 15 %, ECE 0.12 against 0.08). docs/transfer.md.
 UNKNOWN_SHARE = 1 / 3
+UNKNOWN_SHARE_TRAINED = 0.5
 FOLDS = 5  # held_out_refit: the groups answered each in a space learnt without them
 NOISE_QUANTILE = 95  # the inlier count wrong answers reach 95 % of the time: verification's noise floor
 
@@ -283,8 +289,9 @@ class Calibration:
 
 def prior_weights(unknown, share):
     """Per-answer weights (mean 1) under which the answers of places the gallery does not hold
-    (unknown: True) carry `share` of the whole and the others 1 - share: the prior odds of a
-    logistic fit are its classes' weighted shares. None where either kind is missing."""
+    (unknown: True) carry `share` of the whole and the others 1 - share: a logistic fit learns
+    prior odds of (1 - share) / share that a photo shows a place the gallery holds (its mean
+    confidence is the weighted share of right answers). None where either kind is missing."""
     unknown = np.asarray(unknown, bool)
     n_u, n_k = unknown.sum(), (~unknown).sum()
     if not n_u or not n_k:
@@ -320,12 +327,19 @@ def feature_names(classifier, verifier):
     return FEATURES + (CLS_FEATURES if classifier else ()) + (VERIFY_FEATURES if verifier else ())
 
 
+def default_unknown_share(trained):
+    """--unknown-share's default: UNKNOWN_SHARE_TRAINED for trained models (a classifier), else UNKNOWN_SHARE."""
+    return UNKNOWN_SHARE_TRAINED if trained else UNKNOWN_SHARE
+
+
 def learn(g_emb, g_labels, classifier=None, rerank_with=("sum", 9, 10), device="cpu", sample=SAMPLE, seed=0,
-          verifier=None, typical=None, refit=None, unknown_share=UNKNOWN_SHARE):
+          verifier=None, typical=None, refit=None, unknown_share=None):
     """The Calibration of a gallery (per model its compared embeddings, its landmark ids): a sample of
     at most `sample` readable photos (VERIFY_SAMPLE with a verifier), drawn with `seed`, answered by
     held_out_answers (typical, refit: as there), its answers of places the gallery does not hold
-    weighing unknown_share of the whole (prior_weights)."""
+    weighing unknown_share of the whole (prior_weights; None: default_unknown_share)."""
+    if unknown_share is None:
+        unknown_share = default_unknown_share(classifier is not None)
     bad = unreadable_rows(*g_emb)
     good = np.flatnonzero(~bad)
     n = min(sample, VERIFY_SAMPLE) if verifier is not None else sample

@@ -43,10 +43,11 @@ def add_args(p):
     p.add_argument("--min-confidence", type=float, default=MIN_CONFIDENCE, metavar="P",
                    help="with a calibrated confidence: below P the answer is unknown ('not sure': predictions.csv's "
                         f"landmark empty, its guess kept); default {MIN_CONFIDENCE}: more likely right than wrong")
-    p.add_argument("--unknown-share", type=float, default=cal.UNKNOWN_SHARE, metavar="U",
+    p.add_argument("--unknown-share", type=float, default=None, metavar="U",
                    help="with a calibrated confidence: the share of your photos you expect to show a place the "
                         "gallery does not hold, the prior the confidence is learnt with; more makes it more "
-                        f"cautious (default {cal.UNKNOWN_SHARE:.2f}: one in three)")
+                        "cautious. Default: 1/3 without training, 1/2 with a trained model (it learnt the "
+                        "gallery's photos, and its confidence already leans high: docs/transfer.md)"),
     p.add_argument("--verify", type=int, default=0, metavar="K",
                    help="geometric verification: each answer's first K neighbours matched to the photo by local "
                         "features (SIFT, MAGSAC), the inliers a feature of the calibrated confidence; the gallery's "
@@ -73,7 +74,7 @@ def settings_of(a, device, folders=True):
     """The Settings of the options of add_args (and --non-landmark, --index, --save-index where the
     caller has them)."""
     calibrate = folders if a.calibrate is None else a.calibrate
-    if not 0 < a.unknown_share < 1:
+    if a.unknown_share is not None and not 0 < a.unknown_share < 1:
         raise UserError(f"--unknown-share {a.unknown_share}: a share of the photos, strictly between 0 and 1")
     if a.verify < 0:
         raise UserError(f"--verify {a.verify}: the number of neighbours to verify, 0 (off) or more")
@@ -116,7 +117,8 @@ class Settings:
     of the confidence (calibration.py); min_confidence: below it, with a calibration, the answer is
     unknown (its landmark a guess); verify: the neighbours verified per answer (0: none);
     keep_local: the file the gallery's local features are read from and kept in (verify.Verifier);
-    unknown_share: the calibration's prior share of photos of places the gallery does not hold."""
+    unknown_share: the calibration's prior share of photos of places the gallery does not hold (None:
+    calibration.default_unknown_share)."""
     search: Search = None
     device: object = "cpu"
     non_landmark: object = None
@@ -124,7 +126,7 @@ class Settings:
     min_confidence: float = MIN_CONFIDENCE
     verify: int = 0
     keep_local: str = None
-    unknown_share: float = cal.UNKNOWN_SHARE
+    unknown_share: float = None
 
 
 class Recognizer:
@@ -146,6 +148,9 @@ class Recognizer:
             self.search.index = gallery.faiss_index(self.search.factory, self.space.gallery, self.space.whiten)
         self.verifier = (verify.Verifier(self.image_paths, s.verify, names=gallery.paths, keep=s.keep_local)
                          if s.verify else None)
+        # the calibration's prior: the user's, else one by whether the models were trained (calibration.py)
+        self.unknown_share = (s.unknown_share if s.unknown_share is not None
+                              else cal.default_unknown_share(heads is not None))
         # how alike each landmark's photos are: a feature of every answer's calibrated confidence
         self.typical = cal.typical_of(self.space.gallery, self.gallery.labels) if s.calibrate else None
         self.calibration = self._calibration() if s.calibrate else None
@@ -158,7 +163,7 @@ class Recognizer:
         """What a calibration depends on beyond the models (the index's signature): the gallery's
         photos, the features it maps, the re-ranking, the whitening, the sample's size and the prior."""
         return json.loads(json.dumps({"paths_sha1": gallery_digest(self.gallery.paths), "sample": cal.SAMPLE,
-                                      "unknown_share": self.settings.unknown_share,
+                                      "unknown_share": self.unknown_share,
                                       "features": cal.feature_names(self.heads is not None, self.verifier is not None),
                                       "rerank_with": self.ens.rerank_with, "whiten": self.space.whiten}
                                      | ({"verify": self.settings.verify, "local": verify.PARAMS,
@@ -174,7 +179,7 @@ class Recognizer:
         c = cal.learn(self.space.gallery, self.gallery.labels,
                       (self.heads, self.ens.idx2lid) if self.heads is not None else None, self.ens.rerank_with,
                       self.device, verifier=self.verifier, typical=self.typical, refit=self.space.refit,
-                      unknown_share=self.settings.unknown_share)
+                      unknown_share=self.unknown_share)
         print(f"confidence calibrated on {c.samples} held-out answers of gallery photos ({c.right:.0%} of them "
               f"right; prior: {c.unknown_share:.0%} of photos show places the gallery does not hold) in "
               f"{time.time() - t0:.1f} s", flush=True)

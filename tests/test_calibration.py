@@ -201,7 +201,7 @@ def test_held_out_classifier_answers_drop_their_own_class():
     assert unknown.sum() == n and unknown[n:].all()
     c = cal.learn(g, labels, (heads, idx2lid), sample=50)
     assert c.features == list(cal.FEATURES + cal.CLS_FEATURES) and c.samples == 100
-    assert c.unknown_share == cal.UNKNOWN_SHARE
+    assert c.unknown_share == cal.UNKNOWN_SHARE_TRAINED == 0.5  # a trained model's default prior
     p = c(x)
     assert p[:n][right[:n] == 1].mean() > 0.7 > 0.3 > p[n:].mean()
 
@@ -310,7 +310,8 @@ def test_unknown_below_the_threshold_and_the_index_keeps_the_calibration(photos,
     idx = str(tmp_path / "idx")
     df, res = _run(photos, tmp_path, "--gallery-dir", photos["gallery"], "--save-index", idx, "--report",
                    str(tmp_path / "r.html"), "--min-confidence", "0.6")
-    assert "confidence calibrated on" in capsys.readouterr().out
+    out = capsys.readouterr().out  # a trained model: the prior of one in two (calibration.UNKNOWN_SHARE_TRAINED)
+    assert "confidence calibrated on" in out and "prior: 50% of photos show places" in out
     assert list(df.columns) == ["path", "landmark", "guess", "confidence", "neighbours"]
     p = res["calibrated"]
     np.testing.assert_allclose(df["confidence"], p)

@@ -435,7 +435,7 @@ def test_keep_aspect_backbone_equals_direct_letterbox(tmp_path, weights_file):
                       "--resize", "keep-aspect"])
 
 
-def test_zero_training_on_folders_equals_direct_retrieval(tmp_path, weights_file):
+def test_zero_training_on_folders_equals_direct_retrieval(tmp_path, weights_file, capsys):
     import predict
     from dataset import get_transforms, read_rgb
     from models import build_model
@@ -484,6 +484,13 @@ def test_zero_training_on_folders_equals_direct_retrieval(tmp_path, weights_file
     # the whitening magnifies the extraction's last bits (here 3e-4); the raw cosines differ by far more
     assert np.allclose(got3["confidence"], s3.max(1).values.numpy(), atol=1e-3)
     assert not np.allclose(got3["confidence"], best.numpy(), atol=1e-2)
+    # calibrated without training: the prior of one in three (calibration.UNKNOWN_SHARE), the index key keeps it
+    capsys.readouterr()
+    predict.main([*common, "--gallery-dir", str(tmp_path / "g"), "--out", str(tmp_path / "pred4.csv"), "--calibrate",
+                  "--save-index", str(tmp_path / "idx4")])
+    assert "prior: 33% of photos show places" in capsys.readouterr().out
+    key = json.load(open(tmp_path / "idx4.json"))["calibration"]["key"]
+    assert key["unknown_share"] == pytest.approx(1 / 3)
     # the saved index answers the same; another backbone's signature is refused
     out2 = tmp_path / "pred2.csv"
     predict.main([*common, "--index", str(tmp_path / "idx"), "--out", str(out2), "--whiten", "off"])
