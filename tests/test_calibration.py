@@ -117,24 +117,26 @@ def test_answer_features_by_hand():
 
 def test_typical_by_hand():
     """Typical: per landmark the mean of each photo's best cosine to another of its photos, with the
-    mean of two models' inner products; unreadable rows and landmarks of one photo left out; capped."""
+    mean of two models' inner products; unreadable rows left out, and landmarks of fewer than
+    TYPICAL_MIN (3) readable photos (they take the default); capped."""
     rng = np.random.default_rng(0)
-    labels = np.array([5, 7, 5, 5, 7, 9, 7])
-    g = [rng.normal(size=(7, 4)), rng.normal(size=(7, 3))]
+    labels = np.array([5, 7, 5, 5, 7, 9, 7, 5])
+    g = [rng.normal(size=(8, 4)), rng.normal(size=(8, 3))]
     g = [(a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32) for a in g]
-    g[0][4] = np.nan  # an unreadable photo of landmark 7
+    g[0][4] = np.nan  # an unreadable photo of landmark 7: 2 readable photos left
     g[1][4] = np.nan
     t = cal.typical_of(g, labels)
 
     def sim(i, j):
         return (g[0][i] @ g[0][j] + g[1][i] @ g[1][j]) / 2
-    want5 = np.mean([max(sim(0, 2), sim(0, 3)), max(sim(2, 0), sim(2, 3)), max(sim(3, 0), sim(3, 2))])
-    want7 = np.mean([sim(1, 6), sim(6, 1)])
-    assert t.values.keys() == {5, 7} and t.values[5] == pytest.approx(want5) and t.values[7] == pytest.approx(want7)
-    assert t.default == pytest.approx((want5 + want7) / 2)
-    assert t.counts == {5: 3, 7: 2, 9: 1}  # readable photos per landmark
-    capped = cal.typical_of(g, labels, cap=2)  # the first two photos of each landmark
-    assert capped.values[5] == pytest.approx(sim(0, 2)) and capped.values[7] == pytest.approx(want7)
+    five = [0, 2, 3, 7]
+    want5 = np.mean([max(sim(i, j) for j in five if j != i) for i in five])
+    assert cal.TYPICAL_MIN == 3 and t.values.keys() == {5} and t.values[5] == pytest.approx(want5)
+    assert t.default == pytest.approx(want5) and t.of([7, 9])[0] == pytest.approx(want5)
+    assert t.counts == {5: 4, 7: 2, 9: 1}  # readable photos per landmark
+    capped = cal.typical_of(g, labels, cap=3)  # the first three photos of each landmark
+    want3 = np.mean([max(sim(0, 2), sim(0, 3)), max(sim(2, 0), sim(2, 3)), max(sim(3, 0), sim(3, 2))])
+    assert capped.values[5] == pytest.approx(want3)
 
 
 def _clustered(n_landmarks=12, per=6, dim=16, seed=0):
