@@ -60,8 +60,8 @@ NOISE_QUANTILE = 95  # the inlier count wrong answers reach 95 % of the time: ve
 class Typical:
     """How alike each landmark's gallery photos are: values {landmark: the mean over its photos of
     each one's best cosine to another of its photos}, default (their mean) for a landmark of fewer
-    than TYPICAL_MIN photos. A photo of a whole site, or of a place in other seasons, matches its own landmark's
-    photos at a lower cosine than a photo of a facade does: this says which cosine is high for the
+    than TYPICAL_MIN photos. A photo of a whole site, or of a place in other seasons, matches its own
+    landmark's photos at a lower cosine than a photo of a facade does: this says which cosine is high for the
     landmark answered (on realhard, 10 splits, the distractors answered went from 5.1 to 3.7 % and
     the precision at 85 % coverage from 0.888 to 0.923, docs/transfer.md). counts: each landmark's
     readable photos, for the vote share (reachable)."""

@@ -161,9 +161,10 @@ class Recognizer:
 
     def calibration_key(self):
         """What a calibration depends on beyond the models (the index's signature): the gallery's
-        photos, the features it maps, the re-ranking, the whitening, the sample's size and the prior."""
+        photos, the features it maps (and how: TYPICAL_MIN), the re-ranking, the whitening, the sample's
+        size and the prior."""
         return json.loads(json.dumps({"paths_sha1": gallery_digest(self.gallery.paths), "sample": cal.SAMPLE,
-                                      "unknown_share": self.unknown_share,
+                                      "unknown_share": self.unknown_share, "typical_min": cal.TYPICAL_MIN,
                                       "features": cal.feature_names(self.heads is not None, self.verifier is not None),
                                       "rerank_with": self.ens.rerank_with, "whiten": self.space.whiten}
                                      | ({"verify": self.settings.verify, "local": verify.PARAMS,
