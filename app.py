@@ -72,6 +72,8 @@ def parse_args(argv=None):
         p.error(f"--image-size {a.image_size}: must be positive")
     if not 0 <= a.min_confidence <= 1:
         p.error(f"--min-confidence {a.min_confidence}: a probability, between 0 and 1")
+    if a.unknown_share is not None and not 0 < a.unknown_share < 1:  # before the gallery is embedded
+        p.error(f"--unknown-share {a.unknown_share}: a share of the photos, strictly between 0 and 1")
     return a
 
 

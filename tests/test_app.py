@@ -234,3 +234,10 @@ def test_temporary_folder_removed_at_stop(server):
     server["proc"].send_signal(signal.SIGTERM)
     server["proc"].wait(timeout=60)
     assert os.listdir(server["tmp"]) == []
+
+
+def test_bad_prior_is_refused_before_the_gallery_is_embedded(tmp_path, capsys):
+    import app
+    with pytest.raises(SystemExit) as e:
+        app.parse_args(["--backbone", "resnet10t", "--gallery-dir", str(tmp_path), "--unknown-share", "1"])
+    assert e.value.code == 2 and "--unknown-share 1.0: a share of the photos" in capsys.readouterr().err
