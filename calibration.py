@@ -200,8 +200,10 @@ def held_out_refit(refit, g_labels, rows, leave_landmark, device="cpu", bad=None
     for grp in groups:
         if not len(grp):
             continue
-        learn_from = ~bad & ~np.isin(labels, labels[rows[grp]]) if leave_landmark else ~bad
-        if not leave_landmark:
+        learn_from = ~bad  # the space learns without the group's photos, or all of its landmarks'
+        if leave_landmark:
+            learn_from &= ~np.isin(labels, labels[rows[grp]])
+        else:
             learn_from[rows[grp]] = False
         sims[grp], nn[grp], usable[grp] = held_out(refit(learn_from), labels, rows[grp], leave_landmark, device,
                                                    bad=bad)
