@@ -42,7 +42,8 @@ import features
 import report
 from dataset import BadImage, decode_rgb
 from features import Images
-from recognizer import Recognizer, add_args as add_answer_args, open_gallery, settings_of
+from recognizer import (Recognizer, add_args as add_answer_args, check_args as check_answer_args, open_gallery,
+                        settings_of)
 from util import ArgumentParser, UserError, run_main
 
 MAX_PIXELS = 100_000_000  # a decoded 100-megapixel RGB image is 300 MB
@@ -70,10 +71,10 @@ def parse_args(argv=None):
         p.error("--max-upload-mb and --max-files must be positive")
     if a.image_size <= 0:
         p.error(f"--image-size {a.image_size}: must be positive")
-    if not 0 <= a.min_confidence <= 1:
-        p.error(f"--min-confidence {a.min_confidence}: a probability, between 0 and 1")
-    if a.unknown_share is not None and not 0 < a.unknown_share < 1:  # before the gallery is embedded
-        p.error(f"--unknown-share {a.unknown_share}: a share of the photos, strictly between 0 and 1")
+    try:  # as predict.py, before the gallery is embedded
+        check_answer_args(a)
+    except UserError as e:
+        p.error(str(e))
     return a
 
 

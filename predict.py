@@ -29,7 +29,8 @@ from dataset import drop_excluded, image_path, read_csv_checked, resolve_paths
 from features import Images
 from gallery import Gallery, list_images
 from preprocess import read_clean_list
-from recognizer import Recognizer, add_args as add_answer_args, open_gallery, settings_of
+from recognizer import (Recognizer, add_args as add_answer_args, check_args as check_answer_args, open_gallery,
+                        settings_of)
 from retrieval import FaissGallery, faiss_index, unreadable_rows
 from util import (ArgumentParser, UserError, cleanup_distributed, cpu_budget, is_main, print0, read_label_map, run_main,
                   setup_distributed)
@@ -274,14 +275,7 @@ def check_options(a):
         raise UserError(f"--report-rows {a.report_rows}: must be at least 1")
     if not a.report and (a.solution or a.logs):
         raise UserError("--solution and --logs go with --report")
-    if a.faiss_nprobe < 1:
-        raise UserError(f"--faiss-nprobe {a.faiss_nprobe}: must be at least 1")
-    if a.faiss_ef < 1:
-        raise UserError(f"--faiss-ef {a.faiss_ef}: must be at least 1")
-    if a.faiss_rerank < 0:
-        raise UserError(f"--faiss-rerank {a.faiss_rerank}: must be 0 or more")
-    if not 0 <= a.min_confidence <= 1:
-        raise UserError(f"--min-confidence {a.min_confidence}: a probability, between 0 and 1")
+    check_answer_args(a)  # --knn's faiss flags, --min-confidence, --unknown-share, --verify
     return a
 
 

@@ -70,14 +70,28 @@ def add_args(p):
                         f"similarities (default {FAISS_RERANK})")
 
 
-def settings_of(a, device, folders=True):
-    """The Settings of the options of add_args (and --non-landmark, --index, --save-index where the
-    caller has them)."""
-    calibrate = folders if a.calibrate is None else a.calibrate
+def check_args(a):
+    """The options of add_args, each in its range, checked where they are parsed (predict.py's
+    check_options, app.py's parse_args): a user's mistake is refused before a gallery is embedded."""
+    if a.faiss_nprobe < 1:
+        raise UserError(f"--faiss-nprobe {a.faiss_nprobe}: must be at least 1")
+    if a.faiss_ef < 1:
+        raise UserError(f"--faiss-ef {a.faiss_ef}: must be at least 1")
+    if a.faiss_rerank < 0:
+        raise UserError(f"--faiss-rerank {a.faiss_rerank}: must be 0 or more")
+    if not 0 <= a.min_confidence <= 1:
+        raise UserError(f"--min-confidence {a.min_confidence}: a probability, between 0 and 1")
     if a.unknown_share is not None and not 0 < a.unknown_share < 1:
         raise UserError(f"--unknown-share {a.unknown_share}: a share of the photos, strictly between 0 and 1")
     if a.verify < 0:
         raise UserError(f"--verify {a.verify}: the number of neighbours to verify, 0 (off) or more")
+
+
+def settings_of(a, device, folders=True):
+    """The Settings of the options of add_args (and --non-landmark, --index, --save-index where the
+    caller has them)."""
+    check_args(a)  # again: callers may build the namespace themselves (scripts, tests)
+    calibrate = folders if a.calibrate is None else a.calibrate
     if a.verify and not calibrate:
         raise UserError("--verify: its inliers are a feature of the calibrated confidence, which is off here "
                         "(--calibrate turns it on)")

@@ -236,8 +236,15 @@ def test_temporary_folder_removed_at_stop(server):
     assert os.listdir(server["tmp"]) == []
 
 
-def test_bad_prior_is_refused_before_the_gallery_is_embedded(tmp_path, capsys):
+def test_bad_answer_options_are_refused_before_the_gallery_is_embedded(tmp_path, capsys):
     import app
     with pytest.raises(SystemExit) as e:
         app.parse_args(["--backbone", "resnet10t", "--gallery-dir", str(tmp_path), "--unknown-share", "1"])
     assert e.value.code == 2 and "--unknown-share 1.0: a share of the photos" in capsys.readouterr().err
+    # the answer's other options are checked as predict.py checks them (recognizer.check_args)
+    for flag, value, says in (("--faiss-nprobe", "0", "--faiss-nprobe 0: must be at least 1"),
+                              ("--min-confidence", "1.5", "--min-confidence 1.5: a probability"),
+                              ("--verify", "-1", "--verify -1: the number of neighbours")):
+        with pytest.raises(SystemExit) as e:
+            app.parse_args(["--backbone", "resnet10t", "--gallery-dir", str(tmp_path), flag, value])
+        assert e.value.code == 2 and says in capsys.readouterr().err
