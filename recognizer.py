@@ -89,8 +89,8 @@ def check_args(a):
 
 def settings_of(a, device, folders=True):
     """The Settings of the options of add_args (and --non-landmark, --index, --save-index where the
-    caller has them)."""
-    check_args(a)  # again: callers may build the namespace themselves (scripts, tests)
+    caller has them), already checked by check_args where they were parsed (predict.py's check_options,
+    also behind predict.options; app.py's parse_args)."""
     calibrate = folders if a.calibrate is None else a.calibrate
     if a.verify and not calibrate:
         raise UserError("--verify: its inliers are a feature of the calibrated confidence, which is off here "
